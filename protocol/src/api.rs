@@ -1,0 +1,132 @@
+//! The manager's JSON API, shared by the manager (server side) and the `copilot` CLI.
+//!
+//! | method | path | body → answer |
+//! |---|---|---|
+//! | PUT | `/inputs/{sha256}` | file bytes → [`Stored`] (API token) |
+//! | GET | `/inputs/{sha256}` | → file bytes (job token or API token) |
+//! | PUT | `/outputs/{job}/{attempt}` | tar.gz → [`Stored`] (that attempt's upload token) |
+//! | POST | `/api/jobs` | [`SubmitRequest`] → [`SubmitResponse`] |
+//! | GET | `/api/jobs` | → [`JobList`] |
+//! | GET | `/api/jobs/{id}` | → [`JobView`] |
+//! | GET | `/api/jobs/{id}/output` | → the stored tar.gz |
+//! | GET | `/api/agents` | → [`AgentList`] |
+//!
+//! Errors come as [`ApiError`] with a fitting HTTP status.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::JobSpec;
+use crate::state::JobState;
+use crate::{JobId, Sha256};
+
+/// Header carrying the sha256 the uploader computed; the server refuses a body that differs.
+pub const CONTENT_SHA256_HEADER: &str = "x-content-sha256";
+
+/// A request to queue jobs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub jobs: Vec<JobSpec>,
+}
+
+/// The ids of the queued jobs, in request order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub ids: Vec<JobId>,
+}
+
+/// A file the storage service stored, with the digest it computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    pub sha256: Sha256,
+    pub size: u64,
+}
+
+/// A file inside a job's output archive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileView {
+    pub path: String,
+    pub size: u64,
+    pub sha256: Sha256,
+}
+
+/// How the last attempt ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeView {
+    /// `exited`, `killed`, `timed-out`, `stage-in-failed`, `setup-failed`, `stage-out-failed`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// A one-line description for people.
+    pub text: String,
+}
+
+/// One job as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: JobId,
+    pub name: String,
+    pub state: JobState,
+    /// Attempts started so far.
+    pub attempt: u32,
+    pub max_retries: u32,
+    /// The agent holding (or that last held) the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Unix time in milliseconds.
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<OutcomeView>,
+    /// The stored output archive, digest computed by the storage service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<Stored>,
+    #[serde(default)]
+    pub files: Vec<FileView>,
+    /// Milliseconds spent staging in, running and staging out (last attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings_ms: Option<[u64; 3]>,
+    /// Why the job failed or was requeued, if the manager knows more than the outcome says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub spec: JobSpec,
+}
+
+/// Jobs and the count of jobs in each state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+    pub counts: BTreeMap<JobState, u64>,
+}
+
+/// One agent as the manager sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub name: String,
+    /// The XMPP address it is online with, if online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jid: Option<String>,
+    pub online: bool,
+    pub version: String,
+    /// Jobs it holds leases on.
+    pub running: Vec<JobId>,
+    pub jobs_done: u64,
+    /// Unix time in milliseconds of the last stanza from it.
+    pub last_seen_ms: u64,
+}
+
+/// All agents the manager has heard from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentList {
+    pub agents: Vec<AgentView>,
+}
+
+/// An API error body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}

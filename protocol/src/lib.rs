@@ -1,0 +1,16 @@
+//! Shared types of copilot: job files, job states, the XMPP wire payloads and the manager's JSON
+//! API. This crate does no I/O; every parser in it is strict, bounded and never panics on input.
+
+pub mod api;
+pub mod digest;
+pub mod job;
+pub mod state;
+pub mod units;
+pub mod wire;
+
+pub use digest::Sha256;
+pub use job::{JobFile, JobSpec, Limits};
+pub use state::JobState;
+
+/// A job's identifier: the manager's queue row id, shown to people as a plain number.
+pub type JobId = u64;
