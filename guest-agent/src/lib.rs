@@ -1,1 +1,7 @@
-//! placeholder
+//! The copilot guest agent as a library: configuration, and the execution of one job
+//! assignment (stage inputs, run the payload, pack and upload outputs, report).
+//!
+//! The binary (`main.rs`) and the XMPP session drive it.
+
+pub mod config;
+pub mod runner;

@@ -1,0 +1,346 @@
+//! The agent's configuration file (`copilot-agent --config agent.toml`): [`AgentConfig`].
+//!
+//! Every field has a default except the XMPP account (`xmpp.jid`, `xmpp.password`), which may
+//! also come from the environment. Unknown fields are errors. Environment variables override
+//! the file: `COPILOT_AGENT_NAME`, `COPILOT_AGENT_JID`, `COPILOT_AGENT_PASSWORD`,
+//! `COPILOT_AGENT_SERVER`, `COPILOT_AGENT_MANAGER`, `COPILOT_AGENT_WORK_DIR`,
+//! `COPILOT_AGENT_SLOTS`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use copilot_protocol::units::{Bytes, Seconds};
+use copilot_protocol::Limits;
+use serde::Deserialize;
+
+/// Default wall-clock limit of a job that does not set one.
+const DEFAULT_WALL_TIME: Seconds = Seconds(3600);
+/// Default bytes kept of each of stdout and stderr.
+const DEFAULT_OUTPUT: Bytes = Bytes(16 << 20);
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file is not valid: {0}")]
+    Parse(String),
+    #[error("environment variable {var}: {reason}")]
+    Env { var: &'static str, reason: String },
+    #[error("config is incomplete: {0}")]
+    Invalid(String),
+}
+
+/// The agent's settings.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Stable agent name, reported in work requests. Default: the host name.
+    #[serde(default = "host_name")]
+    pub name: String,
+    /// Per-job dirs are created under it and removed afterwards.
+    #[serde(default = "default_work_dir")]
+    pub work_dir: PathBuf,
+    /// Jobs run at once.
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    #[serde(default)]
+    pub xmpp: XmppSettings,
+    /// Defaults for jobs that do not set a limit. `wall_time` and `output` are always set
+    /// after loading.
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub transfer: TransferSettings,
+}
+
+/// The agent's XMPP account and its manager.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XmppSettings {
+    #[serde(default)]
+    pub jid: String,
+    #[serde(default)]
+    pub password: String,
+    /// host:port to connect to.
+    #[serde(default = "default_server")]
+    pub server: String,
+    /// Bare JID of the job manager.
+    #[serde(default = "default_manager")]
+    pub manager: String,
+}
+
+/// HTTP transfer settings (inputs and output archives).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferSettings {
+    /// Longest time one HTTP transfer may take.
+    #[serde(default = "default_timeout")]
+    pub timeout: Seconds,
+    /// Retries after a transient failure (connection error, 5xx).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Largest input file accepted.
+    #[serde(default = "default_max_input_size")]
+    pub max_input_size: Bytes,
+}
+
+fn host_name() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+        .find(|s| !s.is_empty())
+        .unwrap_or_else(|| "agent".to_owned())
+}
+
+fn default_work_dir() -> PathBuf {
+    PathBuf::from("/var/lib/copilot-agent")
+}
+
+fn default_slots() -> u32 {
+    1
+}
+
+fn default_server() -> String {
+    "127.0.0.1:5222".to_owned()
+}
+
+fn default_manager() -> String {
+    "manager@localhost".to_owned()
+}
+
+fn default_timeout() -> Seconds {
+    Seconds(600)
+}
+
+fn default_retries() -> u32 {
+    3
+}
+
+fn default_max_input_size() -> Bytes {
+    Bytes(4 << 30)
+}
+
+impl Default for XmppSettings {
+    fn default() -> Self {
+        Self {
+            jid: String::new(),
+            password: String::new(),
+            server: default_server(),
+            manager: default_manager(),
+        }
+    }
+}
+
+impl fmt::Debug for XmppSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("XmppSettings")
+            .field("jid", &self.jid)
+            .field("password", &"<redacted>")
+            .field("server", &self.server)
+            .field("manager", &self.manager)
+            .finish()
+    }
+}
+
+impl Default for TransferSettings {
+    fn default() -> Self {
+        Self {
+            timeout: default_timeout(),
+            retries: default_retries(),
+            max_input_size: default_max_input_size(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Read the file at `path`, apply the environment overrides and check the result.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_with_env(&text, |var| std::env::var(var).ok())
+    }
+
+    /// Parse and check a config text, without environment overrides.
+    pub fn from_toml(text: &str) -> Result<AgentConfig, ConfigError> {
+        Self::from_toml_with_env(text, |_| None)
+    }
+
+    /// Parse a config text, apply overrides looked up with `env`, fill limit defaults, check.
+    fn from_toml_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let mut cfg: AgentConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.apply_env(env)?;
+        cfg.limits.wall_time.get_or_insert(DEFAULT_WALL_TIME);
+        cfg.limits.output.get_or_insert(DEFAULT_OUTPUT);
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let strings: [(&str, &mut String); 5] = [
+            ("COPILOT_AGENT_NAME", &mut self.name),
+            ("COPILOT_AGENT_JID", &mut self.xmpp.jid),
+            ("COPILOT_AGENT_PASSWORD", &mut self.xmpp.password),
+            ("COPILOT_AGENT_SERVER", &mut self.xmpp.server),
+            ("COPILOT_AGENT_MANAGER", &mut self.xmpp.manager),
+        ];
+        for (var, slot) in strings {
+            if let Some(v) = env(var) {
+                *slot = v;
+            }
+        }
+        if let Some(v) = env("COPILOT_AGENT_WORK_DIR") {
+            self.work_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("COPILOT_AGENT_SLOTS") {
+            self.slots = v.trim().parse().map_err(|_| ConfigError::Env {
+                var: "COPILOT_AGENT_SLOTS",
+                reason: format!("{v:?} is not a whole number"),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let missing = |what: &str, var: &str| {
+            ConfigError::Invalid(format!(
+                "{what} is not set: give it in the file or in {var}"
+            ))
+        };
+        if self.xmpp.jid.trim().is_empty() {
+            return Err(missing("xmpp.jid", "COPILOT_AGENT_JID"));
+        }
+        if self.xmpp.password.is_empty() {
+            return Err(missing("xmpp.password", "COPILOT_AGENT_PASSWORD"));
+        }
+        if self.name.trim().is_empty() {
+            return Err(missing("name", "COPILOT_AGENT_NAME"));
+        }
+        if self.work_dir.as_os_str().is_empty() {
+            return Err(missing("work_dir", "COPILOT_AGENT_WORK_DIR"));
+        }
+        if self.slots == 0 {
+            return Err(ConfigError::Invalid("slots must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const MINIMAL: &str = "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n";
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let cfg = AgentConfig::from_toml(MINIMAL).unwrap();
+        assert!(!cfg.name.is_empty());
+        assert_eq!(cfg.work_dir, PathBuf::from("/var/lib/copilot-agent"));
+        assert_eq!(cfg.slots, 1);
+        assert_eq!(cfg.xmpp.server, "127.0.0.1:5222");
+        assert_eq!(cfg.xmpp.manager, "manager@localhost");
+        assert_eq!(cfg.limits.wall_time, Some(Seconds(3600)));
+        assert_eq!(cfg.limits.output, Some(Bytes(16 << 20)));
+        assert_eq!(cfg.transfer, TransferSettings::default());
+        assert_eq!(cfg.transfer.max_input_size, Bytes(4 << 30));
+    }
+
+    #[test]
+    fn full_file_is_read() {
+        let text = r#"
+name = "agent-1"
+work_dir = "/tmp/agent"
+slots = 2
+[xmpp]
+jid = "agent-1@localhost"
+password = "pw"
+server = "127.0.0.1:5223"
+manager = "boss@localhost"
+[limits]
+wall_time = "2m"
+[transfer]
+timeout = "30s"
+retries = 5
+max_input_size = "1MiB"
+"#;
+        let cfg = AgentConfig::from_toml(text).unwrap();
+        assert_eq!(cfg.name, "agent-1");
+        assert_eq!(cfg.slots, 2);
+        assert_eq!(cfg.xmpp.manager, "boss@localhost");
+        assert_eq!(cfg.limits.wall_time, Some(Seconds(120)));
+        assert_eq!(cfg.limits.output, Some(DEFAULT_OUTPUT), "filled in");
+        assert_eq!(cfg.transfer.timeout, Seconds(30));
+        assert_eq!(cfg.transfer.retries, 5);
+        assert_eq!(cfg.transfer.max_input_size, Bytes(1 << 20));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = AgentConfig::from_toml(&format!("{MINIMAL}slot = 2\n")).unwrap_err();
+        assert!(err.to_string().contains("slot"), "{err}");
+        let err = AgentConfig::from_toml(&format!("{MINIMAL}[limits]\nwall = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("wall"), "{err}");
+    }
+
+    #[test]
+    fn missing_account_is_explained() {
+        let err = AgentConfig::from_toml("").unwrap_err();
+        assert!(err.to_string().contains("COPILOT_AGENT_JID"), "{err}");
+        let err = AgentConfig::from_toml(&format!("{MINIMAL}slots = 0\n")).unwrap_err();
+        assert!(err.to_string().contains("slots"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env: HashMap<&str, &str> = [
+            ("COPILOT_AGENT_NAME", "vm-7"),
+            ("COPILOT_AGENT_JID", "vm-7@localhost"),
+            ("COPILOT_AGENT_PASSWORD", "secret"),
+            ("COPILOT_AGENT_SERVER", "127.0.0.1:6222"),
+            ("COPILOT_AGENT_MANAGER", "m@localhost"),
+            ("COPILOT_AGENT_WORK_DIR", "/srv/jobs"),
+            ("COPILOT_AGENT_SLOTS", "4"),
+        ]
+        .into();
+        let lookup = |v: &str| env.get(v).map(|s| s.to_string());
+        let cfg = AgentConfig::from_toml_with_env(MINIMAL, lookup).unwrap();
+        assert_eq!(cfg.name, "vm-7");
+        assert_eq!(cfg.xmpp.jid, "vm-7@localhost");
+        assert_eq!(cfg.xmpp.password, "secret");
+        assert_eq!(cfg.xmpp.server, "127.0.0.1:6222");
+        assert_eq!(cfg.xmpp.manager, "m@localhost");
+        assert_eq!(cfg.work_dir, PathBuf::from("/srv/jobs"));
+        assert_eq!(cfg.slots, 4);
+
+        let err = AgentConfig::from_toml_with_env(MINIMAL, |v| {
+            (v == "COPILOT_AGENT_SLOTS").then(|| "many".to_string())
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Env { .. }), "{err}");
+    }
+
+    #[test]
+    fn load_reads_a_file_and_debug_hides_the_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let cfg = AgentConfig::load(&path).unwrap();
+        assert_eq!(cfg.xmpp.jid, "a@localhost");
+        assert!(!format!("{cfg:?}").contains("pw\""));
+        let err = AgentConfig::load(&dir.path().join("nope.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+}
