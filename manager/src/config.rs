@@ -1,0 +1,416 @@
+//! The manager's configuration: `manager.toml` (see the contract / docs), its defaults, the
+//! environment overrides `COPILOT_MANAGER_PASSWORD` and `COPILOT_API_TOKEN`, and `api_token_file`.
+//! Everything is checked when loaded, so the rest of the manager can trust the values.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use copilot_protocol::job::MAX_RETRIES;
+use copilot_protocol::units::{Bytes, Seconds};
+use serde::Deserialize;
+
+/// Environment variable overriding `xmpp.password`.
+pub const ENV_PASSWORD: &str = "COPILOT_MANAGER_PASSWORD";
+/// Environment variable overriding `api_token` / `api_token_file`.
+pub const ENV_API_TOKEN: &str = "COPILOT_API_TOKEN";
+
+/// A configuration that cannot be used. Every message names the field or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config is not valid: {0}")]
+    Syntax(String),
+    #[error("`{0}` is missing: {1}")]
+    Missing(&'static str, &'static str),
+    #[error("`{field}` is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// The manager's XMPP account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XmppConfig {
+    pub jid: String,
+    pub password: String,
+    /// host:port to connect to.
+    pub server: String,
+}
+
+/// The HTTP storage service and API.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Base URL agents use for inputs and outputs, without a trailing slash.
+    #[serde(default)]
+    pub public_url: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            public_url: String::new(),
+        }
+    }
+}
+
+/// Job handling.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// An agent must send progress at least this often or loses the job.
+    pub lease: Seconds,
+    /// Retries of a job that does not say.
+    pub max_retries: u32,
+    /// How long an attempt's upload token is valid.
+    pub upload_token_ttl: Seconds,
+    pub max_output_size: Bytes,
+    pub max_input_size: Bytes,
+    /// Told to agents when there is no work.
+    pub retry_after: Seconds,
+    /// Longest a work request is held waiting for work.
+    pub hold: Seconds,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            lease: Seconds(60),
+            max_retries: 3,
+            upload_token_ttl: Seconds(6 * 3600),
+            max_output_size: Bytes(1 << 30),
+            max_input_size: Bytes(1 << 30),
+            retry_after: Seconds(5),
+            hold: Seconds(20),
+        }
+    }
+}
+
+/// The whole manager configuration, resolved (token file read, environment applied, checked).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagerConfig {
+    /// Holds queue.db, blobs/ and outputs/.
+    pub data_dir: PathBuf,
+    /// Bearer token for submit/list/results.
+    pub api_token: String,
+    pub xmpp: XmppConfig,
+    pub http: HttpConfig,
+    pub jobs: JobsConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawXmpp {
+    jid: String,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default = "default_server")]
+    server: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_data_dir")]
+    data_dir: PathBuf,
+    #[serde(default)]
+    api_token: Option<String>,
+    #[serde(default)]
+    api_token_file: Option<PathBuf>,
+    xmpp: RawXmpp,
+    #[serde(default)]
+    http: HttpConfig,
+    #[serde(default)]
+    jobs: JobsConfig,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/copilot")
+}
+
+fn default_server() -> String {
+    "127.0.0.1:5222".into()
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl ManagerConfig {
+    /// Read, resolve and check the config file at `path`, with the process environment applied.
+    /// A relative `api_token_file` is taken relative to the config file's directory.
+    pub fn load(path: &Path) -> Result<ManagerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::resolve(&text, base, |k| std::env::var(k).ok())
+    }
+
+    /// Parse config text, with the process environment applied (relative paths: current dir).
+    pub fn from_toml(text: &str) -> Result<ManagerConfig, ConfigError> {
+        Self::resolve(text, Path::new("."), |k| std::env::var(k).ok())
+    }
+
+    fn resolve(
+        text: &str,
+        base: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<ManagerConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax(e.to_string().trim_end().replace('\n', " ")))?;
+        let api_token = match (env(ENV_API_TOKEN), raw.api_token, raw.api_token_file) {
+            (Some(t), _, _) => t,
+            (None, Some(_), Some(_)) => {
+                return Err(invalid(
+                    "api_token",
+                    "give either api_token or api_token_file, not both",
+                ))
+            }
+            (None, Some(t), None) => t,
+            (None, None, Some(file)) => {
+                let path = base.join(file);
+                std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Read { path, source })?
+                    .trim()
+                    .to_owned()
+            }
+            (None, None, None) => {
+                return Err(ConfigError::Missing(
+                    "api_token",
+                    "set api_token, api_token_file or COPILOT_API_TOKEN",
+                ))
+            }
+        };
+        let password = env(ENV_PASSWORD)
+            .or(raw.xmpp.password)
+            .ok_or(ConfigError::Missing(
+                "xmpp.password",
+                "set it in the config or in COPILOT_MANAGER_PASSWORD",
+            ))?;
+        let mut http = raw.http;
+        if http.public_url.is_empty() {
+            http.public_url = format!("http://{}", http.listen);
+        }
+        http.public_url = http.public_url.trim_end_matches('/').to_owned();
+        let config = ManagerConfig {
+            data_dir: raw.data_dir,
+            api_token,
+            xmpp: XmppConfig {
+                jid: raw.xmpp.jid,
+                password,
+                server: raw.xmpp.server,
+            },
+            http,
+            jobs: raw.jobs,
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.api_token.len() < 8 || self.api_token.chars().any(|c| c.is_whitespace()) {
+            return Err(invalid(
+                "api_token",
+                "must be at least 8 characters without spaces",
+            ));
+        }
+        if self.xmpp.jid.is_empty() || !self.xmpp.jid.contains('@') {
+            return Err(invalid("xmpp.jid", "must look like name@domain"));
+        }
+        if !self.xmpp.server.contains(':') {
+            return Err(invalid("xmpp.server", "must be host:port"));
+        }
+        let url = &self.http.public_url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "http.public_url",
+                "must start with http:// or https://",
+            ));
+        }
+        let j = &self.jobs;
+        if j.lease.0 == 0 {
+            return Err(invalid("jobs.lease", "must be at least 1s"));
+        }
+        if j.upload_token_ttl < j.lease {
+            return Err(invalid(
+                "jobs.upload_token_ttl",
+                "must not be shorter than jobs.lease",
+            ));
+        }
+        if j.max_retries > MAX_RETRIES {
+            return Err(invalid(
+                "jobs.max_retries",
+                format!("the limit is {MAX_RETRIES}"),
+            ));
+        }
+        if j.retry_after.0 == 0 {
+            return Err(invalid("jobs.retry_after", "must be at least 1s"));
+        }
+        if j.hold >= j.lease {
+            return Err(invalid("jobs.hold", "must be shorter than jobs.lease"));
+        }
+        Ok(())
+    }
+
+    /// Path of the queue database.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("queue.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "api_token = \"secret-token\"\n[xmpp]\njid = \"manager@localhost\"\npassword = \"pw\"\n";
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<ManagerConfig, ConfigError> {
+        ManagerConfig::resolve(text, Path::new("."), no_env)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/copilot"));
+        assert_eq!(c.xmpp.server, "127.0.0.1:5222");
+        assert_eq!(c.http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.http.public_url, "http://127.0.0.1:8080");
+        assert_eq!(c.jobs, JobsConfig::default());
+        assert_eq!(c.db_path(), PathBuf::from("/var/lib/copilot/queue.db"));
+    }
+
+    #[test]
+    fn full_config_parses_units() {
+        let text = r#"
+data_dir = "/tmp/x"
+api_token = "secret-token"
+[xmpp]
+jid = "m@h"
+password = "pw"
+server = "127.0.0.1:5333"
+[http]
+listen = "127.0.0.1:9000"
+public_url = "http://127.0.0.1:9000/"
+[jobs]
+lease = "2m"
+max_retries = 1
+upload_token_ttl = "1h"
+max_output_size = "16MiB"
+max_input_size = 1000
+retry_after = 3
+hold = "10s"
+"#;
+        let c = parse(text).unwrap();
+        assert_eq!(c.http.public_url, "http://127.0.0.1:9000");
+        assert_eq!(c.jobs.lease, Seconds(120));
+        assert_eq!(c.jobs.max_output_size, Bytes(16 << 20));
+        assert_eq!(c.jobs.max_input_size, Bytes(1000));
+        assert_eq!(c.jobs.hold, Seconds(10));
+        assert_eq!(c.xmpp.server, "127.0.0.1:5333");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = parse(&format!("{MINIMAL}[jobs]\nleases = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("leases"), "{err}");
+        assert!(parse(&format!("bogus = 1\n{MINIMAL}")).is_err());
+    }
+
+    #[test]
+    fn environment_overrides_token_and_password() {
+        let text = "[xmpp]\njid = \"m@h\"\n";
+        assert!(matches!(
+            parse(text),
+            Err(ConfigError::Missing("api_token", _))
+        ));
+        let env = |k: &str| match k {
+            ENV_API_TOKEN => Some("from-the-env".to_string()),
+            ENV_PASSWORD => Some("env-pw".to_string()),
+            _ => None,
+        };
+        let c = ManagerConfig::resolve(MINIMAL, Path::new("."), env).unwrap();
+        assert_eq!(c.api_token, "from-the-env");
+        assert_eq!(c.xmpp.password, "env-pw");
+    }
+
+    #[test]
+    fn token_file_is_read_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "file-token-123\n").unwrap();
+        let cfg = dir.path().join("manager.toml");
+        std::fs::write(
+            &cfg,
+            "api_token_file = \"token\"\n[xmpp]\njid = \"m@h\"\npassword = \"pw\"\n",
+        )
+        .unwrap();
+        // The process environment may set COPILOT_API_TOKEN; resolve without it.
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let c = ManagerConfig::resolve(&text, dir.path(), no_env).unwrap();
+        assert_eq!(c.api_token, "file-token-123");
+        let both = format!("api_token_file = \"token\"\n{MINIMAL}");
+        assert!(matches!(
+            ManagerConfig::resolve(&both, dir.path(), no_env),
+            Err(ConfigError::Invalid {
+                field: "api_token",
+                ..
+            })
+        ));
+        let missing = ManagerConfig::resolve(&text, Path::new("/nonexistent"), no_env);
+        assert!(matches!(missing, Err(ConfigError::Read { .. })));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (extra, field) in [
+            ("[jobs]\nlease = 0\n", "jobs.lease"),
+            ("[jobs]\nhold = \"2m\"\n", "jobs.hold"),
+            ("[jobs]\nmax_retries = 1000\n", "jobs.max_retries"),
+            ("[http]\npublic_url = \"ftp://x\"\n", "http.public_url"),
+        ] {
+            match parse(&format!("{MINIMAL}{extra}")) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        let short = MINIMAL.replace("secret-token", "abc");
+        assert!(matches!(
+            parse(&short),
+            Err(ConfigError::Invalid {
+                field: "api_token",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("api_token = \"secret-token\"\n[xmpp]\njid = \"m@h\"\n"),
+            Err(ConfigError::Missing("xmpp.password", _))
+        ));
+    }
+
+    #[test]
+    fn load_reports_missing_file() {
+        let err = ManagerConfig::load(Path::new("/nonexistent/manager.toml")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/manager.toml"),
+            "{err}"
+        );
+    }
+}

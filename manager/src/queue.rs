@@ -1,0 +1,1256 @@
+//! The durable job queue: jobs, leases, attempts, upload tokens and reports in SQLite.
+//!
+//! Every operation is one transaction, every state change goes through
+//! [`JobState::transition`] and is logged in the `events` table, and every recorded done report
+//! is kept in the `reports` table keyed by (job, attempt), so a report is recorded at most once.
+//! A lease stays current until [`Queue::expire_leases`] or [`Queue::release_agent`] takes it
+//! away; the sweeper is the only judge of expiry.
+//!
+//! Times are unix milliseconds from the queue's [`Clock`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use copilot_protocol::api::{FileView, JobList, JobView, OutcomeView, Stored};
+use copilot_protocol::job::InputSource;
+use copilot_protocol::state::BadTransition;
+use copilot_protocol::wire::{DoneReport, Outcome, Phase};
+use copilot_protocol::{JobId, JobSpec, JobState, Sha256};
+use rand::RngCore;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use crate::fleet::now_ms;
+
+/// The schema version this code writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    max_retries INTEGER NOT NULL,
+    agent TEXT,
+    lease_until INTEGER,
+    token TEXT UNIQUE,
+    token_until INTEGER,
+    outcome TEXT,
+    archive_attempt INTEGER,
+    archive_sha TEXT,
+    archive_size INTEGER,
+    files TEXT,
+    timings TEXT,
+    note TEXT,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL
+);
+CREATE INDEX jobs_by_state ON jobs(state, id);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job INTEGER NOT NULL REFERENCES jobs(id),
+    attempt INTEGER NOT NULL,
+    from_state TEXT NOT NULL,
+    to_state TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    why TEXT NOT NULL
+);
+CREATE INDEX events_by_job ON events(job, id);
+CREATE TABLE reports (
+    job INTEGER NOT NULL REFERENCES jobs(id),
+    attempt INTEGER NOT NULL,
+    agent TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (job, attempt)
+);
+";
+
+/// The SQL list of leased states.
+const LEASED: &str = "('assigned', 'running', 'uploading')";
+
+/// Where the queue gets the time (unix ms). Tests pass a clock they control.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("attempt {attempt} of job {job} holds no lease any more (requeued, finished or held by another agent)")]
+    StaleLease { job: JobId, attempt: u32 },
+    #[error("there is no job {0}")]
+    UnknownJob(JobId),
+    #[error(transparent)]
+    BadTransition(#[from] BadTransition),
+    #[error(
+        "the upload token is not valid for this job attempt (wrong, expired, or the lease is gone)"
+    )]
+    TokenInvalid,
+    #[error("queue database holds something unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// A job handed to an agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub job: JobId,
+    pub attempt: u32,
+    pub spec: JobSpec,
+    pub upload_token: String,
+}
+
+/// What [`Queue::complete`] did with a report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// The report was recorded; the job is now in this state.
+    Recorded(JobState),
+    /// The same attempt's report had been recorded before; nothing changed.
+    Duplicate,
+}
+
+/// The durable job queue. Cheap operations behind one connection; `Send + Sync`.
+pub struct Queue {
+    conn: Mutex<Connection>,
+    clock: Clock,
+}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue").finish_non_exhaustive()
+    }
+}
+
+/// The columns of a job row that the lease logic needs.
+struct Current {
+    id: JobId,
+    state: JobState,
+    attempt: u32,
+    max_retries: u32,
+    agent: Option<String>,
+    token: Option<String>,
+    token_until: Option<u64>,
+    archive: Option<Stored>,
+    spec: String,
+}
+
+impl Current {
+    fn holds(&self, agent: &str, attempt: u32) -> bool {
+        self.state.is_leased() && self.agent.as_deref() == Some(agent) && self.attempt == attempt
+    }
+}
+
+fn corrupt(what: impl fmt::Display) -> QueueError {
+    QueueError::Corrupt(what.to_string())
+}
+
+fn parse_state(s: &str) -> Result<JobState, QueueError> {
+    s.parse().map_err(corrupt)
+}
+
+fn parse_sha(s: &str) -> Result<Sha256, QueueError> {
+    s.parse().map_err(corrupt)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, QueueError> {
+    serde_json::from_str(s).map_err(corrupt)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, QueueError> {
+    serde_json::to_string(v).map_err(corrupt)
+}
+
+/// `now + d` in ms, capped to what SQLite's INTEGER holds.
+fn deadline(now: u64, d: Duration) -> u64 {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    now.saturating_add(ms).min(i64::MAX as u64)
+}
+
+fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Compares without an early exit, so the time taken does not reveal a token prefix.
+fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn outcome_view(o: &Outcome) -> OutcomeView {
+    let (kind, exit_code, signal) = match o {
+        Outcome::Exited { code } => ("exited", Some(*code), None),
+        Outcome::Killed { signal } => ("killed", None, Some(*signal)),
+        Outcome::TimedOut => ("timed-out", None, None),
+        Outcome::StageInFailed(_) => ("stage-in-failed", None, None),
+        Outcome::SetupFailed(_) => ("setup-failed", None, None),
+        Outcome::StageOutFailed(_) => ("stage-out-failed", None, None),
+    };
+    OutcomeView {
+        kind: kind.into(),
+        exit_code,
+        signal,
+        text: o.describe(),
+    }
+}
+
+fn load(tx: &Transaction<'_>, id: JobId) -> Result<Option<Current>, QueueError> {
+    type Raw = (
+        String,
+        u32,
+        u32,
+        Option<String>,
+        Option<String>,
+        Option<u64>,
+        Option<String>,
+        Option<u64>,
+        String,
+    );
+    let raw: Option<Raw> = tx
+        .query_row(
+            "SELECT state, attempt, max_retries, agent, token, token_until, archive_sha,
+                    archive_size, spec FROM jobs WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((state, attempt, max_retries, agent, token, token_until, sha, size, spec)) = raw
+    else {
+        return Ok(None);
+    };
+    let archive = match (sha, size) {
+        (Some(sha), Some(size)) => Some(Stored {
+            sha256: parse_sha(&sha)?,
+            size,
+        }),
+        _ => None,
+    };
+    Ok(Some(Current {
+        id,
+        state: parse_state(&state)?,
+        attempt,
+        max_retries,
+        agent,
+        token,
+        token_until,
+        archive,
+        spec,
+    }))
+}
+
+/// Move job `id` from `from` to `to` (checked) and log the event.
+fn set_state(
+    tx: &Transaction<'_>,
+    id: JobId,
+    attempt: u32,
+    from: JobState,
+    to: JobState,
+    why: &str,
+    now: u64,
+) -> Result<JobState, QueueError> {
+    let to = from.transition(to)?;
+    tx.execute(
+        "UPDATE jobs SET state = ?1, updated = ?2 WHERE id = ?3",
+        params![to.as_str(), now, id],
+    )?;
+    tx.execute(
+        "INSERT INTO events (job, attempt, from_state, to_state, at, why)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![id, attempt, from.as_str(), to.as_str(), now, why],
+    )?;
+    tracing::debug!(job = id, attempt, %from, %to, why, "job state");
+    Ok(to)
+}
+
+/// The leased job lost its attempt: lost → queued (retries left) or failed. Drops the lease.
+fn lose(tx: &Transaction<'_>, cur: &Current, why: &str, now: u64) -> Result<JobState, QueueError> {
+    set_state(tx, cur.id, cur.attempt, cur.state, JobState::Lost, why, now)?;
+    let (next, note) = if cur.attempt <= cur.max_retries {
+        (
+            JobState::Queued,
+            format!("attempt {} lost ({why}); requeued", cur.attempt),
+        )
+    } else {
+        (
+            JobState::Failed,
+            format!(
+                "attempt {} lost ({why}); no retries left of {}",
+                cur.attempt, cur.max_retries
+            ),
+        )
+    };
+    let state = set_state(tx, cur.id, cur.attempt, JobState::Lost, next, &note, now)?;
+    tx.execute(
+        "UPDATE jobs SET lease_until = NULL, token = NULL, token_until = NULL, note = ?1
+         WHERE id = ?2",
+        params![note, cur.id],
+    )?;
+    tracing::info!(job = cur.id, attempt = cur.attempt, %state, "{note}");
+    Ok(state)
+}
+
+fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, QueueError>> {
+    let state: String = r.get("state")?;
+    let outcome: Option<String> = r.get("outcome")?;
+    let sha: Option<String> = r.get("archive_sha")?;
+    let size: Option<u64> = r.get("archive_size")?;
+    let files: Option<String> = r.get("files")?;
+    let timings: Option<String> = r.get("timings")?;
+    let spec: String = r.get("spec")?;
+    let (id, name, attempt, max_retries, agent, created, updated, note) = (
+        r.get("id")?,
+        r.get("name")?,
+        r.get("attempt")?,
+        r.get("max_retries")?,
+        r.get("agent")?,
+        r.get("created")?,
+        r.get("updated")?,
+        r.get("note")?,
+    );
+    Ok((|| {
+        Ok(JobView {
+            id,
+            name,
+            state: parse_state(&state)?,
+            attempt,
+            max_retries,
+            agent,
+            created_ms: created,
+            updated_ms: updated,
+            outcome: outcome.as_deref().map(from_json).transpose()?,
+            archive: match (sha, size) {
+                (Some(sha), Some(size)) => Some(Stored {
+                    sha256: parse_sha(&sha)?,
+                    size,
+                }),
+                _ => None,
+            },
+            files: files
+                .as_deref()
+                .map(from_json)
+                .transpose()?
+                .unwrap_or_default(),
+            timings_ms: timings.as_deref().map(from_json).transpose()?,
+            note,
+            spec: from_json(&spec)?,
+        })
+    })())
+}
+
+impl Queue {
+    /// Open (or create) the queue database at `path`, using the system clock.
+    pub fn open(path: &Path) -> Result<Queue, QueueError> {
+        Self::open_with_clock(path, Arc::new(now_ms))
+    }
+
+    /// Open (or create) the queue database at `path`, taking the time from `clock`.
+    pub fn open_with_clock(path: &Path, clock: Clock) -> Result<Queue, QueueError> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(corrupt(format!(
+                "cannot switch {} to WAL mode (got {mode})",
+                path.display()
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(Queue {
+            conn: Mutex::new(conn),
+            clock,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a transaction half-done: an open
+        // transaction rolls back when dropped. Keep serving.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` in one IMMEDIATE transaction (so concurrent writers wait rather than fail).
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>, u64) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let now = (self.clock)();
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx, now)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Queue `specs` (already validated) in order; returns their ids.
+    pub fn submit(
+        &self,
+        specs: &[JobSpec],
+        default_max_retries: u32,
+    ) -> Result<Vec<JobId>, QueueError> {
+        self.write(|tx, now| {
+            let mut ids = Vec::with_capacity(specs.len());
+            let mut insert = tx.prepare(
+                "INSERT INTO jobs (name, spec, state, max_retries, created, updated)
+                 VALUES (?1, ?2, 'queued', ?3, ?4, ?4)",
+            )?;
+            for spec in specs {
+                let retries = spec.max_retries.unwrap_or(default_max_retries);
+                insert.execute(params![spec.name, to_json(spec)?, retries, now])?;
+                let id = tx.last_insert_rowid() as JobId;
+                tx.execute(
+                    "INSERT INTO events (job, attempt, from_state, to_state, at, why)
+                     VALUES (?1, 0, 'new', 'queued', ?2, 'submitted')",
+                    params![id, now],
+                )?;
+                ids.push(id);
+            }
+            Ok(ids)
+        })
+    }
+
+    /// The oldest queued job → assigned to `agent`, attempt += 1, a fresh upload token,
+    /// lease deadline now + `lease`, token expiry now + `token_ttl`.
+    pub fn claim(
+        &self,
+        agent: &str,
+        lease: Duration,
+        token_ttl: Duration,
+    ) -> Result<Option<Claim>, QueueError> {
+        self.write(|tx, now| {
+            let row: Option<(JobId, String, u32, String)> = tx
+                .query_row(
+                    "SELECT id, state, attempt, spec FROM jobs WHERE state = 'queued'
+                     ORDER BY id LIMIT 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            let Some((job, state, attempt, spec)) = row else {
+                return Ok(None);
+            };
+            let spec: JobSpec = from_json(&spec)?;
+            let attempt = attempt + 1;
+            let why = format!("assigned to {agent}");
+            set_state(
+                tx,
+                job,
+                attempt,
+                parse_state(&state)?,
+                JobState::Assigned,
+                &why,
+                now,
+            )?;
+            let upload_token = new_token();
+            tx.execute(
+                "UPDATE jobs SET attempt = ?1, agent = ?2, lease_until = ?3, token = ?4,
+                        token_until = ?5, archive_attempt = NULL, archive_sha = NULL,
+                        archive_size = NULL
+                 WHERE id = ?6",
+                params![
+                    attempt,
+                    agent,
+                    deadline(now, lease),
+                    upload_token,
+                    deadline(now, token_ttl),
+                    job
+                ],
+            )?;
+            Ok(Some(Claim {
+                job,
+                attempt,
+                spec,
+                upload_token,
+            }))
+        })
+    }
+
+    /// Renew the lease of `agent` on `job`/`attempt`; [`Phase::Running`] and
+    /// [`Phase::Uploading`] move the job forward (never back: progress messages may be reordered).
+    pub fn progress(
+        &self,
+        agent: &str,
+        job: JobId,
+        attempt: u32,
+        phase: Phase,
+        lease: Duration,
+    ) -> Result<(), QueueError> {
+        self.write(|tx, now| {
+            let cur = load(tx, job)?.ok_or(QueueError::UnknownJob(job))?;
+            if !cur.holds(agent, attempt) {
+                return Err(QueueError::StaleLease { job, attempt });
+            }
+            let target = match phase {
+                Phase::Staging => JobState::Assigned,
+                Phase::Running => JobState::Running,
+                Phase::Uploading => JobState::Uploading,
+            };
+            // Leased states are ordered assigned < running < uploading.
+            if target > cur.state {
+                set_state(tx, job, attempt, cur.state, target, "progress", now)?;
+            }
+            tx.execute(
+                "UPDATE jobs SET lease_until = ?1, updated = ?2 WHERE id = ?3",
+                params![deadline(now, lease), now, job],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Record a done report; see the contract. A report is recorded at most once: a
+    /// retransmission by the same agent is [`Completion::Duplicate`], anything else not holding
+    /// the lease is [`QueueError::StaleLease`].
+    pub fn complete(&self, agent: &str, report: &DoneReport) -> Result<Completion, QueueError> {
+        let (job, attempt) = (report.job, report.attempt);
+        self.write(|tx, now| {
+            let cur = load(tx, job)?.ok_or(QueueError::UnknownJob(job))?;
+            if !cur.holds(agent, attempt) {
+                let by: Option<String> = tx
+                    .query_row(
+                        "SELECT agent FROM reports WHERE job = ?1 AND attempt = ?2",
+                        params![job, attempt],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                return match by {
+                    Some(by) if by == agent => Ok(Completion::Duplicate),
+                    _ => Err(QueueError::StaleLease { job, attempt }),
+                };
+            }
+            let outcome = checked_outcome(&cur, report)?;
+            let state = if outcome.succeeded() {
+                set_state(
+                    tx,
+                    job,
+                    attempt,
+                    cur.state,
+                    JobState::Done,
+                    "succeeded",
+                    now,
+                )?
+            } else if outcome.is_retryable() {
+                lose(tx, &cur, &outcome.describe(), now)?
+            } else {
+                set_state(
+                    tx,
+                    job,
+                    attempt,
+                    cur.state,
+                    JobState::Failed,
+                    &outcome.describe(),
+                    now,
+                )?
+            };
+            let files: Vec<FileView> = report
+                .files
+                .iter()
+                .map(|f| FileView {
+                    path: f.path.clone(),
+                    size: f.size,
+                    sha256: f.sha256,
+                })
+                .collect();
+            let t = report.timings;
+            let note = match state {
+                JobState::Done => None,
+                JobState::Failed if !outcome.is_retryable() => Some(outcome.describe()),
+                // lose() wrote the note.
+                _ => tx.query_row("SELECT note FROM jobs WHERE id = ?1", [job], |r| r.get(0))?,
+            };
+            tx.execute(
+                "UPDATE jobs SET outcome = ?1, files = ?2, timings = ?3, note = ?4,
+                        lease_until = NULL, token = NULL, token_until = NULL
+                 WHERE id = ?5",
+                params![
+                    to_json(&outcome_view(&outcome))?,
+                    to_json(&files)?,
+                    to_json(&[t.stage_in_ms, t.run_ms, t.stage_out_ms])?,
+                    note,
+                    job
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO reports (job, attempt, agent, state, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![job, attempt, agent, state.as_str(), now],
+            )?;
+            tracing::info!(job, attempt, agent, %state, "{}", outcome.describe());
+            Ok(Completion::Recorded(state))
+        })
+    }
+
+    /// Leases past their deadline → lost → queued/failed. Returns (job, new state).
+    pub fn expire_leases(&self) -> Result<Vec<(JobId, JobState)>, QueueError> {
+        self.write(|tx, now| {
+            let ids = ids_where(tx, &format!("lease_until < {now}"), [])?;
+            ids.into_iter()
+                .map(|id| {
+                    let cur = load(tx, id)?.ok_or(QueueError::UnknownJob(id))?;
+                    let why = format!(
+                        "lease expired, no progress from {}",
+                        cur.agent.as_deref().unwrap_or("?")
+                    );
+                    Ok((id, lose(tx, &cur, &why, now)?))
+                })
+                .collect()
+        })
+    }
+
+    /// Every lease `agent` holds → lost → queued/failed. Returns (job, new state).
+    pub fn release_agent(
+        &self,
+        agent: &str,
+        why: &str,
+    ) -> Result<Vec<(JobId, JobState)>, QueueError> {
+        self.write(|tx, now| {
+            let ids = ids_where(tx, "agent = ?1", [agent])?;
+            ids.into_iter()
+                .map(|id| {
+                    let cur = load(tx, id)?.ok_or(QueueError::UnknownJob(id))?;
+                    Ok((id, lose(tx, &cur, &format!("{agent}: {why}"), now)?))
+                })
+                .collect()
+        })
+    }
+
+    /// Number of jobs waiting for an agent.
+    pub fn queued_count(&self) -> Result<u64, QueueError> {
+        let conn = self.lock();
+        Ok(conn.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'queued'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// One job, if it exists.
+    pub fn job(&self, id: JobId) -> Result<Option<JobView>, QueueError> {
+        let conn = self.lock();
+        conn.query_row("SELECT * FROM jobs WHERE id = ?1", [id], view)
+            .optional()?
+            .transpose()
+    }
+
+    /// All jobs (or those in `state`), oldest first, and the count in every state.
+    pub fn list(&self, state: Option<JobState>) -> Result<JobList, QueueError> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare("SELECT * FROM jobs WHERE ?1 IS NULL OR state = ?1 ORDER BY id")?;
+        let jobs = stmt
+            .query_map([state.map(JobState::as_str)], view)?
+            .map(|r| r?)
+            .collect::<Result<Vec<_>, QueueError>>()?;
+        let mut counts: BTreeMap<JobState, u64> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
+        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))? {
+            let (s, n) = row?;
+            counts.insert(parse_state(&s)?, n);
+        }
+        Ok(JobList { jobs, counts })
+    }
+
+    /// Check an upload token for `job`/`attempt` (matching, unexpired, lease current) and move
+    /// the job to uploading. Unknown job → [`QueueError::UnknownJob`]; otherwise
+    /// [`QueueError::TokenInvalid`].
+    pub fn authorize_upload(
+        &self,
+        job: JobId,
+        attempt: u32,
+        token: &str,
+    ) -> Result<(), QueueError> {
+        self.write(|tx, now| {
+            let cur = load(tx, job)?.ok_or(QueueError::UnknownJob(job))?;
+            let valid = cur.state.is_leased()
+                && cur.attempt == attempt
+                && cur.token.as_deref().is_some_and(|t| same_token(t, token))
+                && cur.token_until.is_some_and(|until| now < until);
+            if !valid {
+                return Err(QueueError::TokenInvalid);
+            }
+            if cur.state != JobState::Uploading {
+                set_state(
+                    tx,
+                    job,
+                    attempt,
+                    cur.state,
+                    JobState::Uploading,
+                    "upload",
+                    now,
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Record the archive the storage service stored for `job`/`attempt` (its lease must still be
+    /// current, else [`QueueError::StaleLease`]).
+    pub fn record_archive(
+        &self,
+        job: JobId,
+        attempt: u32,
+        stored: Stored,
+    ) -> Result<(), QueueError> {
+        self.write(|tx, now| {
+            let cur = load(tx, job)?.ok_or(QueueError::UnknownJob(job))?;
+            if !(cur.state.is_leased() && cur.attempt == attempt) {
+                return Err(QueueError::StaleLease { job, attempt });
+            }
+            tx.execute(
+                "UPDATE jobs SET archive_attempt = ?1, archive_sha = ?2, archive_size = ?3,
+                        updated = ?4 WHERE id = ?5",
+                params![attempt, stored.sha256.to_string(), stored.size, now, job],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The stored archive of `job` and the attempt that produced it, if any.
+    pub fn archive_of(&self, job: JobId) -> Result<Option<(u32, Stored)>, QueueError> {
+        let conn = self.lock();
+        let row: Option<(Option<u32>, Option<String>, Option<u64>)> = conn
+            .query_row(
+                "SELECT archive_attempt, archive_sha, archive_size FROM jobs WHERE id = ?1",
+                [job],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        match row {
+            None => Err(QueueError::UnknownJob(job)),
+            Some((Some(attempt), Some(sha), Some(size))) => Ok(Some((
+                attempt,
+                Stored {
+                    sha256: parse_sha(&sha)?,
+                    size,
+                },
+            ))),
+            Some(_) => Ok(None),
+        }
+    }
+
+    /// Whether `token` is a currently valid upload token of a leased job listing input `sha256`.
+    pub fn token_may_read_input(&self, token: &str, sha256: &Sha256) -> Result<bool, QueueError> {
+        let now = (self.clock)();
+        let conn = self.lock();
+        let spec: Option<String> = conn
+            .query_row(
+                &format!(
+                    "SELECT spec FROM jobs WHERE token = ?1 AND token_until > ?2
+                     AND state IN {LEASED}"
+                ),
+                params![token, now],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(spec) = spec else {
+            return Ok(false);
+        };
+        let spec: JobSpec = from_json(&spec)?;
+        Ok(spec
+            .inputs
+            .iter()
+            .any(|i| matches!(&i.source, InputSource::Stored { sha256: s, .. } if s == sha256)))
+    }
+}
+
+/// Ids of leased jobs matching `cond`.
+fn ids_where<P: rusqlite::Params>(
+    tx: &Transaction<'_>,
+    cond: &str,
+    p: P,
+) -> Result<Vec<JobId>, QueueError> {
+    let mut stmt = tx.prepare(&format!(
+        "SELECT id FROM jobs WHERE state IN {LEASED} AND {cond} ORDER BY id"
+    ))?;
+    let ids = stmt
+        .query_map(p, |r| r.get(0))?
+        .collect::<Result<Vec<JobId>, _>>()?;
+    Ok(ids)
+}
+
+/// The report's outcome, except that a success whose archive does not match what the storage
+/// service recorded becomes [`Outcome::StageOutFailed`].
+fn checked_outcome(cur: &Current, report: &DoneReport) -> Result<Outcome, QueueError> {
+    if !report.outcome.succeeded() {
+        return Ok(report.outcome.clone());
+    }
+    let problem = match (report.archive, cur.archive) {
+        (Some((sha, size)), Some(st)) if st.sha256 == sha && st.size == size => None,
+        (Some((sha, size)), Some(st)) => Some(format!(
+            "reported archive {sha} ({size} bytes) differs from the stored {} ({} bytes)",
+            st.sha256, st.size
+        )),
+        (Some((sha, _)), None) => Some(format!("reported archive {sha} was never stored")),
+        (None, _) => {
+            let spec: JobSpec = from_json(&cur.spec)?;
+            (!spec.outputs.is_empty())
+                .then(|| "no archive was uploaded although the job declares outputs".to_owned())
+        }
+    };
+    Ok(match problem {
+        None => report.outcome.clone(),
+        Some(p) => {
+            tracing::warn!(job = cur.id, attempt = cur.attempt, "{p}");
+            Outcome::StageOutFailed(p)
+        }
+    })
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    match version {
+        0 => {
+            tx.execute_batch(SCHEMA)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        SCHEMA_VERSION => {}
+        v => {
+            return Err(corrupt(format!(
+                "database schema version {v} is not {SCHEMA_VERSION}; use a matching manager"
+            )))
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use copilot_protocol::job::JobInput;
+    use copilot_protocol::wire::{FileDigest, Timings};
+
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+    const TTL: Duration = Duration::from_secs(3600);
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        time: Arc<AtomicU64>,
+        q: Queue,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("queue.db");
+            let time = Arc::new(AtomicU64::new(1_000_000));
+            let q = open(&path, &time);
+            Fixture {
+                _dir: dir,
+                path,
+                time,
+                q,
+            }
+        }
+
+        fn advance(&self, ms: u64) {
+            self.time.fetch_add(ms, Ordering::SeqCst);
+        }
+
+        fn state(&self, id: JobId) -> JobState {
+            self.q.job(id).unwrap().unwrap().state
+        }
+
+        fn count(&self, sql: &str) -> u64 {
+            self.q.lock().query_row(sql, [], |r| r.get(0)).unwrap()
+        }
+    }
+
+    fn open(path: &Path, time: &Arc<AtomicU64>) -> Queue {
+        let t = time.clone();
+        Queue::open_with_clock(path, Arc::new(move || t.load(Ordering::SeqCst))).unwrap()
+    }
+
+    fn spec(name: &str) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            command: vec!["true".into()],
+            inputs: vec![],
+            outputs: vec![],
+            env: Default::default(),
+            limits: Default::default(),
+            max_retries: None,
+        }
+    }
+
+    fn report(c: &Claim, outcome: Outcome, archive: Option<Stored>) -> DoneReport {
+        DoneReport {
+            job: c.job,
+            attempt: c.attempt,
+            outcome,
+            timings: Timings {
+                stage_in_ms: 1,
+                run_ms: 2,
+                stage_out_ms: 3,
+            },
+            archive: archive.map(|s| (s.sha256, s.size)),
+            files: vec![FileDigest {
+                path: "out.txt".into(),
+                size: 2,
+                sha256: Sha256::of(b"hi"),
+            }],
+            want_more: false,
+        }
+    }
+
+    fn claim(f: &Fixture, agent: &str, lease: Duration) -> Claim {
+        f.q.claim(agent, lease, TTL).unwrap().expect("a queued job")
+    }
+
+    const OK: Outcome = Outcome::Exited { code: 0 };
+
+    #[test]
+    fn claims_are_fifo_with_fresh_tokens() {
+        let f = Fixture::new();
+        let ids = f.q.submit(&[spec("a"), spec("b"), spec("c")], 3).unwrap();
+        assert_eq!(f.q.queued_count().unwrap(), 3);
+        let claims: Vec<Claim> = (0..3).map(|_| claim(&f, "ag", TTL)).collect();
+        assert_eq!(claims.iter().map(|c| c.job).collect::<Vec<_>>(), ids);
+        assert_eq!(claims[1].spec, spec("b"));
+        assert!(claims.iter().all(|c| c.attempt == 1));
+        assert!(claims.iter().all(|c| c.upload_token.len() == 64));
+        assert_ne!(claims[0].upload_token, claims[1].upload_token);
+        assert!(f.q.claim("ag", TTL, TTL).unwrap().is_none());
+        assert_eq!(f.q.queued_count().unwrap(), 0);
+        let v = f.q.job(ids[0]).unwrap().unwrap();
+        assert_eq!(
+            (v.state, v.agent.as_deref(), v.max_retries),
+            (JobState::Assigned, Some("ag"), 3)
+        );
+    }
+
+    #[test]
+    fn leases_expire_only_after_their_deadline_and_progress_renews_them() {
+        let f = Fixture::new();
+        let id = f.q.submit(&[spec("a")], 3).unwrap()[0];
+        let c = claim(&f, "ag", 10 * MS);
+        f.advance(10);
+        assert!(
+            f.q.expire_leases().unwrap().is_empty(),
+            "deadline itself is still valid"
+        );
+        f.q.progress("ag", id, 1, Phase::Running, 10 * MS).unwrap();
+        assert_eq!(f.state(id), JobState::Running);
+        f.advance(10);
+        assert!(f.q.expire_leases().unwrap().is_empty());
+        // A late, reordered staging message does not move the job back.
+        f.q.progress("ag", id, 1, Phase::Staging, 10 * MS).unwrap();
+        assert_eq!(f.state(id), JobState::Running);
+        f.advance(11);
+        assert_eq!(f.q.expire_leases().unwrap(), vec![(id, JobState::Queued)]);
+        let v = f.q.job(id).unwrap().unwrap();
+        assert!(v.note.unwrap().contains("lease expired"));
+        // The old lease is gone: progress and reports of attempt 1 are stale.
+        assert!(matches!(
+            f.q.progress("ag", id, 1, Phase::Running, TTL),
+            Err(QueueError::StaleLease { attempt: 1, .. })
+        ));
+        assert!(matches!(
+            f.q.complete("ag", &report(&c, OK, None)),
+            Err(QueueError::StaleLease { attempt: 1, .. })
+        ));
+        assert_eq!(claim(&f, "ag2", TTL).attempt, 2);
+        assert!(matches!(
+            f.q.progress("ag", 999, 1, Phase::Running, TTL),
+            Err(QueueError::UnknownJob(999))
+        ));
+    }
+
+    #[test]
+    fn release_agent_requeues_only_its_jobs() {
+        let f = Fixture::new();
+        let ids = f.q.submit(&[spec("a"), spec("b"), spec("c")], 3).unwrap();
+        claim(&f, "x", TTL);
+        claim(&f, "y", TTL);
+        claim(&f, "x", TTL);
+        let released = f.q.release_agent("x", "went offline").unwrap();
+        assert_eq!(
+            released,
+            vec![(ids[0], JobState::Queued), (ids[2], JobState::Queued)]
+        );
+        assert_eq!(f.state(ids[1]), JobState::Assigned);
+        assert!(f.q.release_agent("x", "again").unwrap().is_empty());
+        // Requeued jobs go out again oldest first.
+        assert_eq!(claim(&f, "z", TTL).job, ids[0]);
+    }
+
+    #[test]
+    fn retries_are_limited() {
+        let f = Fixture::new();
+        let mut one_retry = spec("a");
+        one_retry.max_retries = Some(1);
+        let id = f.q.submit(&[one_retry], 3).unwrap()[0];
+        claim(&f, "x", TTL);
+        assert_eq!(
+            f.q.release_agent("x", "gone").unwrap(),
+            vec![(id, JobState::Queued)]
+        );
+        let c = claim(&f, "x", TTL);
+        assert_eq!(c.attempt, 2);
+        let done =
+            f.q.complete("x", &report(&c, Outcome::StageInFailed("404".into()), None));
+        assert_eq!(done.unwrap(), Completion::Recorded(JobState::Failed));
+        let v = f.q.job(id).unwrap().unwrap();
+        assert_eq!(v.outcome.unwrap().kind, "stage-in-failed");
+        assert!(
+            v.note.unwrap().contains("no retries left"),
+            "note explains the failure"
+        );
+        assert!(f.q.claim("x", TTL, TTL).unwrap().is_none());
+    }
+
+    #[test]
+    fn payload_failures_are_not_retried() {
+        let f = Fixture::new();
+        let id = f.q.submit(&[spec("a")], 3).unwrap()[0];
+        let c = claim(&f, "x", TTL);
+        let r =
+            f.q.complete("x", &report(&c, Outcome::Exited { code: 3 }, None));
+        assert_eq!(r.unwrap(), Completion::Recorded(JobState::Failed));
+        let v = f.q.job(id).unwrap().unwrap();
+        assert_eq!(v.outcome.unwrap().exit_code, Some(3));
+        assert_eq!(v.timings_ms, Some([1, 2, 3]));
+        assert_eq!(v.files.len(), 1);
+    }
+
+    #[test]
+    fn stale_reports_of_old_attempts_are_refused() {
+        let f = Fixture::new();
+        let id = f.q.submit(&[spec("a")], 3).unwrap()[0];
+        let old = claim(&f, "a", 5 * MS);
+        f.advance(6);
+        f.q.expire_leases().unwrap();
+        let new = claim(&f, "b", TTL);
+        assert!(matches!(
+            f.q.complete("a", &report(&old, OK, None)),
+            Err(QueueError::StaleLease { attempt: 1, .. })
+        ));
+        // The new holder's report of the old attempt number is stale too.
+        assert!(f.q.complete("b", &report(&old, OK, None)).is_err());
+        assert_eq!(f.state(id), JobState::Assigned);
+        assert_eq!(
+            f.q.complete("b", &report(&new, OK, None)).unwrap(),
+            Completion::Recorded(JobState::Done)
+        );
+        assert!(matches!(
+            f.q.complete("a", &report(&old, OK, None)),
+            Err(QueueError::StaleLease { .. })
+        ));
+        assert_eq!(f.count("SELECT COUNT(*) FROM reports"), 1);
+    }
+
+    #[test]
+    fn retransmitted_reports_are_recorded_once() {
+        let f = Fixture::new();
+        let id = f.q.submit(&[spec("a")], 3).unwrap()[0];
+        let c = claim(&f, "a", TTL);
+        let r = report(&c, OK, None);
+        assert_eq!(
+            f.q.complete("a", &r).unwrap(),
+            Completion::Recorded(JobState::Done)
+        );
+        let updated = f.q.job(id).unwrap().unwrap().updated_ms;
+        f.advance(100);
+        assert_eq!(f.q.complete("a", &r).unwrap(), Completion::Duplicate);
+        assert!(matches!(
+            f.q.complete("intruder", &r),
+            Err(QueueError::StaleLease { .. })
+        ));
+        assert_eq!(f.q.job(id).unwrap().unwrap().updated_ms, updated);
+        assert_eq!(f.count("SELECT COUNT(*) FROM reports"), 1);
+        assert_eq!(
+            f.count("SELECT COUNT(*) FROM events WHERE to_state = 'done'"),
+            1
+        );
+        // Also for a retryable failure that requeued the job.
+        let id2 = f.q.submit(&[spec("b")], 3).unwrap()[0];
+        let c2 = claim(&f, "a", TTL);
+        let r2 = report(&c2, Outcome::SetupFailed("no sh".into()), None);
+        assert_eq!(
+            f.q.complete("a", &r2).unwrap(),
+            Completion::Recorded(JobState::Queued)
+        );
+        assert_eq!(f.q.complete("a", &r2).unwrap(), Completion::Duplicate);
+        assert_eq!(f.state(id2), JobState::Queued);
+    }
+
+    #[test]
+    fn success_needs_the_stored_archive() {
+        let f = Fixture::new();
+        let mut s = spec("a");
+        s.outputs = vec!["out.txt".into()];
+        let id = f.q.submit(&[s], 3).unwrap()[0];
+        let stored = Stored {
+            sha256: Sha256::of(b"archive"),
+            size: 7,
+        };
+        let other = Stored {
+            sha256: Sha256::of(b"other"),
+            size: 5,
+        };
+        // No archive at all although outputs are declared.
+        let c = claim(&f, "a", TTL);
+        let r = f.q.complete("a", &report(&c, OK, None)).unwrap();
+        assert_eq!(r, Completion::Recorded(JobState::Queued));
+        // An archive that differs from the stored one.
+        let c = claim(&f, "a", TTL);
+        f.q.authorize_upload(id, c.attempt, &c.upload_token)
+            .unwrap();
+        f.q.record_archive(id, c.attempt, stored).unwrap();
+        let r = f.q.complete("a", &report(&c, OK, Some(other))).unwrap();
+        assert_eq!(r, Completion::Recorded(JobState::Queued));
+        let v = f.q.job(id).unwrap().unwrap();
+        assert_eq!(v.outcome.unwrap().kind, "stage-out-failed");
+        assert!(v.note.unwrap().contains("differs"));
+        // The next attempt starts without the old archive; a matching one succeeds.
+        let c = claim(&f, "a", TTL);
+        assert_eq!(f.q.archive_of(id).unwrap(), None);
+        let r = f.q.complete("a", &report(&c, OK, Some(stored))).unwrap();
+        assert_eq!(
+            r,
+            Completion::Recorded(JobState::Queued),
+            "reported but never stored"
+        );
+        let c = claim(&f, "a", TTL);
+        f.q.authorize_upload(id, c.attempt, &c.upload_token)
+            .unwrap();
+        f.q.record_archive(id, c.attempt, stored).unwrap();
+        let r = f.q.complete("a", &report(&c, OK, Some(stored))).unwrap();
+        assert_eq!(r, Completion::Recorded(JobState::Done));
+        let v = f.q.job(id).unwrap().unwrap();
+        assert_eq!((v.archive, v.attempt, v.note), (Some(stored), 4, None));
+        assert_eq!(f.q.archive_of(id).unwrap(), Some((4, stored)));
+    }
+
+    #[test]
+    fn upload_tokens_are_checked() {
+        let f = Fixture::new();
+        let sha = Sha256::of(b"input");
+        let mut s = spec("a");
+        s.inputs = vec![JobInput {
+            name: "in".into(),
+            source: InputSource::Stored {
+                sha256: sha,
+                size: 5,
+            },
+        }];
+        let id = f.q.submit(&[s], 3).unwrap()[0];
+        assert!(!f.q.token_may_read_input("nothing", &sha).unwrap());
+        let c = f.q.claim("a", TTL, 100 * MS).unwrap().unwrap();
+        let t = &c.upload_token;
+        assert!(f.q.token_may_read_input(t, &sha).unwrap());
+        assert!(!f.q.token_may_read_input(t, &Sha256::of(b"other")).unwrap());
+        let bad = "0".repeat(64);
+        for (attempt, token) in [(1, bad.as_str()), (2, t.as_str())] {
+            assert!(matches!(
+                f.q.authorize_upload(id, attempt, token),
+                Err(QueueError::TokenInvalid)
+            ));
+        }
+        assert!(matches!(
+            f.q.authorize_upload(77, 1, t),
+            Err(QueueError::UnknownJob(77))
+        ));
+        assert_eq!(f.state(id), JobState::Assigned);
+        f.q.authorize_upload(id, 1, t).unwrap();
+        assert_eq!(f.state(id), JobState::Uploading);
+        f.advance(100);
+        assert!(matches!(
+            f.q.authorize_upload(id, 1, t),
+            Err(QueueError::TokenInvalid)
+        ));
+        assert!(!f.q.token_may_read_input(t, &sha).unwrap());
+    }
+
+    #[test]
+    fn tokens_die_with_the_lease() {
+        let f = Fixture::new();
+        let id = f.q.submit(&[spec("a")], 3).unwrap()[0];
+        let c = claim(&f, "a", TTL);
+        f.q.release_agent("a", "gone").unwrap();
+        assert!(matches!(
+            f.q.authorize_upload(id, 1, &c.upload_token),
+            Err(QueueError::TokenInvalid)
+        ));
+        let stored = Stored {
+            sha256: Sha256::of(b""),
+            size: 0,
+        };
+        assert!(matches!(
+            f.q.record_archive(id, 1, stored),
+            Err(QueueError::StaleLease { .. })
+        ));
+    }
+
+    #[test]
+    fn list_filters_and_counts() {
+        let f = Fixture::new();
+        let ids = f.q.submit(&[spec("a"), spec("b")], 3).unwrap();
+        claim(&f, "a", TTL);
+        let all = f.q.list(None).unwrap();
+        assert_eq!(all.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), ids);
+        assert_eq!(all.counts[&JobState::Queued], 1);
+        assert_eq!(all.counts[&JobState::Assigned], 1);
+        assert_eq!(all.counts[&JobState::Done], 0);
+        let queued = f.q.list(Some(JobState::Queued)).unwrap();
+        assert_eq!(queued.jobs.len(), 1);
+        assert_eq!(queued.jobs[0].id, ids[1]);
+        assert_eq!(f.q.job(999).unwrap(), None);
+    }
+
+    #[test]
+    fn everything_survives_a_reopen() {
+        let f = Fixture::new();
+        let ids = f.q.submit(&[spec("a"), spec("b")], 2).unwrap();
+        let c = claim(&f, "a", TTL);
+        f.q.authorize_upload(c.job, 1, &c.upload_token).unwrap();
+        let before = f.q.list(None).unwrap();
+        let Fixture {
+            _dir,
+            path,
+            time,
+            q,
+        } = f;
+        drop(q);
+        let q = open(&path, &time);
+        let after = q.list(None).unwrap();
+        assert_eq!(after.jobs, before.jobs);
+        assert_eq!(after.counts, before.counts);
+        q.authorize_upload(c.job, 1, &c.upload_token).unwrap();
+        assert_eq!(
+            q.complete("a", &report(&c, OK, None)).unwrap(),
+            Completion::Recorded(JobState::Done)
+        );
+        let next = q.claim("a", TTL, TTL).unwrap().unwrap();
+        assert_eq!(next.job, ids[1]);
+        let events: u64 = q
+            .lock()
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        // 2 submitted, 2 assigned, 1 uploading, 1 done.
+        assert_eq!(events, 6);
+    }
+}
