@@ -4,4 +4,11 @@
 //! The binary (`main.rs`) and the XMPP session drive it.
 
 pub mod config;
+pub mod pack;
 pub mod runner;
+pub mod stage;
+pub mod transfer;
+pub mod upload;
+
+#[cfg(test)]
+mod testserver;
