@@ -177,7 +177,7 @@ fn new_token() -> String {
 }
 
 /// Compares without an early exit, so the time taken does not reveal a token prefix.
-fn same_token(a: &str, b: &str) -> bool {
+pub(crate) fn same_token(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())

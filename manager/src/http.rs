@@ -1,0 +1,935 @@
+//! The manager's HTTP side: the storage service (inputs in, output archives in, both out) and the
+//! JSON API (submit, list, show, results, agents), as in `copilot_protocol::api`.
+//!
+//! Authorization is a bearer token: the API token for everything people do, an attempt's upload
+//! token for its output upload and its stored inputs. Bodies stream to disk through
+//! [`Blobs`] with size limits (413) and digest checks (422). Every error is an [`ApiError`]
+//! JSON body saying what to do.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use copilot_protocol::api::{
+    ApiError, Stored, SubmitRequest, SubmitResponse, CONTENT_SHA256_HEADER,
+};
+use copilot_protocol::job::InputSource;
+use copilot_protocol::{JobId, JobState, Sha256};
+use serde::Deserialize;
+use tokio_util::io::ReaderStream;
+
+use crate::blobs::{Blob, BlobError, Blobs};
+use crate::queue::{same_token, Queue, QueueError};
+use crate::Shared;
+
+/// Largest submit request body.
+const MAX_SUBMIT_BYTES: usize = 32 << 20;
+
+/// Serve the storage service and API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let blobs = Blobs::open(&shared.config.data_dir)
+        .await
+        .map_err(std::io::Error::other)?;
+    axum::serve(listener, router(App { shared, blobs }))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[derive(Clone)]
+struct App {
+    shared: Arc<Shared>,
+    blobs: Blobs,
+}
+
+fn router(app: App) -> Router {
+    Router::new()
+        .route("/inputs/{sha256}", put(put_input).get(get_input))
+        .route("/outputs/{job}/{attempt}", put(put_output))
+        .route("/api/jobs", get(list_jobs).post(submit))
+        .route("/api/jobs/{id}", get(show_job))
+        .route("/api/jobs/{id}/output", get(job_output))
+        .route("/api/agents", get(agents))
+        .fallback(|| async { fail(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(app)
+}
+
+/// An error answer: status and message.
+#[derive(Debug)]
+struct Fail(StatusCode, String);
+
+fn fail(status: StatusCode, msg: impl Into<String>) -> Fail {
+    Fail(status, msg.into())
+}
+
+fn internal(e: impl std::fmt::Display) -> Fail {
+    tracing::error!("internal error: {e}");
+    fail(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("internal error ({e}); try again later or see the manager log"),
+    )
+}
+
+impl IntoResponse for Fail {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { error: self.1 })).into_response()
+    }
+}
+
+impl From<QueueError> for Fail {
+    fn from(e: QueueError) -> Fail {
+        let status = match &e {
+            QueueError::UnknownJob(_) => StatusCode::NOT_FOUND,
+            QueueError::StaleLease { .. } | QueueError::BadTransition(_) => StatusCode::CONFLICT,
+            QueueError::TokenInvalid => StatusCode::FORBIDDEN,
+            QueueError::Sqlite(_) | QueueError::Corrupt(_) => return internal(e),
+        };
+        fail(status, e.to_string())
+    }
+}
+
+impl From<BlobError> for Fail {
+    fn from(e: BlobError) -> Fail {
+        let status = match &e {
+            BlobError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BlobError::DigestMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            BlobError::Body(_) => StatusCode::BAD_REQUEST,
+            BlobError::Io { .. } => return internal(e),
+        };
+        fail(status, e.to_string())
+    }
+}
+
+type Answer<T> = Result<T, Fail>;
+
+/// Run a queue operation off the async workers.
+async fn db<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&Queue) -> Result<T, QueueError> + Send + 'static,
+) -> Answer<T> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || f(&shared.queue))
+        .await
+        .map_err(internal)?
+        .map_err(Fail::from)
+}
+
+fn bearer(headers: &HeaderMap) -> Answer<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| {
+            fail(
+                StatusCode::UNAUTHORIZED,
+                "send the token as `Authorization: Bearer <token>`",
+            )
+        })
+}
+
+fn require_api(app: &App, headers: &HeaderMap) -> Answer<()> {
+    if same_token(bearer(headers)?, &app.shared.config.api_token) {
+        Ok(())
+    } else {
+        Err(fail(
+            StatusCode::UNAUTHORIZED,
+            "wrong API token; use the api_token of the manager's config",
+        ))
+    }
+}
+
+fn path<T>(p: Result<Path<T>, PathRejection>) -> Answer<T> {
+    p.map(|Path(t)| t)
+        .map_err(|e| fail(StatusCode::BAD_REQUEST, format!("bad path: {e}")))
+}
+
+fn parse_sha(s: &str) -> Answer<Sha256> {
+    s.parse()
+        .map_err(|e| fail(StatusCode::BAD_REQUEST, format!("{e}")))
+}
+
+/// Refuse early when the announced length is over `limit`.
+fn check_length(headers: &HeaderMap, limit: u64) -> Answer<()> {
+    let len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match len {
+        Some(n) if n > limit => Err(Fail::from(BlobError::TooLarge { limit })),
+        _ => Ok(()),
+    }
+}
+
+fn stored(created: bool, st: Stored) -> Response {
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(st)).into_response()
+}
+
+fn download(blob: Blob, sha256: Option<Sha256>, kind: &'static str) -> Response {
+    let mut headers = vec![
+        (header::CONTENT_TYPE, kind.to_owned()),
+        (header::CONTENT_LENGTH, blob.size.to_string()),
+    ];
+    if let Some(sha) = sha256 {
+        headers.push((
+            HeaderName::from_static(CONTENT_SHA256_HEADER),
+            sha.to_string(),
+        ));
+    }
+    let mut resp = Body::from_stream(ReaderStream::new(blob.file)).into_response();
+    for (name, value) in headers {
+        // Both values are decimal or hex digits, which are valid header values.
+        if let Ok(v) = value.parse() {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    resp
+}
+
+async fn put_input(
+    State(app): State<App>,
+    sha: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer<Response> {
+    require_api(&app, &headers)?;
+    let sha = parse_sha(&path(sha)?)?;
+    let limit = app.shared.config.jobs.max_input_size.0;
+    check_length(&headers, limit)?;
+    let (st, created) = app
+        .blobs
+        .put_input(&sha, body.into_data_stream(), limit)
+        .await?;
+    if created {
+        tracing::info!(%sha, size = st.size, "input stored");
+    }
+    Ok(stored(created, st))
+}
+
+async fn get_input(
+    State(app): State<App>,
+    sha: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Answer<Response> {
+    let sha = parse_sha(&path(sha)?)?;
+    let token = bearer(&headers)?.to_owned();
+    if !same_token(&token, &app.shared.config.api_token)
+        && !db(&app.shared, move |q| q.token_may_read_input(&token, &sha)).await?
+    {
+        return Err(fail(
+            StatusCode::FORBIDDEN,
+            "this token may not read this input (not the API token, nor the upload token of a running job that lists it)",
+        ));
+    }
+    match app.blobs.open_input(&sha).await? {
+        Some(blob) => Ok(download(blob, Some(sha), "application/octet-stream")),
+        None => Err(fail(
+            StatusCode::NOT_FOUND,
+            format!("input {sha} is not stored"),
+        )),
+    }
+}
+
+async fn put_output(
+    State(app): State<App>,
+    ids: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer<Response> {
+    let (job, attempt) = path(ids)?;
+    let (Ok(job), Ok(attempt)) = (job.parse::<JobId>(), attempt.parse::<u32>()) else {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "the path must be /outputs/<job id>/<attempt>, both numbers",
+        ));
+    };
+    let token = bearer(&headers)?.to_owned();
+    let expected = headers
+        .get(CONTENT_SHA256_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            fail(
+                StatusCode::BAD_REQUEST,
+                format!("send the archive's sha256 in the {CONTENT_SHA256_HEADER} header"),
+            )
+        })
+        .and_then(parse_sha)?;
+    db(&app.shared, move |q| {
+        q.authorize_upload(job, attempt, &token)
+    })
+    .await?;
+    let limit = app.shared.config.jobs.max_output_size.0;
+    check_length(&headers, limit)?;
+    let st = app
+        .blobs
+        .put_output(job, attempt, &expected, body.into_data_stream(), limit)
+        .await?;
+    if let Err(e) = db(&app.shared, move |q| q.record_archive(job, attempt, st)).await {
+        // The lease went away while the body streamed: the file belongs to no attempt.
+        app.blobs.remove_output(job, attempt).await?;
+        return Err(e);
+    }
+    tracing::info!(job, attempt, sha = %st.sha256, size = st.size, "output archive stored");
+    Ok(stored(true, st))
+}
+
+async fn submit(State(app): State<App>, headers: HeaderMap, body: Body) -> Answer<Response> {
+    require_api(&app, &headers)?;
+    let bytes = to_bytes(body, MAX_SUBMIT_BYTES).await.map_err(|e| {
+        fail(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("submit body unreadable or over {MAX_SUBMIT_BYTES} bytes ({e}); submit fewer jobs at once"),
+        )
+    })?;
+    let req: SubmitRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        fail(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not a valid submit request: {e}"),
+        )
+    })?;
+    if req.jobs.is_empty() {
+        return Err(fail(StatusCode::BAD_REQUEST, "the request has no jobs"));
+    }
+    let mut sizes: HashMap<Sha256, Option<u64>> = HashMap::new();
+    for (i, spec) in req.jobs.iter().enumerate() {
+        let bad = |msg: String| {
+            fail(
+                StatusCode::BAD_REQUEST,
+                format!("job {i} ({}): {msg}", spec.name),
+            )
+        };
+        spec.validate().map_err(|e| bad(e.to_string()))?;
+        for input in &spec.inputs {
+            let InputSource::Stored { sha256, size } = &input.source else {
+                continue;
+            };
+            let have = match sizes.get(sha256) {
+                Some(s) => *s,
+                None => {
+                    let s = app.blobs.input_size(sha256).await?;
+                    sizes.insert(*sha256, s);
+                    s
+                }
+            };
+            match have {
+                None => {
+                    return Err(bad(format!(
+                        "input {:?} ({sha256}) is not stored; upload it first with PUT /inputs/{sha256}",
+                        input.name
+                    )))
+                }
+                Some(have) if have != *size => {
+                    return Err(bad(format!(
+                        "input {:?} ({sha256}) is stored with {have} bytes, not {size}",
+                        input.name
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    let default_retries = app.shared.config.jobs.max_retries;
+    let ids = db(&app.shared, move |q| q.submit(&req.jobs, default_retries)).await?;
+    tracing::info!(count = ids.len(), first = ids.first(), "jobs submitted");
+    app.shared.work_available.notify_waiters();
+    Ok((StatusCode::CREATED, Json(SubmitResponse { ids })).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+}
+
+async fn list_jobs(
+    State(app): State<App>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Answer<Response> {
+    require_api(&app, &headers)?;
+    let Query(query) =
+        query.map_err(|e| fail(StatusCode::BAD_REQUEST, format!("bad query: {e}")))?;
+    let state = query
+        .state
+        .map(|s| s.parse::<JobState>())
+        .transpose()
+        .map_err(|e| {
+            fail(
+                StatusCode::BAD_REQUEST,
+                format!("{e}; use one of queued, assigned, running, uploading, done, failed, lost"),
+            )
+        })?;
+    let list = db(&app.shared, move |q| q.list(state)).await?;
+    Ok(Json(list).into_response())
+}
+
+fn job_id(id: Result<Path<String>, PathRejection>) -> Answer<JobId> {
+    path(id)?
+        .parse()
+        .map_err(|_| fail(StatusCode::BAD_REQUEST, "a job id is a number"))
+}
+
+async fn show_job(
+    State(app): State<App>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Answer<Response> {
+    require_api(&app, &headers)?;
+    let id = job_id(id)?;
+    match db(&app.shared, move |q| q.job(id)).await? {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(QueueError::UnknownJob(id).into()),
+    }
+}
+
+async fn job_output(
+    State(app): State<App>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Answer<Response> {
+    require_api(&app, &headers)?;
+    let id = job_id(id)?;
+    let none = || {
+        fail(
+            StatusCode::NOT_FOUND,
+            format!("job {id} has no stored output archive (yet)"),
+        )
+    };
+    let (attempt, st) = db(&app.shared, move |q| q.archive_of(id))
+        .await?
+        .ok_or_else(none)?;
+    let blob = app.blobs.open_output(id, attempt).await?.ok_or_else(none)?;
+    Ok(download(blob, Some(st.sha256), "application/gzip"))
+}
+
+async fn agents(State(app): State<App>, headers: HeaderMap) -> Answer<Response> {
+    require_api(&app, &headers)?;
+    Ok(Json(app.shared.fleet.list()).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use copilot_protocol::api::{AgentList, JobList, JobView};
+    use copilot_protocol::job::JobInput;
+    use copilot_protocol::units::Bytes;
+    use copilot_protocol::JobSpec;
+    use futures::FutureExt;
+    use reqwest::{Client, RequestBuilder};
+
+    use super::*;
+    use crate::config::{HttpConfig, JobsConfig, ManagerConfig, XmppConfig};
+    use crate::fleet::Fleet;
+    use crate::queue::Claim;
+
+    const TOKEN: &str = "api-token-for-tests";
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    struct Server {
+        _dir: tempfile::TempDir,
+        shared: Arc<Shared>,
+        base: String,
+        http: Client,
+    }
+
+    impl Server {
+        async fn start() -> Server {
+            let dir = tempfile::tempdir().unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let config = ManagerConfig {
+                data_dir: dir.path().to_owned(),
+                api_token: TOKEN.into(),
+                xmpp: XmppConfig {
+                    jid: "m@localhost".into(),
+                    password: "pw".into(),
+                    server: "127.0.0.1:5222".into(),
+                },
+                http: HttpConfig {
+                    listen: addr,
+                    public_url: format!("http://{addr}"),
+                },
+                jobs: JobsConfig {
+                    max_output_size: Bytes(1000),
+                    max_input_size: Bytes(1000),
+                    ..JobsConfig::default()
+                },
+            };
+            let queue = Queue::open(&config.db_path()).unwrap();
+            let shared = Arc::new(Shared {
+                config,
+                queue,
+                fleet: Fleet::new(),
+                work_available: tokio::sync::Notify::new(),
+            });
+            tokio::spawn(serve(listener, shared.clone(), std::future::pending()));
+            Server {
+                _dir: dir,
+                shared,
+                base: format!("http://{addr}"),
+                http: Client::new(),
+            }
+        }
+
+        fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+            self.http
+                .request(method, format!("{}{path}", self.base))
+                .bearer_auth(TOKEN)
+        }
+
+        async fn put_input(&self, data: &'static [u8]) -> Sha256 {
+            let sha = Sha256::of(data);
+            let r = self
+                .req(reqwest::Method::PUT, &format!("/inputs/{sha}"))
+                .body(data)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+            sha
+        }
+
+        async fn submit(&self, specs: Vec<JobSpec>) -> reqwest::Response {
+            self.req(reqwest::Method::POST, "/api/jobs")
+                .json(&SubmitRequest { jobs: specs })
+                .send()
+                .await
+                .unwrap()
+        }
+
+        async fn job(&self, id: JobId) -> JobView {
+            self.req(reqwest::Method::GET, &format!("/api/jobs/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        }
+
+        fn blob_files(&self) -> usize {
+            let mut n = 0;
+            for d in std::fs::read_dir(self._dir.path().join("blobs")).unwrap() {
+                n += std::fs::read_dir(d.unwrap().path()).unwrap().count();
+            }
+            n
+        }
+
+        /// Submit a job with one declared output and claim it.
+        async fn claimed(&self) -> Claim {
+            let mut s = spec();
+            s.outputs = vec!["out.txt".into()];
+            assert_eq!(self.submit(vec![s]).await.status(), StatusCode::CREATED);
+            self.shared
+                .queue
+                .claim("agent", HOUR, HOUR)
+                .unwrap()
+                .unwrap()
+        }
+
+        fn upload(
+            &self,
+            c: &Claim,
+            attempt: u32,
+            token: &str,
+            body: &'static [u8],
+        ) -> RequestBuilder {
+            self.http
+                .put(format!("{}/outputs/{}/{attempt}", self.base, c.job))
+                .bearer_auth(token)
+                .header(CONTENT_SHA256_HEADER, Sha256::of(body).to_string())
+                .body(body)
+        }
+    }
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            name: "job".into(),
+            command: vec!["sh".into(), "run.sh".into()],
+            inputs: vec![],
+            outputs: vec![],
+            env: Default::default(),
+            limits: Default::default(),
+            max_retries: None,
+        }
+    }
+
+    async fn error_of(r: reqwest::Response) -> String {
+        r.json::<ApiError>().await.unwrap().error
+    }
+
+    #[tokio::test]
+    async fn inputs_round_trip_with_digest_check() {
+        let s = Server::start().await;
+        let sha = Sha256::of(b"#!/bin/sh\necho hi\n");
+        let put = || {
+            s.req(reqwest::Method::PUT, &format!("/inputs/{sha}"))
+                .body(&b"#!/bin/sh\necho hi\n"[..])
+        };
+        let r = put().send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let st: Stored = r.json().await.unwrap();
+        assert_eq!((st.sha256, st.size), (sha, 18));
+        assert_eq!(put().send().await.unwrap().status(), StatusCode::OK);
+        let r = s
+            .req(reqwest::Method::GET, &format!("/inputs/{sha}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            r.headers()[CONTENT_SHA256_HEADER].to_str().unwrap(),
+            sha.to_string()
+        );
+        assert_eq!(&r.bytes().await.unwrap()[..], b"#!/bin/sh\necho hi\n");
+        let missing = Sha256::of(b"nope");
+        let r = s
+            .req(reqwest::Method::GET, &format!("/inputs/{missing}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = s
+            .req(reqwest::Method::GET, "/inputs/xyz")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert!(error_of(r).await.contains("sha256"));
+    }
+
+    #[tokio::test]
+    async fn wrong_digest_and_oversized_inputs_store_nothing() {
+        let s = Server::start().await;
+        let claimed = Sha256::of(b"one thing");
+        let r = s
+            .req(reqwest::Method::PUT, &format!("/inputs/{claimed}"))
+            .body("another thing")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(error_of(r)
+            .await
+            .contains(&Sha256::of(b"another thing").to_string()));
+        let big = vec![b'x'; 1001];
+        let r = s
+            .req(
+                reqwest::Method::PUT,
+                &format!("/inputs/{}", Sha256::of(&big)),
+            )
+            .body(big)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        // Without a length up front, the limit is enforced while streaming.
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            vec![Ok(vec![b'y'; 600]), Ok(vec![b'y'; 600])];
+        let r = s
+            .req(
+                reqwest::Method::PUT,
+                &format!("/inputs/{}", Sha256::of(&[b'y'; 1200])),
+            )
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(s.blob_files(), 0);
+        assert_eq!(
+            std::fs::read_dir(s._dir.path().join("tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_without_the_api_token_are_refused() {
+        let s = Server::start().await;
+        let sha = Sha256::of(b"x");
+        let cases = [
+            s.http.get(format!("{}/api/jobs", s.base)),
+            s.http
+                .get(format!("{}/api/agents", s.base))
+                .bearer_auth("wrong-token"),
+            s.http
+                .post(format!("{}/api/jobs", s.base))
+                .bearer_auth("wrong-token")
+                .body("{}"),
+            s.http.put(format!("{}/inputs/{sha}", s.base)).body("x"),
+            s.http
+                .get(format!("{}/api/jobs/1", s.base))
+                .header("authorization", TOKEN),
+        ];
+        for req in cases {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+            assert!(error_of(r).await.contains("token"));
+        }
+        let r = s
+            .http
+            .get(format!("{}/inputs/{sha}", s.base))
+            .bearer_auth("guess")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(s.blob_files(), 0);
+    }
+
+    #[tokio::test]
+    async fn submit_checks_specs_and_stored_inputs() {
+        let s = Server::start().await;
+        let sha = Sha256::of(b"data");
+        let mut with_input = spec();
+        with_input.inputs = vec![JobInput {
+            name: "data.txt".into(),
+            source: InputSource::Stored {
+                sha256: sha,
+                size: 4,
+            },
+        }];
+        let r = s.submit(vec![with_input.clone()]).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let msg = error_of(r).await;
+        assert!(
+            msg.contains("not stored") && msg.contains(&format!("PUT /inputs/{sha}")),
+            "{msg}"
+        );
+        let mut bad = spec();
+        bad.command.clear();
+        let r = s.submit(vec![spec(), bad]).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert!(error_of(r).await.starts_with("job 1 "));
+        let r = s
+            .req(reqwest::Method::POST, "/api/jobs")
+            .body("{\"jobs\": 3}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            s.shared.queue.list(None).unwrap().jobs.len(),
+            0,
+            "nothing was queued"
+        );
+
+        s.put_input(b"data").await;
+        let notified = s.shared.work_available.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let r = s.submit(vec![with_input, spec()]).await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let ids = r.json::<SubmitResponse>().await.unwrap().ids;
+        assert_eq!(ids.len(), 2);
+        assert!(
+            notified.now_or_never().is_some(),
+            "submit wakes held work requests"
+        );
+        let v = s.job(ids[0]).await;
+        assert_eq!(
+            (v.state, v.max_retries, v.spec.inputs.len()),
+            (JobState::Queued, 3, 1)
+        );
+        s.shared.queue.claim("a", HOUR, HOUR).unwrap();
+        let r = s
+            .req(reqwest::Method::GET, "/api/jobs?state=queued")
+            .send()
+            .await
+            .unwrap();
+        let list: JobList = r.json().await.unwrap();
+        assert_eq!(
+            list.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+            vec![ids[1]]
+        );
+        assert_eq!(list.counts[&JobState::Assigned], 1);
+        let r = s
+            .req(reqwest::Method::GET, "/api/jobs?state=sleeping")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let r = s
+            .req(reqwest::Method::GET, "/api/jobs/999")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = s
+            .req(reqwest::Method::GET, "/api/jobs/../../etc")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error());
+    }
+
+    #[tokio::test]
+    async fn outputs_need_the_attempts_upload_token() {
+        let s = Server::start().await;
+        let c = s.claimed().await;
+        let other = s.claimed().await;
+        let body: &'static [u8] = b"pretend tar.gz";
+        for (attempt, token) in [
+            (1, "0".repeat(64)),
+            (1, other.upload_token.clone()),
+            (2, c.upload_token.clone()),
+        ] {
+            let r = s.upload(&c, attempt, &token, body).send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "attempt {attempt}");
+        }
+        let r = s
+            .http
+            .put(format!("{}/outputs/{}/1", s.base, c.job))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let r = s
+            .http
+            .put(format!("{}/outputs/{}/1", s.base, c.job))
+            .bearer_auth(&c.upload_token)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "digest header missing");
+        let r = s.upload(&c, 1, &c.upload_token, body).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let st: Stored = r.json().await.unwrap();
+        assert_eq!(
+            st,
+            Stored {
+                sha256: Sha256::of(body),
+                size: body.len() as u64
+            }
+        );
+        assert_eq!(s.shared.queue.archive_of(c.job).unwrap(), Some((1, st)));
+        let v = s.job(c.job).await;
+        assert_eq!((v.state, v.archive), (JobState::Uploading, Some(st)));
+        let r = s
+            .req(reqwest::Method::GET, &format!("/api/jobs/{}/output", c.job))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(&r.bytes().await.unwrap()[..], body);
+        let r = s
+            .req(
+                reqwest::Method::GET,
+                &format!("/api/jobs/{}/output", other.job),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        // Once the lease is gone, so is the token.
+        s.shared.queue.release_agent("agent", "offline").unwrap();
+        let r = s.upload(&c, 1, &c.upload_token, body).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn expired_tokens_are_refused() {
+        let s = Server::start().await;
+        assert_eq!(s.submit(vec![spec()]).await.status(), StatusCode::CREATED);
+        let c = s
+            .shared
+            .queue
+            .claim("agent", HOUR, Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        let r = s.upload(&c, 1, &c.upload_token, b"x").send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(error_of(r).await.contains("expired"));
+        assert_eq!(s.shared.queue.archive_of(c.job).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn bad_output_bodies_record_nothing() {
+        let s = Server::start().await;
+        let c = s.claimed().await;
+        let big: &'static [u8] = &[b'z'; 1001];
+        let r = s.upload(&c, 1, &c.upload_token, big).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let r = s
+            .http
+            .put(format!("{}/outputs/{}/1", s.base, c.job))
+            .bearer_auth(&c.upload_token)
+            .header(CONTENT_SHA256_HEADER, Sha256::of(b"abd").to_string())
+            .body("abc")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(s.shared.queue.archive_of(c.job).unwrap(), None);
+        let outputs = s._dir.path().join("outputs");
+        assert_eq!(std::fs::read_dir(outputs).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn upload_tokens_read_only_their_jobs_inputs() {
+        let s = Server::start().await;
+        let mine = s.put_input(b"mine").await;
+        let theirs = s.put_input(b"theirs").await;
+        let mut sp = spec();
+        sp.inputs = vec![JobInput {
+            name: "m".into(),
+            source: InputSource::Stored {
+                sha256: mine,
+                size: 4,
+            },
+        }];
+        assert_eq!(s.submit(vec![sp]).await.status(), StatusCode::CREATED);
+        let c = s.shared.queue.claim("agent", HOUR, HOUR).unwrap().unwrap();
+        let get = |sha: Sha256| {
+            s.http
+                .get(format!("{}/inputs/{sha}", s.base))
+                .bearer_auth(&c.upload_token)
+                .send()
+        };
+        assert_eq!(get(mine).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(get(theirs).await.unwrap().status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn agents_and_unknown_routes() {
+        let s = Server::start().await;
+        s.shared
+            .fleet
+            .seen("vm-1", "vm-1@localhost/r", Some("0.1.0"))
+            .unwrap();
+        let r = s
+            .req(reqwest::Method::GET, "/api/agents")
+            .send()
+            .await
+            .unwrap();
+        let list: AgentList = r.json().await.unwrap();
+        assert_eq!(list.agents.len(), 1);
+        assert_eq!(list.agents[0].name, "vm-1");
+        let r = s
+            .req(reqwest::Method::GET, "/nothing/here")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert!(error_of(r).await.contains("no such endpoint"));
+    }
+}
