@@ -27,6 +27,19 @@ pub const VERSION: u32 = 1;
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 /// Deepest nesting accepted below the payload element.
 pub const MAX_DEPTH: usize = 3;
+/// The XMPP resource the manager binds. IQs sent to a bare JID are answered by the server on the
+/// account's behalf (RFC 6120 §10.5.3), so agents address the manager's full JID.
+pub const MANAGER_RESOURCE: &str = "manager";
+
+/// The manager's full JID for a configured JID: a bare JID gets [`MANAGER_RESOURCE`].
+pub fn manager_address(jid: &str) -> String {
+    if jid.contains('/') {
+        jid.to_owned()
+    } else {
+        format!("{jid}/{MANAGER_RESOURCE}")
+    }
+}
+
 /// Longest free-text message carried in a payload, in bytes (longer ones are cut).
 pub const MAX_MESSAGE_BYTES: usize = 2048;
 
@@ -1139,6 +1152,12 @@ mod tests {
             panic!("not a problem");
         };
         assert!(back.text.len() <= MAX_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn manager_address_adds_the_resource_once() {
+        assert_eq!(manager_address("m@h"), "m@h/manager");
+        assert_eq!(manager_address("m@h/x"), "m@h/x");
     }
 
     #[test]
