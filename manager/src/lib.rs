@@ -1,1 +1,103 @@
-//! placeholder
+//! The copilot job manager: a durable job queue with leases (SQLite), a storage service and JSON
+//! API over HTTP, and a dispatcher that hands jobs to agents over XMPP.
+
+pub mod blobs;
+pub mod config;
+pub mod dispatch;
+pub mod fleet;
+pub mod http;
+pub mod queue;
+
+use fleet::Fleet;
+
+/// Everything the manager's tasks share.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: config::ManagerConfig,
+    pub queue: queue::Queue,
+    pub fleet: Fleet,
+    /// Woken whenever jobs are queued (submitted or requeued), so held work requests are answered.
+    pub work_available: tokio::sync::Notify,
+}
+
+/// Why the manager stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("job queue: {0}")]
+    Queue(#[from] queue::QueueError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP service failed: {0}")]
+    Http(std::io::Error),
+    #[error("XMPP: {0}")]
+    Xmpp(#[from] copilot_xmpp::XmppError),
+}
+
+/// Run the manager until `shutdown` resolves: open the queue, serve HTTP, log in to XMPP,
+/// dispatch jobs and sweep expired leases.
+pub async fn run(
+    config: config::ManagerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ManagerError> {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tracing::info;
+
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ManagerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let queue = queue::Queue::open(&config.db_path())?;
+    let addr = config.http.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ManagerError::Listen { addr, source })?;
+    let mut conn = copilot_xmpp::Connection::start(copilot_xmpp::XmppConfig {
+        jid: copilot_protocol::wire::manager_address(&config.xmpp.jid),
+        password: config.xmpp.password.clone(),
+        server: config.xmpp.server.clone(),
+    })?;
+    let shared = Arc::new(Shared {
+        config,
+        queue,
+        fleet: Fleet::new(),
+        work_available: tokio::sync::Notify::new(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let http = tokio::spawn(http::serve(listener, shared.clone(), stopped()));
+    info!(%addr, "storage and API listening");
+    conn.wait_online(Duration::from_secs(30)).await?;
+    // The first Online event was consumed above; announce ourselves.
+    let xmpp = conn.sender();
+    xmpp.presence(None, true)?;
+    let dispatcher = dispatch::Dispatcher::new(shared.clone(), xmpp);
+    let sweeper = tokio::spawn(dispatch::sweep_leases(
+        shared.clone(),
+        Duration::from_secs(1),
+        stopped(),
+    ));
+    let dispatching = tokio::spawn(dispatcher.run(conn, stopped()));
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = sweeper.await;
+    let _ = dispatching.await;
+    match http.await {
+        Ok(r) => r.map_err(ManagerError::Http),
+        Err(_) => Ok(()),
+    }
+}
