@@ -4,6 +4,7 @@
 //! The binary (`main.rs`) and the XMPP session drive it.
 
 pub mod config;
+pub mod executor;
 pub mod pack;
 pub mod runner;
 pub mod stage;
