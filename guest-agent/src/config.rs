@@ -14,9 +14,9 @@ use copilot_protocol::Limits;
 use serde::Deserialize;
 
 /// Default wall-clock limit of a job that does not set one.
-const DEFAULT_WALL_TIME: Seconds = Seconds(3600);
+pub const DEFAULT_WALL_TIME: Seconds = Seconds(3600);
 /// Default bytes kept of each of stdout and stderr.
-const DEFAULT_OUTPUT: Bytes = Bytes(16 << 20);
+pub const DEFAULT_OUTPUT: Bytes = Bytes(16 << 20);
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]

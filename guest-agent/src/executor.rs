@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use copilot_protocol::units::{Bytes, Seconds};
+use copilot_protocol::units::Seconds;
 use copilot_protocol::wire::{Assignment, DoneReport, Outcome, Phase, Timings};
 use copilot_protocol::Limits;
 use reqwest::Url;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, DEFAULT_OUTPUT, DEFAULT_WALL_TIME};
 use crate::pack::{pack, Packed};
 use crate::runner::{PayloadRunner, ProcessRunner, RunRequest};
 use crate::stage::stage_inputs;
@@ -67,15 +67,17 @@ impl Executor<ProcessRunner> {
 }
 
 impl<R: PayloadRunner> Executor<R> {
-    /// An executor running payloads with `runner`. Creates the work dir.
+    /// An executor running payloads with `runner`. Creates the work dir and removes job dirs
+    /// left there by an earlier run of the agent.
     pub fn with_runner(cfg: &AgentConfig, runner: R) -> Result<Executor<R>, ExecError> {
         std::fs::create_dir_all(&cfg.work_dir).map_err(|source| ExecError::WorkDir {
             path: cfg.work_dir.clone(),
             source,
         })?;
         let mut defaults = cfg.limits.clone();
-        defaults.wall_time.get_or_insert(Seconds(3600));
-        defaults.output.get_or_insert(Bytes(16 << 20));
+        defaults.wall_time.get_or_insert(DEFAULT_WALL_TIME);
+        defaults.output.get_or_insert(DEFAULT_OUTPUT);
+        remove_leftovers(&cfg.work_dir);
         Ok(Executor {
             work_dir: cfg.work_dir.clone(),
             defaults,
@@ -263,6 +265,37 @@ impl<R: PayloadRunner> Executor<R> {
     }
 }
 
+/// Whether `name` is one of the dirs [`Executor::execute`] creates: `job-<id>-<attempt>` or
+/// `job-<id>-<attempt>.agent`.
+fn is_job_dir_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("job-") else {
+        return false;
+    };
+    let rest = rest.strip_suffix(".agent").unwrap_or(rest);
+    rest.split_once('-').is_some_and(|(id, attempt)| {
+        [id, attempt]
+            .iter()
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// Removes job dirs that an earlier agent process left behind (it was stopped mid-job).
+fn remove_leftovers(work_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(work_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_name().to_str().is_some_and(is_job_dir_name) {
+            tracing::info!("removing leftover job dir {}", path.display());
+            make_writable(&path);
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!("cannot remove leftover {}: {e}", path.display());
+            }
+        }
+    }
+}
+
 /// The job's limits, each missing one taken from `defaults`.
 fn effective_limits(job: &Limits, defaults: &Limits) -> Limits {
     Limits {
@@ -316,6 +349,7 @@ fn make_writable(dir: &Path) {
 mod tests {
     use std::sync::Mutex;
 
+    use copilot_protocol::units::Bytes;
     use copilot_protocol::wire::WireInput;
     use copilot_protocol::Sha256;
 
@@ -371,6 +405,24 @@ mod tests {
 
     fn work_dir_is_empty(s: &Setup) -> bool {
         std::fs::read_dir(&s.work_dir).unwrap().next().is_none()
+    }
+
+    #[tokio::test]
+    async fn leftover_job_dirs_are_removed_at_start() {
+        let s = setup().await;
+        for name in ["job-3-1", "job-3-1.agent", "keep", "job-x-1", "job-3-1.old"] {
+            std::fs::create_dir(s.work_dir.join(name)).unwrap();
+        }
+        let mut cfg =
+            AgentConfig::from_toml("[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n").unwrap();
+        cfg.work_dir = s.work_dir.clone();
+        Executor::new(&cfg).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&s.work_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["job-3-1.old", "job-x-1", "keep"]);
     }
 
     #[tokio::test]
