@@ -7,6 +7,7 @@ pub mod config;
 pub mod executor;
 pub mod pack;
 pub mod runner;
+pub mod session;
 pub mod stage;
 pub mod transfer;
 pub mod upload;

@@ -1,0 +1,296 @@
+//! The agent's XMPP session: log in, announce itself to the manager with directed presence (so
+//! the manager learns when it goes offline), then run `slots` workers that each ask for a job,
+//! execute it, report it and ask again. Requests and reports are retried with exponential
+//! backoff and jitter; a report is the same bytes every time, so the manager deduplicates it.
+//! Nothing a job does can end the session: a panicking worker is restarted.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use copilot_protocol::wire::{
+    Assignment, DoneReport, ErrorCode, Next, Payload, Phase, Progress, WorkRequest,
+};
+use copilot_xmpp::{Connection, Incoming, IqKind, Sender, XmppConfig, XmppError};
+use rand::Rng;
+use tracing::{debug, error, info, warn};
+
+use crate::config::AgentConfig;
+use crate::executor::Executor;
+
+/// How long the manager may hold a work request while its queue is empty.
+const HOLD_SECS: u32 = 20;
+/// Extra time on top of the hold before a request counts as unanswered.
+const ANSWER_SLACK: Duration = Duration::from_secs(15);
+/// Backoff bounds for retries after errors.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Why the session could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("XMPP: {0}")]
+    Xmpp(#[from] XmppError),
+    #[error("cannot prepare job execution: {0}")]
+    Executor(#[from] crate::executor::ExecError),
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { next: BACKOFF_MIN }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+
+    async fn wait(&mut self) {
+        let max = self.next.as_millis() as u64;
+        let ms = rand::thread_rng().gen_range(max / 2..=max);
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
+/// One agent's link to its manager.
+#[derive(Debug)]
+struct Link {
+    xmpp: Sender,
+    manager: String,
+    agent: String,
+}
+
+impl Link {
+    async fn ask(
+        &self,
+        kind: IqKind,
+        payload: Payload,
+        wait: Duration,
+    ) -> Result<Payload, XmppError> {
+        let answer = self
+            .xmpp
+            .request(&self.manager, kind, payload.to_element(), wait)
+            .await?;
+        let el = answer.ok_or_else(|| XmppError::Remote {
+            condition: "empty-answer".into(),
+            problem: None,
+        })?;
+        Payload::from_element(&el).map_err(|e| XmppError::Remote {
+            condition: format!("malformed answer: {e}"),
+            problem: None,
+        })
+    }
+
+    /// Ask for work until the manager has some (it holds the request while its queue is empty).
+    async fn request_work(&self) -> Assignment {
+        let mut backoff = Backoff::new();
+        loop {
+            let req = Payload::Request(WorkRequest {
+                agent: self.agent.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                wait_secs: HOLD_SECS,
+            });
+            let wait = Duration::from_secs(HOLD_SECS.into()) + ANSWER_SLACK;
+            match self.ask(IqKind::Get, req, wait).await {
+                Ok(Payload::Assign(a)) => return *a,
+                Ok(Payload::NoWork(n)) => {
+                    backoff.reset();
+                    debug!(retry_after = n.retry_after_secs, "no work");
+                    let jitter = rand::thread_rng().gen_range(0..=250);
+                    tokio::time::sleep(
+                        Duration::from_secs(n.retry_after_secs.into())
+                            + Duration::from_millis(jitter),
+                    )
+                    .await;
+                }
+                Ok(other) => {
+                    warn!("unexpected answer to a work request: {other:?}");
+                    backoff.wait().await;
+                }
+                Err(e) => {
+                    warn!("work request failed: {e}");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    /// Report a finished attempt until the manager acknowledges or refuses it for good.
+    async fn report(&self, report: &DoneReport) -> Option<Next> {
+        let mut backoff = Backoff::new();
+        loop {
+            let wait = ANSWER_SLACK;
+            match self
+                .ask(IqKind::Set, Payload::Done(Box::new(report.clone())), wait)
+                .await
+            {
+                Ok(Payload::Ack(ack)) if ack.job == report.job && ack.attempt == report.attempt => {
+                    if ack.duplicate {
+                        info!(job = report.job, "report had been recorded before");
+                    }
+                    return ack.next;
+                }
+                Ok(other) => warn!("unexpected answer to a report: {other:?}"),
+                Err(XmppError::Remote {
+                    problem: Some(p), ..
+                }) if !p.code.is_transient() => {
+                    if p.code == ErrorCode::StaleLease {
+                        warn!(
+                            job = report.job,
+                            attempt = report.attempt,
+                            "report refused: the job was given to another agent"
+                        );
+                    } else {
+                        error!(
+                            job = report.job,
+                            "report refused: {} {}",
+                            p.code.as_str(),
+                            p.text
+                        );
+                    }
+                    return None;
+                }
+                Err(e) => warn!(job = report.job, "report failed, will retry: {e}"),
+            }
+            backoff.wait().await;
+        }
+    }
+
+    fn progress(&self, job: &Assignment, phase: Phase) {
+        let p = Payload::Progress(Progress {
+            job: job.job,
+            attempt: job.attempt,
+            phase,
+        });
+        if let Err(e) = self.xmpp.message(&self.manager, p.to_element()) {
+            debug!("cannot send progress: {e}");
+        }
+    }
+}
+
+fn phase_code(p: Phase) -> u8 {
+    match p {
+        Phase::Staging => 0,
+        Phase::Running => 1,
+        Phase::Uploading => 2,
+    }
+}
+
+fn phase_of(code: u8) -> Phase {
+    match code {
+        0 => Phase::Staging,
+        1 => Phase::Running,
+        _ => Phase::Uploading,
+    }
+}
+
+/// Run one assignment, renewing its lease while it runs, and return the report.
+async fn run_job(link: &Link, executor: &Executor, job: &Assignment) -> DoneReport {
+    info!(job = job.job, attempt = job.attempt, name = %job.name, "starting");
+    let phase = AtomicU8::new(phase_code(Phase::Staging));
+    let on_phase = |p: Phase| {
+        phase.store(phase_code(p), Ordering::Relaxed);
+        // The start of the run is the one phase change the manager hears of right away; the
+        // upload is seen by the storage service itself.
+        if p == Phase::Running {
+            link.progress(job, p);
+        }
+    };
+    let renew_every = Duration::from_secs(u64::from(job.lease_secs.max(3)) / 3);
+    let heartbeat = async {
+        loop {
+            tokio::time::sleep(renew_every).await;
+            link.progress(job, phase_of(phase.load(Ordering::Relaxed)));
+        }
+    };
+    tokio::select! {
+        report = executor.execute(job, on_phase) => report,
+        () = heartbeat => unreachable!("the heartbeat loop never ends"),
+    }
+}
+
+async fn worker(link: Arc<Link>, executor: Arc<Executor>) {
+    let mut next: Option<Assignment> = None;
+    loop {
+        let job = match next.take() {
+            Some(j) => j,
+            None => link.request_work().await,
+        };
+        let mut report = run_job(&link, &executor, &job).await;
+        info!(job = job.job, outcome = %report.outcome.describe(), "finished");
+        report.want_more = true;
+        if let Some(Next::Assign(a)) = link.report(&report).await {
+            next = Some(*a);
+        }
+    }
+}
+
+/// Log in, then serve jobs until `shutdown` resolves. Fails if the first login does not succeed
+/// within `login_timeout`; later disconnects are survived.
+pub async fn run(
+    config: AgentConfig,
+    login_timeout: Duration,
+    shutdown: impl std::future::Future,
+) -> Result<(), SessionError> {
+    let executor = Arc::new(Executor::new(&config)?);
+    let mut conn = Connection::start(XmppConfig {
+        jid: config.xmpp.jid.clone(),
+        password: config.xmpp.password.clone(),
+        server: config.xmpp.server.clone(),
+    })?;
+    let jid = conn.wait_online(login_timeout).await?;
+    info!(%jid, agent = %config.name, manager = %config.xmpp.manager, "online");
+    let link = Arc::new(Link {
+        xmpp: conn.sender(),
+        manager: copilot_protocol::wire::manager_address(&config.xmpp.manager),
+        agent: config.name.clone(),
+    });
+    link.xmpp.presence(Some(&link.manager), true)?;
+
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..config.slots.max(1) {
+        workers.spawn(worker(link.clone(), executor.clone()));
+    }
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            ev = conn.next() => match ev {
+                None => break,
+                Some(Incoming::Online { jid }) => {
+                    info!(%jid, "online again");
+                    if let Err(e) = link.xmpp.presence(Some(&link.manager), true) {
+                        warn!("cannot send presence: {e}");
+                    }
+                }
+                Some(Incoming::Request { from, id, payload, .. }) => {
+                    // Agents serve no requests but pings (XEP-0199).
+                    if payload.is("ping", "urn:xmpp:ping") {
+                        let _ = link.xmpp.reply(&from, id, None);
+                    } else {
+                        let _ = link.xmpp.reply_error(&from, id, copilot_protocol::wire::Problem {
+                            code: ErrorCode::NotAuthorized,
+                            text: "agents take no requests".into(),
+                        });
+                    }
+                }
+                Some(_) => {}
+            },
+            Some(done) = workers.join_next() => {
+                // A worker only ends by panicking (a bug); keep the slot alive.
+                error!("a job slot stopped ({done:?}); restarting it");
+                workers.spawn(worker(link.clone(), executor.clone()));
+            }
+        }
+    }
+    info!("shutting down");
+    workers.shutdown().await;
+    conn.shutdown();
+    Ok(())
+}
