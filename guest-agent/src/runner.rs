@@ -192,6 +192,15 @@ fn command(req: &RunRequest) -> Command {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
+    // is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            // If the agent dies (even by SIGKILL) the payload's leader dies with it. Its own
+            // children are reaped by the full sandbox (PID namespace / subreaper), not here.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
     cmd
 }
 
