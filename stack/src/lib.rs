@@ -1,1 +1,17 @@
-//! placeholder
+//! A local copilot stack built from real processes: a private Prosody, the manager and agents,
+//! each a supervised child in its own process group. Used by `copilot up` and by the end-to-end
+//! tests. Everything is blocking (std::process, std::net); call it from `spawn_blocking` inside
+//! an async runtime if blocking matters there.
+
+mod error;
+mod http;
+mod local;
+mod port;
+mod prosody;
+mod supervised;
+
+pub use error::StackError;
+pub use local::{default_bin_dir, LocalStack, StackOptions, AGENT_BIN, CLI_BIN};
+pub use port::free_port;
+pub use prosody::{Prosody, XMPP_DOMAIN};
+pub use supervised::Supervised;

@@ -1,0 +1,61 @@
+//! `StackError`: everything that can go wrong while starting or driving a local stack.
+
+use std::path::PathBuf;
+
+/// Why a stack part could not be started or controlled. Messages say what to do where possible.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error(
+        "prosody is not installed (no `{0}` on PATH); install it with: apt-get install prosody"
+    )]
+    ProsodyMissing(&'static str),
+    #[error("{path} does not exist; build the binaries first: cargo build --workspace --bins")]
+    BinaryMissing { path: PathBuf },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no free TCP port on 127.0.0.1 between {low} and {high}")]
+    NoFreePort { low: u16, high: u16 },
+    #[error("{what} did not become ready within {secs} s; see {log}:\n{tail}")]
+    NotReady {
+        what: String,
+        secs: u64,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("{what} exited ({status}) while starting; see {log}:\n{tail}")]
+    Exited {
+        what: String,
+        status: std::process::ExitStatus,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("registering XMPP account {user}@{domain} failed: {output}")]
+    Register {
+        user: String,
+        domain: String,
+        output: String,
+    },
+    #[error("extra {what} TOML is invalid: {reason}")]
+    ExtraToml { what: &'static str, reason: String },
+    #[error("signal to {what} (pid {pid}) failed: {source}")]
+    Signal {
+        what: String,
+        pid: u32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("there is no agent number {0} in this stack")]
+    NoSuchAgent(usize),
+    #[error("unexpected HTTP answer from {url}: {reason}")]
+    Http { url: String, reason: String },
+}
+
+/// Wrap an io error with what was being done.
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StackError {
+    let what = what.into();
+    move |source| StackError::Io { what, source }
+}

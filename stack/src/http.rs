@@ -1,0 +1,78 @@
+//! A tiny blocking HTTP/1.0 GET over std::net, enough to ask the local manager whether it is up
+//! and which agents it sees (HTTP/1.0 means no chunked bodies: the body ends at EOF).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::StackError;
+
+/// Largest answer read.
+const MAX_BODY: u64 = 16 << 20;
+
+/// GET `path` from `addr` with a bearer token; returns (status, body).
+pub(crate) fn get(addr: SocketAddr, path: &str, token: &str) -> Result<(u16, Vec<u8>), StackError> {
+    let url = format!("http://{addr}{path}");
+    let fail = |reason: String| StackError::Http {
+        url: url.clone(),
+        reason,
+    };
+    let timeout = Duration::from_secs(5);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(e.to_string()))?;
+    s.set_read_timeout(Some(timeout))
+        .and_then(|()| s.set_write_timeout(Some(timeout)))
+        .map_err(|e| fail(e.to_string()))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nAccept: application/json\r\n\r\n"
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    let mut raw = Vec::new();
+    s.take(MAX_BODY)
+        .read_to_end(&mut raw)
+        .map_err(|e| fail(e.to_string()))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| fail("no end of headers".into()))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| fail(format!("bad status line in {head:?}")))?;
+    Ok((status, raw[split + 4..].to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn reads_status_and_body_and_sends_the_token() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "request ended early");
+                req.extend_from_slice(&buf[..n]);
+            }
+            let req = String::from_utf8(req).unwrap();
+            c.write_all(b"HTTP/1.0 401 Unauthorized\r\nContent-Type: application/json\r\n\r\n{\"error\":\"x\"}")
+                .unwrap();
+            req
+        });
+        let (status, body) = get(addr, "/api/jobs", "s3cret").unwrap();
+        let req = server.join().unwrap();
+        assert_eq!(status, 401);
+        assert_eq!(body, b"{\"error\":\"x\"}");
+        assert!(req.starts_with("GET /api/jobs HTTP/1.0\r\n"), "{req}");
+        assert!(req.contains("Authorization: Bearer s3cret\r\n"), "{req}");
+    }
+}

@@ -1,0 +1,534 @@
+//! `LocalStack`: Prosody + the manager + N agents from real binaries, with generated configs in
+//! one state dir. `copilot up` runs one in the foreground; end-to-end tests drive one.
+//!
+//! State dir layout: `prosody.cfg.lua`, `prosody.log`, `data/` (Prosody), `manager.toml`,
+//! `manager/` (queue.db, blobs), `agent-N.toml`, `agent-N/` (work dir), `client.toml`
+//! (url + token for the CLI), `logs/` (stdout/stderr of each process).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use copilot_protocol::api::AgentList;
+use copilot_protocol::units::Seconds;
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use toml::{Table, Value};
+
+use crate::error::io;
+use crate::prosody::XMPP_DOMAIN;
+use crate::{free_port, http, Prosody, StackError, Supervised};
+
+/// The CLI binary (it runs the manager with `copilot manager --config F`).
+pub const CLI_BIN: &str = "copilot";
+/// The agent binary.
+pub const AGENT_BIN: &str = "copilot-agent";
+/// How long the manager gets to answer its API.
+const MANAGER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long processes get after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The manager's XMPP account name.
+const MANAGER_USER: &str = "manager";
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    /// State dir (created if missing; reused if present: accounts, jobs and blobs persist).
+    pub dir: PathBuf,
+    /// Agents started with the stack.
+    pub agents: usize,
+    /// Where `copilot` and `copilot-agent` live (see [`default_bin_dir`]).
+    pub bin_dir: PathBuf,
+    /// The manager's lease (`jobs.lease`).
+    pub lease: Seconds,
+    /// TOML merged over the generated manager.toml (tables merge, values replace).
+    pub extra_manager_toml: Option<String>,
+    /// TOML merged over each generated agent-N.toml.
+    pub extra_agent_toml: Option<String>,
+}
+
+impl StackOptions {
+    /// One agent, a 60 s lease, no extra config.
+    pub fn new(dir: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> StackOptions {
+        StackOptions {
+            dir: dir.into(),
+            agents: 1,
+            bin_dir: bin_dir.into(),
+            lease: Seconds(60),
+            extra_manager_toml: None,
+            extra_agent_toml: None,
+        }
+    }
+}
+
+/// The directory of the running executable: where `copilot up` finds its sibling binaries.
+pub fn default_bin_dir() -> Result<PathBuf, StackError> {
+    let exe = std::env::current_exe().map_err(io("finding the current executable"))?;
+    Ok(exe
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".")))
+}
+
+/// One agent slot: its number, config and process (None once killed or stopped).
+#[derive(Debug)]
+struct Agent {
+    config: PathBuf,
+    process: Option<Supervised>,
+}
+
+/// A running local stack. Dropping it stops everything (agents, manager, then Prosody).
+#[derive(Debug)]
+pub struct LocalStack {
+    opts: StackOptions,
+    dir: PathBuf,
+    http: SocketAddr,
+    token: String,
+    manager_config: PathBuf,
+    // Field order is drop order: agents first, the server last.
+    agents: Vec<Agent>,
+    manager: Option<Supervised>,
+    prosody: Prosody,
+}
+
+impl LocalStack {
+    /// Start Prosody, register the accounts, write the configs, start the manager (waiting until
+    /// its API answers) and `opts.agents` agents.
+    pub fn start(opts: StackOptions) -> Result<LocalStack, StackError> {
+        for bin in [CLI_BIN, AGENT_BIN] {
+            let path = opts.bin_dir.join(bin);
+            if !path.is_file() {
+                return Err(StackError::BinaryMissing { path });
+            }
+        }
+        std::fs::create_dir_all(opts.dir.join("logs"))
+            .map_err(io(format!("creating {}", opts.dir.display())))?;
+        let dir = std::fs::canonicalize(&opts.dir)
+            .map_err(io(format!("resolving {}", opts.dir.display())))?;
+        let prosody = Prosody::start(&dir)?;
+        let password = random_secret();
+        prosody.register(MANAGER_USER, &password)?;
+        let token = random_secret();
+        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let manager_config = dir.join("manager.toml");
+        let text = merge_extra(
+            manager_toml(&dir, &prosody.server(), &password, &token, http, opts.lease),
+            opts.extra_manager_toml.as_deref(),
+            "manager",
+        )?;
+        write(&manager_config, &text)?;
+        let client = Table::from_iter([
+            ("url".to_owned(), Value::from(format!("http://{http}"))),
+            ("token".to_owned(), Value::from(token.clone())),
+        ]);
+        write(&dir.join("client.toml"), &client.to_string())?;
+        let mut stack = LocalStack {
+            opts,
+            dir,
+            http,
+            token,
+            manager_config,
+            agents: Vec::new(),
+            manager: None,
+            prosody,
+        };
+        stack.start_manager()?;
+        for _ in 0..stack.opts.agents {
+            stack.add_agent()?;
+        }
+        Ok(stack)
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn manager_url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// The API token of the manager.
+    pub fn api_token(&self) -> &str {
+        &self.token
+    }
+
+    /// The state dir (absolute).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The XMPP server, e.g. to restart or kill it.
+    pub fn prosody(&mut self) -> &mut Prosody {
+        &mut self.prosody
+    }
+
+    /// Agent numbers so far (1-based; killed agents keep their number).
+    pub fn agent_count(&self) -> usize {
+        self.agents.len()
+    }
+
+    /// The name (and XMPP user) of agent number `n`: `agent-<n>`.
+    pub fn agent_name(n: usize) -> String {
+        format!("agent-{n}")
+    }
+
+    /// Process id of agent `n` if it runs.
+    pub fn agent_pid(&self, n: usize) -> Option<u32> {
+        self.agents
+            .get(n.wrapping_sub(1))
+            .and_then(|a| a.process.as_ref().map(Supervised::pid))
+    }
+
+    /// Process id of the manager if it runs.
+    pub fn manager_pid(&self) -> Option<u32> {
+        self.manager.as_ref().map(Supervised::pid)
+    }
+
+    /// Register, configure and start one more agent; returns its number (1-based).
+    pub fn add_agent(&mut self) -> Result<usize, StackError> {
+        let n = self.agents.len() + 1;
+        let name = Self::agent_name(n);
+        let password = random_secret();
+        self.prosody.register(&name, &password)?;
+        let work_dir = self.dir.join(&name);
+        std::fs::create_dir_all(&work_dir)
+            .map_err(io(format!("creating {}", work_dir.display())))?;
+        let config = self.dir.join(format!("{name}.toml"));
+        let text = merge_extra(
+            agent_toml(&name, &work_dir, &self.prosody.server(), &password),
+            self.opts.extra_agent_toml.as_deref(),
+            "agent",
+        )?;
+        write(&config, &text)?;
+        self.agents.push(Agent {
+            config,
+            process: None,
+        });
+        self.start_agent(n)?;
+        Ok(n)
+    }
+
+    /// Start agent `n` again (after `kill_agent`/`stop_agent`), same config and account.
+    pub fn start_agent(&mut self, n: usize) -> Result<(), StackError> {
+        let name = Self::agent_name(n);
+        let log = self.dir.join("logs").join(format!("{name}.log"));
+        let bin = self.opts.bin_dir.join(AGENT_BIN);
+        let agent = self
+            .agents
+            .get_mut(n.wrapping_sub(1))
+            .ok_or(StackError::NoSuchAgent(n))?;
+        if agent.process.is_none() {
+            let mut cmd = Command::new(bin);
+            cmd.arg("--config").arg(&agent.config);
+            with_log_level(&mut cmd);
+            agent.process = Some(Supervised::spawn(&name, cmd, &log)?);
+        }
+        Ok(())
+    }
+
+    /// SIGKILL agent `n` (and its payloads): a volunteer's machine vanishing.
+    pub fn kill_agent(&mut self, n: usize) -> Result<(), StackError> {
+        self.agent_mut(n)?
+            .process
+            .take()
+            .map(|mut p| p.kill9())
+            .transpose()?;
+        Ok(())
+    }
+
+    /// SIGTERM agent `n` (SIGKILL after a grace period).
+    pub fn stop_agent(&mut self, n: usize) -> Result<(), StackError> {
+        self.agent_mut(n)?
+            .process
+            .take()
+            .map(|mut p| p.stop(STOP_GRACE))
+            .transpose()?;
+        Ok(())
+    }
+
+    /// Stop the manager (SIGTERM, then SIGKILL after a grace) and start it again with the same
+    /// config; returns when its API answers.
+    pub fn restart_manager(&mut self) -> Result<(), StackError> {
+        self.stop_manager()?;
+        self.start_manager()
+    }
+
+    /// SIGKILL the manager, as a crash would; `start_manager` brings it back.
+    pub fn kill_manager(&mut self) -> Result<(), StackError> {
+        self.manager.take().map(|mut p| p.kill9()).transpose()?;
+        Ok(())
+    }
+
+    /// Stop the manager gracefully.
+    pub fn stop_manager(&mut self) -> Result<(), StackError> {
+        self.manager
+            .take()
+            .map(|mut p| p.stop(STOP_GRACE))
+            .transpose()?;
+        Ok(())
+    }
+
+    /// Start the manager if it is not running; returns when its API answers.
+    pub fn start_manager(&mut self) -> Result<(), StackError> {
+        if self.manager.is_some() {
+            return Ok(());
+        }
+        let mut cmd = Command::new(self.opts.bin_dir.join(CLI_BIN));
+        cmd.arg("manager").arg("--config").arg(&self.manager_config);
+        with_log_level(&mut cmd);
+        let log = self.dir.join("logs").join("manager.log");
+        let mut p = Supervised::spawn("manager", cmd, &log)?;
+        let deadline = Instant::now() + MANAGER_TIMEOUT;
+        loop {
+            p.check_alive()?;
+            if let Ok((200, _)) = http::get(self.http, "/api/jobs", &self.token) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(StackError::NotReady {
+                    what: format!("manager API on {}", self.http),
+                    secs: MANAGER_TIMEOUT.as_secs(),
+                    log,
+                    tail: p.log_tail(),
+                });
+            }
+            sleep(Duration::from_millis(50));
+        }
+        tracing::info!(url = %self.manager_url(), pid = p.pid(), "manager is up");
+        self.manager = Some(p);
+        Ok(())
+    }
+
+    /// The manager's view of the agents (GET /api/agents).
+    pub fn agents(&self) -> Result<AgentList, StackError> {
+        let path = "/api/agents";
+        let (status, body) = http::get(self.http, path, &self.token)?;
+        let bad = |reason: String| StackError::Http {
+            url: format!("{}{path}", self.manager_url()),
+            reason,
+        };
+        if status != 200 {
+            return Err(bad(format!(
+                "status {status}: {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))
+    }
+
+    /// Wait until the manager sees at least `count` agents online.
+    pub fn wait_agents_online(&self, count: usize, timeout: Duration) -> Result<(), StackError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let online = self
+                .agents()
+                .map(|l| l.agents.iter().filter(|a| a.online).count())
+                .unwrap_or(0);
+            if online >= count {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = self.dir.join("logs");
+                return Err(StackError::NotReady {
+                    what: format!("{count} agents online ({online} are)"),
+                    secs: timeout.as_secs(),
+                    tail: String::new(),
+                    log,
+                });
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stop the agents, the manager and Prosody, in that order, each gracefully.
+    pub fn stop(mut self) -> Result<(), StackError> {
+        for n in 1..=self.agents.len() {
+            self.stop_agent(n)?;
+        }
+        self.stop_manager()?;
+        self.prosody.stop()
+    }
+
+    fn agent_mut(&mut self, n: usize) -> Result<&mut Agent, StackError> {
+        self.agents
+            .get_mut(n.wrapping_sub(1))
+            .ok_or(StackError::NoSuchAgent(n))
+    }
+}
+
+/// Children log at info unless the caller set RUST_LOG.
+fn with_log_level(cmd: &mut Command) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+}
+
+/// 24 random letters and digits (~143 bits): passwords and the API token.
+fn random_secret() -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect()
+}
+
+fn write(path: &Path, text: &str) -> Result<(), StackError> {
+    std::fs::write(path, text).map_err(io(format!("writing {}", path.display())))
+}
+
+fn path_value(p: &Path) -> Value {
+    Value::from(p.to_string_lossy().into_owned())
+}
+
+fn table<const N: usize>(entries: [(&str, Value); N]) -> Value {
+    Value::Table(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    )
+}
+
+/// manager.toml per the contract.
+fn manager_toml(
+    dir: &Path,
+    server: &str,
+    password: &str,
+    token: &str,
+    http: SocketAddr,
+    lease: Seconds,
+) -> Table {
+    let Value::Table(t) = table([
+        ("data_dir", path_value(&dir.join("manager"))),
+        ("api_token", Value::from(token)),
+        (
+            "xmpp",
+            table([
+                ("jid", Value::from(format!("{MANAGER_USER}@{XMPP_DOMAIN}"))),
+                ("password", Value::from(password)),
+                ("server", Value::from(server)),
+            ]),
+        ),
+        (
+            "http",
+            table([
+                ("listen", Value::from(http.to_string())),
+                ("public_url", Value::from(format!("http://{http}"))),
+            ]),
+        ),
+        (
+            "jobs",
+            table([("lease", Value::from(format!("{}s", lease.0)))]),
+        ),
+    ]) else {
+        unreachable!("table() builds a table")
+    };
+    t
+}
+
+/// agent-N.toml per the contract.
+fn agent_toml(name: &str, work_dir: &Path, server: &str, password: &str) -> Table {
+    let Value::Table(t) = table([
+        ("name", Value::from(name)),
+        ("work_dir", path_value(work_dir)),
+        (
+            "xmpp",
+            table([
+                ("jid", Value::from(format!("{name}@{XMPP_DOMAIN}"))),
+                ("password", Value::from(password)),
+                ("server", Value::from(server)),
+                (
+                    "manager",
+                    Value::from(format!("{MANAGER_USER}@{XMPP_DOMAIN}")),
+                ),
+            ]),
+        ),
+    ]) else {
+        unreachable!("table() builds a table")
+    };
+    t
+}
+
+/// Merge `extra` (TOML text) over `base`: tables merge recursively, other values replace.
+fn merge_extra(
+    mut base: Table,
+    extra: Option<&str>,
+    what: &'static str,
+) -> Result<String, StackError> {
+    if let Some(extra) = extra {
+        let extra: Table = extra
+            .parse()
+            .map_err(|e: toml::de::Error| StackError::ExtraToml {
+                what,
+                reason: e.to_string(),
+            })?;
+        merge(&mut base, extra);
+    }
+    Ok(base.to_string())
+}
+
+fn merge(base: &mut Table, extra: Table) {
+    for (k, v) in extra {
+        match (base.get_mut(&k), v) {
+            (Some(Value::Table(b)), Value::Table(e)) => merge(b, e),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_toml_merges_into_sections() {
+        let base = manager_toml(
+            Path::new("/s"),
+            "127.0.0.1:20001",
+            "pw",
+            "tok",
+            "127.0.0.1:20002".parse().unwrap(),
+            Seconds(7),
+        );
+        let text = merge_extra(
+            base,
+            Some("[jobs]\nretry_after = \"1s\"\n[http]\nlisten = \"127.0.0.1:20003\""),
+            "manager",
+        )
+        .unwrap();
+        let t: Table = text.parse().unwrap();
+        assert_eq!(t["jobs"]["lease"].as_str(), Some("7s"));
+        assert_eq!(t["jobs"]["retry_after"].as_str(), Some("1s"));
+        assert_eq!(t["http"]["listen"].as_str(), Some("127.0.0.1:20003"));
+        assert_eq!(
+            t["http"]["public_url"].as_str(),
+            Some("http://127.0.0.1:20002")
+        );
+        assert_eq!(t["xmpp"]["server"].as_str(), Some("127.0.0.1:20001"));
+        assert_eq!(t["data_dir"].as_str(), Some("/s/manager"));
+    }
+
+    #[test]
+    fn bad_extra_toml_is_a_clear_error() {
+        let err = merge_extra(Table::new(), Some("[jobs"), "agent").unwrap_err();
+        assert!(matches!(err, StackError::ExtraToml { what: "agent", .. }));
+    }
+
+    #[test]
+    fn agent_config_names_the_manager() {
+        let t = agent_toml("agent-3", Path::new("/w"), "127.0.0.1:1", "pw");
+        assert_eq!(t["xmpp"]["jid"].as_str(), Some("agent-3@localhost"));
+        assert_eq!(t["xmpp"]["manager"].as_str(), Some("manager@localhost"));
+        assert_eq!(t["work_dir"].as_str(), Some("/w"));
+    }
+
+    #[test]
+    fn missing_binaries_are_reported_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let err =
+            LocalStack::start(StackOptions::new(dir.path().join("s"), dir.path())).unwrap_err();
+        assert!(matches!(err, StackError::BinaryMissing { .. }), "{err}");
+        assert!(!dir.path().join("s").exists());
+    }
+}

@@ -1,0 +1,256 @@
+//! `Prosody`: a private XMPP server for one stack. It writes its own config into a state dir,
+//! runs `prosody -F` as a supervised child on a free loopback port, and registers accounts with
+//! `prosodyctl`.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::error::io;
+use crate::supervised::tail;
+use crate::{free_port, StackError, Supervised};
+
+/// The XMPP domain of the stack's virtual host.
+pub const XMPP_DOMAIN: &str = "localhost";
+/// How long the server gets to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `stop()` waits after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A private Prosody listening on `127.0.0.1:port()`, plain TCP (loopback only).
+#[derive(Debug)]
+pub struct Prosody {
+    dir: PathBuf,
+    config: PathBuf,
+    port: u16,
+    process: Option<Supervised>,
+}
+
+impl Prosody {
+    /// Write a config into `dir` (created if missing) and start the server on a free port.
+    pub fn start(dir: &Path) -> Result<Prosody, StackError> {
+        for tool in ["prosody", "prosodyctl"] {
+            if find_on_path(tool).is_none() {
+                return Err(StackError::ProsodyMissing(tool));
+            }
+        }
+        std::fs::create_dir_all(dir.join("data"))
+            .map_err(io(format!("creating {}", dir.display())))?;
+        let dir = std::fs::canonicalize(dir).map_err(io(format!("resolving {}", dir.display())))?;
+        let port = free_port()?;
+        let config = dir.join("prosody.cfg.lua");
+        std::fs::write(&config, config_text(&dir, port))
+            .map_err(io(format!("writing {}", config.display())))?;
+        let mut p = Prosody {
+            dir,
+            config,
+            port,
+            process: None,
+        };
+        p.launch()?;
+        Ok(p)
+    }
+
+    /// The client port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:<port>`, as written into `xmpp.server` of the configs.
+    pub fn server(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The generated config file.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The process id of the running server, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Supervised::pid)
+    }
+
+    /// Create (or reset the password of) the account `user@localhost`.
+    pub fn register(&self, user: &str, password: &str) -> Result<(), StackError> {
+        let out = Command::new("prosodyctl")
+            .arg("--config")
+            .arg(&self.config)
+            .args(["register", user, XMPP_DOMAIN, password])
+            .output()
+            .map_err(io(format!("running prosodyctl register {user}")))?;
+        if !out.status.success() {
+            let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+            output.push_str(&String::from_utf8_lossy(&out.stderr));
+            return Err(StackError::Register {
+                user: user.to_owned(),
+                domain: XMPP_DOMAIN.to_owned(),
+                output: format!("{}; {}", out.status, output.trim()),
+            });
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, wait, SIGKILL if needed. Accounts and data stay in the state dir.
+    pub fn stop(&mut self) -> Result<(), StackError> {
+        if let Some(mut p) = self.process.take() {
+            p.stop(STOP_GRACE)?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) -> Result<(), StackError> {
+        if let Some(mut p) = self.process.take() {
+            p.kill9()?;
+        }
+        Ok(())
+    }
+
+    /// Stop (if running) and start again on the same port with the same accounts.
+    pub fn restart(&mut self) -> Result<(), StackError> {
+        self.stop()?;
+        self.launch()
+    }
+
+    fn launch(&mut self) -> Result<(), StackError> {
+        let mut cmd = Command::new("prosody");
+        cmd.arg("-F").arg("--config").arg(&self.config);
+        let log = self.dir.join("prosody.out");
+        let mut p = Supervised::spawn("prosody", cmd, &log)?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Err(e) = p.check_alive() {
+                return Err(with_server_log(e, &self.dir));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(StackError::NotReady {
+                    what: format!("prosody on {addr}"),
+                    secs: START_TIMEOUT.as_secs(),
+                    log: self.dir.join("prosody.log"),
+                    tail: tail(&self.dir.join("prosody.log")),
+                });
+            }
+            sleep(Duration::from_millis(20));
+        }
+        tracing::info!(port = self.port, pid = p.pid(), "prosody is up");
+        self.process = Some(p);
+        Ok(())
+    }
+}
+
+impl Drop for Prosody {
+    fn drop(&mut self) {
+        if let Err(e) = self.kill() {
+            tracing::warn!(error = %e, "could not kill prosody");
+        }
+    }
+}
+
+/// Prosody logs most start-up failures to its own log file, not to stdout: show that one.
+fn with_server_log(e: StackError, dir: &Path) -> StackError {
+    match e {
+        StackError::Exited {
+            what,
+            status,
+            tail: out,
+            ..
+        } => {
+            let log = dir.join("prosody.log");
+            let tail = format!("{out}{}", tail(&log));
+            StackError::Exited {
+                what,
+                status,
+                log,
+                tail,
+            }
+        }
+        other => other,
+    }
+}
+
+fn find_on_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// A Lua string literal for a path (escapes backslashes and quotes).
+fn lua_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The server config: private files in `dir`, one plain c2s port on loopback, nothing else.
+fn config_text(dir: &Path, port: u16) -> String {
+    let d = |name: &str| lua_str(&dir.join(name).to_string_lossy());
+    let mut c = String::new();
+    // Writing to a String cannot fail.
+    let _ = write!(
+        c,
+        r#"-- Generated by copilot-stack: a private Prosody for one local stack. Do not edit.
+-- It runs as whoever starts it (also root) and keeps all its files in this directory.
+run_as_root = true
+pidfile = {pidfile}
+data_path = {data}
+plugin_paths = {{ }}
+log = {{ {{ levels = {{ min = "info" }}, to = "file", filename = {log} }} }}
+
+interfaces = {{ "127.0.0.1" }}
+c2s_ports = {{ {port} }}
+c2s_direct_tls_ports = {{ }}
+s2s_ports = {{ }}
+component_ports = {{ }}
+http_ports = {{ }}
+https_ports = {{ }}
+
+-- No mod_smacks: stream resumption makes tokio-xmpp 6 reconnect in a tight loop after a server
+-- restart, and it delays the offline presence of a killed client. No mod_limits: it throttles.
+modules_enabled = {{ "disco", "roster", "saslauth", "ping", "register", "posix" }}
+modules_disabled = {{ "s2s", "offline", "tls", "limits", "smacks" }}
+
+-- Plain TCP and PLAIN auth are allowed because the server listens on 127.0.0.1 only.
+-- TLS (a private CA and a leaf certificate for the host) is on the roadmap.
+c2s_require_encryption = false
+allow_unencrypted_plain_auth = true
+authentication = "internal_hashed"
+storage = "internal"
+allow_registration = false
+c2s_timeout = 60
+network_settings = {{ nagle = false, tcp_backlog = 1024 }}
+
+VirtualHost "{domain}"
+"#,
+        pidfile = d("prosody.pid"),
+        data = d("data"),
+        log = d("prosody.log"),
+        domain = XMPP_DOMAIN,
+    );
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_loopback_plain_and_private() {
+        let c = config_text(Path::new("/tmp/st\"ate"), 23456);
+        assert!(c.contains("c2s_ports = { 23456 }"), "{c}");
+        assert!(c.contains("interfaces = { \"127.0.0.1\" }"), "{c}");
+        assert!(c.contains("data_path = \"/tmp/st\\\"ate/data\""), "{c}");
+        let modules = c
+            .lines()
+            .find(|l| l.starts_with("modules_enabled"))
+            .unwrap();
+        assert!(!modules.contains("smacks") && !modules.contains("limits"));
+        assert!(c.contains("tcp_backlog = 1024"));
+    }
+}
