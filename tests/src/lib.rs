@@ -1,1 +1,231 @@
-//! placeholder
+//! Support for copilot's end-to-end tests: a [`Harness`] starts a real local stack (Prosody, the
+//! manager and agents as processes, from the workspace's built binaries) in a temp dir, drives it
+//! through the `copilot` CLI like a physicist would, and reads the manager's JSON API to check
+//! what happened. Everything is stopped by PID when the harness is dropped.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use copilot_protocol::api::{JobList, JobView};
+use copilot_protocol::units::Seconds;
+use copilot_protocol::JobId;
+use copilot_stack::{LocalStack, StackOptions};
+use serde::de::DeserializeOwned;
+
+/// The directory holding the workspace's binaries (`target/debug` for `cargo test`).
+/// Test executables live in `target/<profile>/deps`.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let deps = exe.parent().expect("the test executable is in a directory");
+    let dir = if deps.ends_with("deps") {
+        deps.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        deps.to_path_buf()
+    };
+    for bin in [copilot_stack::CLI_BIN, copilot_stack::AGENT_BIN] {
+        assert!(
+            dir.join(bin).is_file(),
+            "{} is missing: build the binaries first (`cargo build --workspace --bins`, as scripts/test does)",
+            dir.join(bin).display()
+        );
+    }
+    dir
+}
+
+/// A running stack plus the means to drive and inspect it.
+#[derive(Debug)]
+pub struct Harness {
+    pub stack: LocalStack,
+    rt: tokio::runtime::Runtime,
+    http: reqwest::Client,
+    // Dropped last: the stack's files live here.
+    tmp: tempfile::TempDir,
+}
+
+/// How to start a harness.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub agents: usize,
+    pub lease: Seconds,
+    /// TOML merged over the manager's config.
+    pub manager_toml: Option<String>,
+    /// TOML merged over each agent's config.
+    pub agent_toml: Option<String>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            agents: 1,
+            lease: Seconds(30),
+            manager_toml: None,
+            agent_toml: None,
+        }
+    }
+}
+
+impl Harness {
+    /// Start a stack with `setup` and wait until all its agents are online.
+    pub fn start(setup: Setup) -> Harness {
+        let tmp = tempfile::Builder::new()
+            .prefix("copilot-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let mut opts = StackOptions::new(tmp.path().join("stack"), bin_dir());
+        opts.agents = setup.agents;
+        opts.lease = setup.lease;
+        opts.extra_manager_toml = setup.manager_toml;
+        opts.extra_agent_toml = setup.agent_toml;
+        let stack = LocalStack::start(opts).unwrap_or_else(|e| panic!("starting the stack: {e}"));
+        stack
+            .wait_agents_online(setup.agents, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("agents did not come online: {e}"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        Harness {
+            stack,
+            rt,
+            http: reqwest::Client::new(),
+            tmp,
+        }
+    }
+
+    /// A scratch path inside the harness's temp dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Run `copilot --stack DIR ARGS…` and return its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin_dir().join(copilot_stack::CLI_BIN))
+            .arg("--stack")
+            .arg(self.stack.dir())
+            .args(args)
+            .env_remove("COPILOT_MANAGER")
+            .env_remove("COPILOT_TOKEN")
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("running copilot")
+    }
+
+    /// Like [`Harness::cli`], but panics with the output if the command failed.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "copilot {args:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// GET an API path and decode its JSON.
+    pub fn api<T: DeserializeOwned>(&self, path: &str) -> T {
+        let url = format!("{}{path}", self.stack.manager_url());
+        self.rt.block_on(async {
+            let resp = self
+                .http
+                .get(&url)
+                .bearer_auth(self.stack.api_token())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            assert!(resp.status().is_success(), "GET {url}: {}", resp.status());
+            resp.json::<T>()
+                .await
+                .unwrap_or_else(|e| panic!("GET {url}: bad JSON: {e}"))
+        })
+    }
+
+    /// All jobs.
+    pub fn jobs(&self) -> JobList {
+        self.api("/api/jobs")
+    }
+
+    /// One job.
+    pub fn job(&self, id: JobId) -> JobView {
+        self.api(&format!("/api/jobs/{id}"))
+    }
+
+    /// Write a job file (and the files it refers to) into a fresh dir; returns the job file.
+    pub fn write_job(&self, dir: &str, job_toml: &str, files: &[(&str, &str)]) -> PathBuf {
+        let d = self.path(dir);
+        std::fs::create_dir_all(&d).expect("job dir");
+        for (name, content) in files {
+            std::fs::write(d.join(name), content).expect("job input");
+        }
+        let job = d.join("job.toml");
+        std::fs::write(&job, job_toml).expect("job file");
+        job
+    }
+
+    /// Submit a job file with `copilot submit`; returns the ids of the new jobs.
+    pub fn submit(&self, job_file: &Path) -> Vec<JobId> {
+        let before: BTreeSet<JobId> = self.jobs().jobs.iter().map(|j| j.id).collect();
+        self.cli_ok(&["submit", job_file.to_str().expect("utf-8 path")]);
+        let ids: Vec<JobId> = self
+            .jobs()
+            .jobs
+            .iter()
+            .map(|j| j.id)
+            .filter(|id| !before.contains(id))
+            .collect();
+        assert!(!ids.is_empty(), "submit queued no job");
+        ids
+    }
+
+    /// Poll the job list until `done` holds, or panic after `timeout` saying `what`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&JobList) -> bool,
+    ) -> JobList {
+        let start = Instant::now();
+        loop {
+            let list = self.jobs();
+            if done(&list) {
+                return list;
+            }
+            if start.elapsed() > timeout {
+                let states: Vec<String> = list
+                    .jobs
+                    .iter()
+                    .map(|j| format!("{}:{}#{}", j.id, j.state, j.attempt))
+                    .collect();
+                panic!("timed out after {timeout:?} waiting for {what}; jobs: {states:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until every job in `ids` is done or failed.
+    pub fn wait_final(&self, ids: &[JobId], timeout: Duration) -> Vec<JobView> {
+        let list = self.wait_for("jobs to finish", timeout, |l| {
+            ids.iter()
+                .all(|id| l.jobs.iter().any(|j| j.id == *id && j.state.is_final()))
+        });
+        list.jobs
+            .into_iter()
+            .filter(|j| ids.contains(&j.id))
+            .collect()
+    }
+
+    /// Fetch and verify a job's outputs with `copilot results`; returns the output dir.
+    pub fn results(&self, id: JobId) -> PathBuf {
+        let out = self.path(&format!("results-{id}"));
+        self.cli_ok(&[
+            "results",
+            &id.to_string(),
+            "-o",
+            out.to_str().expect("utf-8 path"),
+        ]);
+        out
+    }
+}
