@@ -36,6 +36,8 @@ pub enum ExecError {
 /// Runs assignments; shareable between concurrent jobs (`&self`).
 #[derive(Debug)]
 pub struct Executor<R = ProcessRunner> {
+    /// The agent's name, put in every report.
+    agent: String,
     work_dir: PathBuf,
     /// Limits for jobs that do not set them; `wall_time` and `output` are always set.
     defaults: Limits,
@@ -79,6 +81,7 @@ impl<R: PayloadRunner> Executor<R> {
         defaults.output.get_or_insert(DEFAULT_OUTPUT);
         remove_leftovers(&cfg.work_dir);
         Ok(Executor {
+            agent: cfg.name.clone(),
             work_dir: cfg.work_dir.clone(),
             defaults,
             max_input_size: cfg.transfer.max_input_size.0,
@@ -110,6 +113,7 @@ impl<R: PayloadRunner> Executor<R> {
             None => (None, Vec::new()),
         };
         DoneReport {
+            agent: self.agent.clone(),
             job: a.job,
             attempt: a.attempt,
             outcome: ended.outcome,

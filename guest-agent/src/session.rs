@@ -164,6 +164,7 @@ impl Link {
 
     fn progress(&self, job: &Assignment, phase: Phase) {
         let p = Payload::Progress(Progress {
+            agent: self.agent.clone(),
             job: job.job,
             attempt: job.attempt,
             phase,

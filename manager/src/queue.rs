@@ -898,6 +898,7 @@ mod tests {
 
     fn report(c: &Claim, outcome: Outcome, archive: Option<Stored>) -> DoneReport {
         DoneReport {
+            agent: "a1".into(),
             job: c.job,
             attempt: c.attempt,
             outcome,

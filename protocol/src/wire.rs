@@ -230,8 +230,11 @@ impl Phase {
 }
 
 /// Progress of a job; also renews its lease.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Progress {
+    /// The reporting agent's name (the manager may not have seen its address yet, e.g. after
+    /// the manager restarted).
+    pub agent: String,
     pub job: JobId,
     pub attempt: u32,
     pub phase: Phase,
@@ -312,6 +315,8 @@ pub struct Timings {
 /// The agent reports a finished attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DoneReport {
+    /// The reporting agent's name.
+    pub agent: String,
     pub job: JobId,
     pub attempt: u32,
     pub outcome: Outcome,
@@ -480,6 +485,7 @@ impl Payload {
             Payload::Progress(p) => {
                 El::new("progress")
                     .versioned()
+                    .attr("agent", &p.agent)
                     .attr("job", p.job)
                     .attr("attempt", p.attempt)
                     .attr("phase", p.phase.as_str())
@@ -497,6 +503,7 @@ impl Payload {
                 };
                 let mut e = El::new("done")
                     .versioned()
+                    .attr("agent", &d.agent)
                     .attr("job", d.job)
                     .attr("attempt", d.attempt)
                     .attr("more", d.want_more)
@@ -798,7 +805,7 @@ fn decode_outcome(e: &Element) -> Result<Outcome, WireError> {
 }
 
 fn decode_done(e: &Element) -> Result<DoneReport, WireError> {
-    let a = Attrs::new(e, "done", &["v", "job", "attempt", "more"])?;
+    let a = Attrs::new(e, "done", &["v", "agent", "job", "attempt", "more"])?;
     let mut outcome = None;
     let mut timings = None;
     let mut archive = None;
@@ -839,6 +846,7 @@ fn decode_done(e: &Element) -> Result<DoneReport, WireError> {
         }
     }
     Ok(DoneReport {
+        agent: a.bounded("agent", 256)?,
         job: a.parse("job")?,
         attempt: a.parse("attempt")?,
         outcome: outcome.ok_or_else(|| invalid("done", "no <outcome/>"))?,
@@ -914,7 +922,7 @@ impl Payload {
             "assign" => Payload::Assign(Box::new(decode_assign(e)?)),
             "nowork" => Payload::NoWork(decode_nowork(e)?),
             "progress" => {
-                let a = Attrs::new(e, "progress", &["v", "job", "attempt", "phase"])?;
+                let a = Attrs::new(e, "progress", &["v", "agent", "job", "attempt", "phase"])?;
                 no_children(e, "progress")?;
                 let phase = match a.str("phase")? {
                     "staging" => Phase::Staging,
@@ -923,6 +931,7 @@ impl Payload {
                     other => return Err(a.bad("phase", other)),
                 };
                 Payload::Progress(Progress {
+                    agent: a.bounded("agent", 256)?,
                     job: a.parse("job")?,
                     attempt: a.parse("attempt")?,
                     phase,
@@ -1006,6 +1015,7 @@ mod tests {
             retry_after_secs: 5,
         }));
         round_trip(Payload::Progress(Progress {
+            agent: "vm-7".into(),
             job: 1,
             attempt: 1,
             phase: Phase::Running,
@@ -1019,6 +1029,7 @@ mod tests {
             Outcome::StageOutFailed("upload refused".into()),
         ] {
             round_trip(Payload::Done(Box::new(DoneReport {
+                agent: "vm-7".into(),
                 job: 17,
                 attempt: 2,
                 outcome,
@@ -1079,15 +1090,15 @@ mod tests {
                 |e| matches!(e, WireError::UnknownAttribute { .. }),
             ),
             (
-                "<progress xmlns='urn:copilot:1' v='1' job='x' attempt='1' phase='running'/>",
+                "<progress xmlns='urn:copilot:1' v='1' agent='a' job='x' attempt='1' phase='running'/>",
                 |e| matches!(e, WireError::BadAttribute { attr: "job", .. }),
             ),
             (
-                "<progress xmlns='urn:copilot:1' v='1' job='-1' attempt='1' phase='running'/>",
+                "<progress xmlns='urn:copilot:1' v='1' agent='a' job='-1' attempt='1' phase='running'/>",
                 |e| matches!(e, WireError::BadAttribute { attr: "job", .. }),
             ),
             (
-                "<done xmlns='urn:copilot:1' v='1' job='1' attempt='1'/>",
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'/>",
                 |e| matches!(e, WireError::Invalid { .. }),
             ),
             (
@@ -1129,7 +1140,7 @@ mod tests {
             Sha256::of(b"")
         );
         let big = format!(
-            "<done xmlns='urn:copilot:1' v='1' job='1' attempt='1'><outcome kind='timed-out'/>{}</done>",
+            "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/>{}</done>",
             file.repeat(MAX_PAYLOAD_BYTES / 200)
         );
         assert_eq!(Payload::from_xml(&big).unwrap_err(), WireError::TooLarge);
