@@ -94,7 +94,7 @@ impl Dispatcher {
                     .filter(|p| p.ns() == copilot_protocol::wire::NS)
                 {
                     match Payload::from_element(p) {
-                        Ok(Payload::Progress(pr)) => self.on_progress(&from, pr),
+                        Ok(Payload::Progress(pr)) => self.on_progress(&from, &pr),
                         Ok(other) => self.log_bad(&from, &format!("unexpected message {other:?}")),
                         Err(e) => self.log_bad(&from, &e.to_string()),
                     }
@@ -232,46 +232,36 @@ impl Dispatcher {
             let notified = self.shared.work_available.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let next = match self.next_for(&req.agent) {
-                Ok(n) => n,
+            match self.next_for(&req.agent) {
+                Ok(Next::Assign(a)) => return self.reply(&from, id, Payload::Assign(a)),
+                // Not allowed to hold: say when to come back.
+                Ok(Next::NoWork(n)) if hold.is_zero() => {
+                    return self.reply(&from, id, Payload::NoWork(n))
+                }
+                Ok(Next::NoWork(_)) => {}
                 Err(e) => {
                     warn!("queue error: {e}");
                     return self.reply_error(&from, id, (&e).into());
                 }
-            };
-            if matches!(next, Next::Assign(_)) || tokio::time::Instant::now() >= deadline {
-                let payload = match next {
-                    Next::Assign(a) => Payload::Assign(a),
-                    Next::NoWork(n) => Payload::NoWork(n),
-                };
-                return self.reply(&from, id, payload);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err()
                 || self.shared.fleet.name_of(&from).is_none()
             {
-                // Held long enough, or the agent went away while waiting: one last look below
-                // would assign a job to nobody, so answer "no work" (the reply is dropped by the
-                // server if the agent is gone).
-                let retry = self.shared.config.jobs.retry_after.0.max(1) as u32;
-                return self.reply(
-                    &from,
-                    id,
-                    Payload::NoWork(NoWork {
-                        retry_after_secs: retry,
-                    }),
-                );
+                // Held for the whole time (the agent has waited already: it may ask again at
+                // once), or the agent went away meanwhile (the server drops the answer).
+                let nowork = NoWork {
+                    retry_after_secs: 0,
+                };
+                return self.reply(&from, id, Payload::NoWork(nowork));
             }
         }
     }
 
     fn on_done(&self, from: String, id: String, report: DoneReport) {
-        let Some(agent) = self.shared.fleet.name_of(&from) else {
-            let p = problem(
-                ErrorCode::NotAuthorized,
-                "unknown agent: send a work request first",
-            );
+        if let Err(p) = self.register(&report.agent, &from, None) {
             return self.reply_error(&from, id, p);
-        };
+        }
+        let agent = report.agent.clone();
         let duplicate = match self.shared.queue.complete(&agent, &report) {
             Ok(Completion::Recorded(state)) => {
                 info!(job = report.job, attempt = report.attempt, %agent, %state, outcome = %report.outcome.describe(), "reported");
@@ -312,15 +302,16 @@ impl Dispatcher {
         self.reply(&from, id, Payload::Ack(Box::new(ack)));
     }
 
-    fn on_progress(&self, from: &str, p: copilot_protocol::wire::Progress) {
-        let Some(agent) = self.shared.fleet.name_of(from) else {
-            return self.log_bad(from, "progress from an unknown agent");
-        };
+    fn on_progress(&self, from: &str, p: &copilot_protocol::wire::Progress) {
+        if self.register(&p.agent, from, None).is_err() {
+            return;
+        }
+        let agent = &p.agent;
         let lease = self.shared.config.jobs.lease.as_duration();
         if let Err(e) = self
             .shared
             .queue
-            .progress(&agent, p.job, p.attempt, p.phase, lease)
+            .progress(agent, p.job, p.attempt, p.phase, lease)
         {
             debug!(job = p.job, %agent, "progress refused: {e}");
         }
