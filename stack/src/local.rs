@@ -339,6 +339,15 @@ impl LocalStack {
         }
     }
 
+    /// An error if the manager or Prosody has died (agents may be killed on purpose).
+    pub fn check_alive(&mut self) -> Result<(), StackError> {
+        self.prosody.check_alive()?;
+        match &mut self.manager {
+            Some(m) => m.check_alive(),
+            None => Ok(()),
+        }
+    }
+
     /// Stop the agents, the manager and Prosody, in that order, each gracefully.
     pub fn stop(mut self) -> Result<(), StackError> {
         for n in 1..=self.agents.len() {

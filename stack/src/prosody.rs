@@ -74,6 +74,14 @@ impl Prosody {
         self.process.as_ref().map(Supervised::pid)
     }
 
+    /// An error (with the server log) if the server was started and has exited since.
+    pub fn check_alive(&mut self) -> Result<(), StackError> {
+        match &mut self.process {
+            Some(p) => p.check_alive().map_err(|e| with_server_log(e, &self.dir)),
+            None => Ok(()),
+        }
+    }
+
     /// Create (or reset the password of) the account `user@localhost`.
     pub fn register(&self, user: &str, password: &str) -> Result<(), StackError> {
         let out = Command::new("prosodyctl")
