@@ -1,0 +1,71 @@
+//! `copilot up`: a whole local stack (Prosody, manager, agents) in the foreground until Ctrl-C
+//! or SIGTERM; then everything is stopped, nothing is left running.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use copilot_protocol::units::Seconds;
+use copilot_stack::{default_bin_dir, LocalStack, StackError, StackOptions};
+
+/// How long `up` waits for the agents to come online before it just warns.
+const AGENTS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the stack could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error("stack task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("waiting for signals: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Run a stack in `dir` with `agents` agents until a signal or until a part of it dies.
+pub async fn up(dir: PathBuf, agents: usize, lease: Seconds) -> Result<(), UpError> {
+    let mut opts = StackOptions::new(dir, default_bin_dir()?);
+    opts.agents = agents;
+    opts.lease = lease;
+    let stack = tokio::task::spawn_blocking(move || LocalStack::start(opts)).await??;
+    println!("manager: {}", stack.manager_url());
+    println!("state:   {}", stack.dir().display());
+    println!("use it:  export COPILOT_STACK={}", stack.dir().display());
+    let stack = tokio::task::spawn_blocking(move || {
+        if let Err(e) = stack.wait_agents_online(agents, AGENTS_TIMEOUT) {
+            eprintln!("warning: {e}");
+        } else {
+            println!("{agents} agent(s) online; Ctrl-C stops the stack");
+        }
+        stack
+    })
+    .await?;
+    let outcome = watch(stack).await;
+    match outcome {
+        Ok((stack, crashed)) => {
+            eprintln!("stopping the stack");
+            tokio::task::spawn_blocking(move || stack.stop()).await??;
+            crashed.map_or(Ok(()), |e| Err(e.into()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Wait for Ctrl-C/SIGTERM, checking every second that the manager and Prosody still run.
+/// Returns the stack and, if a part died, why.
+async fn watch(mut stack: LocalStack) -> Result<(LocalStack, Option<StackError>), UpError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(UpError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(UpError::Signal)?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok((stack, None)),
+            _ = int.recv() => return Ok((stack, None)),
+            _ = tick.tick() => {
+                if let Err(e) = stack.check_alive() {
+                    return Ok((stack, Some(e)));
+                }
+            }
+        }
+    }
+}
