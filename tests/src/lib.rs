@@ -126,7 +126,7 @@ impl Harness {
     }
 
     /// GET an API path and decode its JSON.
-    pub fn api<T: DeserializeOwned>(&self, path: &str) -> T {
+    pub fn try_api<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
         let url = format!("{}{path}", self.stack.manager_url());
         self.rt.block_on(async {
             let resp = self
@@ -135,12 +135,27 @@ impl Harness {
                 .bearer_auth(self.stack.api_token())
                 .send()
                 .await
-                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-            assert!(resp.status().is_success(), "GET {url}: {}", resp.status());
+                .map_err(|e| format!("GET {url}: {e}"))?;
+            if !resp.status().is_success() {
+                return Err(format!("GET {url}: {}", resp.status()));
+            }
             resp.json::<T>()
                 .await
-                .unwrap_or_else(|e| panic!("GET {url}: bad JSON: {e}"))
+                .map_err(|e| format!("GET {url}: bad JSON: {e}"))
         })
+    }
+
+    /// Like [`Harness::try_api`], but panics on failure.
+    pub fn api<T: DeserializeOwned>(&self, path: &str) -> T {
+        self.try_api(path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The last lines of a process's log in the stack (`manager`, `agent-1`, `prosody`…).
+    pub fn log_tail(&self, name: &str) -> String {
+        let path = self.stack.dir().join("logs").join(format!("{name}.log"));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
     /// All jobs.
@@ -180,7 +195,8 @@ impl Harness {
         ids
     }
 
-    /// Poll the job list until `done` holds, or panic after `timeout` saying `what`.
+    /// Poll the job list until `done` holds, or panic after `timeout` saying `what`. The API
+    /// may be briefly away (a manager restart): errors are retried until the timeout.
     pub fn wait_for(
         &self,
         what: &str,
@@ -189,17 +205,22 @@ impl Harness {
     ) -> JobList {
         let start = Instant::now();
         loop {
-            let list = self.jobs();
-            if done(&list) {
-                return list;
-            }
+            let seen = match self.try_api::<JobList>("/api/jobs") {
+                Ok(list) if done(&list) => return list,
+                Ok(list) => format!(
+                    "{:?}",
+                    list.jobs
+                        .iter()
+                        .map(|j| format!("{}:{}#{}", j.id, j.state, j.attempt))
+                        .collect::<Vec<_>>()
+                ),
+                Err(e) => e,
+            };
             if start.elapsed() > timeout {
-                let states: Vec<String> = list
-                    .jobs
-                    .iter()
-                    .map(|j| format!("{}:{}#{}", j.id, j.state, j.attempt))
-                    .collect();
-                panic!("timed out after {timeout:?} waiting for {what}; jobs: {states:?}");
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; last seen: {seen}\n--- manager log:\n{}",
+                    self.log_tail("manager")
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -1,0 +1,134 @@
+//! End to end over a real Prosody: jobs submitted with the `copilot` CLI run on real agent
+//! processes, and their outputs come back verified; killed agents and a restarted manager lose
+//! nothing and record nothing twice.
+
+use std::time::Duration;
+
+use copilot_protocol::api::JobView;
+use copilot_protocol::units::Seconds;
+use copilot_protocol::JobState;
+use copilot_stack::LocalStack;
+use copilot_tests::{Harness, Setup};
+
+/// A job file with `count` instances; each writes the square of its instance number.
+fn squares(count: u32, sleep: &str) -> String {
+    format!(
+        r#"
+name = "square"
+command = ["sh", "square.sh"]
+outputs = ["square.txt"]
+count = {count}
+max_retries = 3
+
+[[inputs]]
+path = "square.sh"
+
+[env]
+NAP = "{sleep}"
+"#
+    )
+}
+
+const SQUARE_SH: &str = "sleep \"$NAP\"\nn=$COPILOT_INSTANCE\necho $((n * n)) > square.txt\n";
+
+/// Fetch a job's results with the CLI (which verifies every digest) and check the square.
+fn check_square(h: &Harness, job: &JobView) {
+    assert_eq!(
+        job.state,
+        JobState::Done,
+        "job {}: {:?}",
+        job.id,
+        job.outcome
+    );
+    let n: u64 = job.spec.env["COPILOT_INSTANCE"].parse().unwrap();
+    let dir = h.results(job.id);
+    let got = std::fs::read_to_string(dir.join("square.txt")).unwrap();
+    assert_eq!(got.trim(), (n * n).to_string(), "job {}", job.id);
+    let declared: Vec<&str> = job.files.iter().map(|f| f.path.as_str()).collect();
+    assert!(declared.contains(&"square.txt"), "{declared:?}");
+}
+
+fn agent_index(stack: &LocalStack, name: &str) -> usize {
+    (1..=stack.agent_count())
+        .find(|n| LocalStack::agent_name(*n) == name)
+        .unwrap_or_else(|| panic!("no agent named {name}"))
+}
+
+#[test]
+fn thirty_jobs_on_three_agents_all_come_back_verified() {
+    let h = Harness::start(Setup {
+        agents: 3,
+        ..Setup::default()
+    });
+    let job = h.write_job("squares", &squares(30, "0"), &[("square.sh", SQUARE_SH)]);
+    let ids = h.submit(&job);
+    assert_eq!(ids.len(), 30);
+    let jobs = h.wait_final(&ids, Duration::from_secs(120));
+    for j in &jobs {
+        assert_eq!(j.attempt, 1, "job {} needed a retry: {:?}", j.id, j.note);
+        check_square(&h, j);
+    }
+    let agents: copilot_protocol::api::AgentList = h.api("/api/agents");
+    assert_eq!(agents.agents.iter().filter(|a| a.online).count(), 3);
+    let done: u64 = agents.agents.iter().map(|a| a.jobs_done).sum();
+    assert_eq!(done, 30, "{agents:?}");
+}
+
+#[test]
+fn a_killed_agents_job_is_requeued_and_done_once_by_another() {
+    let mut h = Harness::start(Setup {
+        agents: 2,
+        ..Setup::default()
+    });
+    let job = h.write_job("slow", &squares(1, "3"), &[("square.sh", SQUARE_SH)]);
+    let ids = h.submit(&job);
+    let running = h.wait_for("the job to run", Duration::from_secs(30), |l| {
+        l.jobs
+            .iter()
+            .any(|j| j.id == ids[0] && j.state == JobState::Running)
+    });
+    let victim = running.jobs[0]
+        .agent
+        .clone()
+        .expect("a running job has an agent");
+    let n = agent_index(&h.stack, &victim);
+    h.stack.kill_agent(n).unwrap();
+
+    let jobs = h.wait_final(&ids, Duration::from_secs(60));
+    let j = &jobs[0];
+    assert_eq!(j.attempt, 2, "{j:?}");
+    assert_ne!(j.agent.as_deref(), Some(victim.as_str()));
+    check_square(&h, j);
+    // Recorded once: one archive, one copy of each file.
+    let squares = j.files.iter().filter(|f| f.path == "square.txt").count();
+    assert_eq!(squares, 1);
+    let agents: copilot_protocol::api::AgentList = h.api("/api/agents");
+    let total: u64 = agents.agents.iter().map(|a| a.jobs_done).sum();
+    assert_eq!(total, 1, "{agents:?}");
+    let dead = agents.agents.iter().find(|a| a.name == victim).unwrap();
+    assert!(!dead.online && dead.jobs_done == 0, "{dead:?}");
+}
+
+#[test]
+fn restarting_the_manager_mid_batch_loses_nothing() {
+    let mut h = Harness::start(Setup {
+        agents: 2,
+        lease: Seconds(10),
+        manager_toml: Some("[jobs]\nhold = \"5s\"\n".into()),
+        ..Setup::default()
+    });
+    let job = h.write_job("batch", &squares(20, "0.2"), &[("square.sh", SQUARE_SH)]);
+    let ids = h.submit(&job);
+    h.wait_for("a few jobs to finish", Duration::from_secs(60), |l| {
+        l.jobs.iter().filter(|j| j.state == JobState::Done).count() >= 4
+    });
+    h.stack.restart_manager().unwrap();
+
+    let jobs = h.wait_final(&ids, Duration::from_secs(180));
+    assert_eq!(jobs.len(), 20);
+    for j in &jobs {
+        // A job in flight during the restart may have needed a second attempt, no more.
+        assert!(j.attempt <= 2, "job {} took {} attempts", j.id, j.attempt);
+        check_square(&h, j);
+    }
+}
