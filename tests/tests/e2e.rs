@@ -132,3 +132,25 @@ fn restarting_the_manager_mid_batch_loses_nothing() {
         check_square(&h, j);
     }
 }
+
+#[test]
+fn restarting_the_xmpp_server_mid_batch_loses_nothing() {
+    let mut h = Harness::start(Setup {
+        agents: 2,
+        lease: Seconds(10),
+        manager_toml: Some("[jobs]\nhold = \"5s\"\n".into()),
+        ..Setup::default()
+    });
+    let job = h.write_job("batch", &squares(12, "0.2"), &[("square.sh", SQUARE_SH)]);
+    let ids = h.submit(&job);
+    h.wait_for("a few jobs to finish", Duration::from_secs(60), |l| {
+        l.jobs.iter().filter(|j| j.state == JobState::Done).count() >= 3
+    });
+    h.stack.prosody().restart().unwrap();
+
+    let jobs = h.wait_final(&ids, Duration::from_secs(180));
+    for j in &jobs {
+        assert!(j.attempt <= 2, "job {} took {} attempts", j.id, j.attempt);
+        check_square(&h, j);
+    }
+}
