@@ -10,6 +10,7 @@ mod unpack;
 mod up;
 mod watch;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,6 +21,13 @@ use copilot_protocol::units::{Bytes, Seconds};
 use copilot_protocol::{JobId, JobState};
 
 use client::Client;
+
+/// `println!` that returns the error instead of panicking (e.g. on a closed pipe).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    };
+}
 use settings::Settings;
 use watch::Waited;
 
@@ -127,6 +135,8 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(code) => code,
+        // The reader went away (`copilot status | head`): not an error.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("copilot: {e:#}");
             ExitCode::FAILURE
@@ -161,7 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     if s.ids.len() == 1 { "" } else { "s" }
                 );
                 for id in s.ids {
-                    println!("{id}");
+                    out!("{id}")?;
                 }
             }
         }
@@ -169,14 +179,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Wait { jobs, timeout } => {
             let waited = watch::wait(&client()?, jobs, timeout.map(Seconds::as_duration)).await?;
             match waited {
-                Waited::AllDone => println!("{n}/{n} jobs done", n = jobs.len()),
+                Waited::AllDone => out!("{n}/{n} jobs done", n = jobs.len())?,
                 Waited::Failed(failed) => {
-                    println!(
+                    out!(
                         "{}/{} jobs done; failed: {}",
                         jobs.len() - failed.len(),
                         jobs.len(),
                         join(&failed)
-                    );
+                    )?;
                     return Ok(ExitCode::FAILURE);
                 }
                 Waited::TimedOut(pending) => {
@@ -192,9 +202,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agents { json } => {
             let list = client()?.agents().await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                out!("{}", serde_json::to_string_pretty(&list)?)?;
             } else {
-                print!("{}", table::agents(&list.agents, now_ms()));
+                write!(
+                    std::io::stdout().lock(),
+                    "{}",
+                    table::agents(&list.agents, now_ms())
+                )?;
             }
         }
         Command::Up { dir, agents, lease } => {
@@ -216,30 +230,34 @@ async fn status(
         Some(id) => {
             let j = client.job(id).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&j)?);
+                out!("{}", serde_json::to_string_pretty(&j)?)?;
             } else {
-                print!("{}", table::jobs(std::slice::from_ref(&j)));
+                write!(
+                    std::io::stdout().lock(),
+                    "{}",
+                    table::jobs(std::slice::from_ref(&j))
+                )?;
                 if let Some(o) = &j.outcome {
-                    println!("outcome: {}", o.text);
+                    out!("outcome: {}", o.text)?;
                 }
                 if let Some(note) = &j.note {
-                    println!("note: {note}");
+                    out!("note: {note}")?;
                 }
                 if let Some(a) = &j.archive {
-                    println!("archive: {} bytes, sha256 {}", a.size, a.sha256);
+                    out!("archive: {} bytes, sha256 {}", a.size, a.sha256)?;
                 }
                 for f in &j.files {
-                    println!("  {}  {} bytes", f.path, f.size);
+                    out!("  {}  {} bytes", f.path, f.size)?;
                 }
             }
         }
         None => {
             let list = client.jobs(state).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                out!("{}", serde_json::to_string_pretty(&list)?)?;
             } else {
-                print!("{}", table::jobs(&list.jobs));
-                println!("{}", table::counts(&list.counts));
+                write!(std::io::stdout().lock(), "{}", table::jobs(&list.jobs))?;
+                out!("{}", table::counts(&list.counts))?;
             }
         }
     }
@@ -250,19 +268,19 @@ async fn results(client: &Client, job: JobId, dir: &Path, max: Bytes) -> anyhow:
     let got = results::fetch(client, job, dir, max.0)
         .await
         .with_context(|| format!("results of job {job}"))?;
-    println!(
+    out!(
         "job {} ({}, {}): {} file(s) verified in {}",
         got.job.id,
         got.job.name,
         got.job.state,
         got.files.len(),
         dir.display()
-    );
+    )?;
     for (path, size) in &got.files {
-        println!("  {path}  {size} bytes");
+        out!("  {path}  {size} bytes")?;
     }
     for m in &got.missing {
-        println!("  missing: {m} (declared output not produced)");
+        out!("  missing: {m} (declared output not produced)")?;
     }
     Ok(())
 }
@@ -281,6 +299,13 @@ async fn terminated() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn join(ids: &[JobId]) -> String {

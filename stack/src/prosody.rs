@@ -37,8 +37,10 @@ impl Prosody {
                 return Err(StackError::ProsodyMissing(tool));
             }
         }
-        std::fs::create_dir_all(dir.join("data"))
-            .map_err(io(format!("creating {}", dir.display())))?;
+        for sub in ["data", "certs"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(io(format!("creating {}", dir.display())))?;
+        }
         let dir = std::fs::canonicalize(dir).map_err(io(format!("resolving {}", dir.display())))?;
         let port = free_port()?;
         let config = dir.join("prosody.cfg.lua");
@@ -209,6 +211,7 @@ run_as_root = true
 pidfile = {pidfile}
 data_path = {data}
 plugin_paths = {{ }}
+certificates = {certs}
 log = {{ {{ levels = {{ min = "info" }}, to = "file", filename = {log} }} }}
 
 interfaces = {{ "127.0.0.1" }}
@@ -238,6 +241,7 @@ VirtualHost "{domain}"
 "#,
         pidfile = d("prosody.pid"),
         data = d("data"),
+        certs = d("certs"),
         log = d("prosody.log"),
         domain = XMPP_DOMAIN,
     );
