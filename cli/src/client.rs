@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the manager at {url}: {source} (is it running? see --manager/--stack)")]
+    #[error("cannot reach the manager at {url} (is it running? see --manager/--stack)")]
     Unreachable {
         url: String,
         #[source]
@@ -32,7 +32,7 @@ pub enum ClientError {
     },
     #[error("{what}: the answer is not what the API promises: {reason}")]
     BadAnswer { what: String, reason: String },
-    #[error("{what}: reading the answer failed: {source}")]
+    #[error("{what}: reading the answer failed")]
     Body {
         what: String,
         #[source]

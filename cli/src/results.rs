@@ -27,7 +27,7 @@ pub enum ResultsError {
         got: Sha256,
         got_size: u64,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]

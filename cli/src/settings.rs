@@ -22,7 +22,7 @@ struct ClientFile {
 /// Why the settings could not be worked out.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("cannot read {path}: {source} (was `copilot up --dir {dir}` started?)")]
+    #[error("cannot read {path} (was `copilot up --dir {dir}` started?)")]
     Read {
         path: PathBuf,
         dir: String,

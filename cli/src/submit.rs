@@ -17,13 +17,13 @@ use crate::client::{Client, ClientError};
 /// Why submitting failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Job {
         path: PathBuf,
         #[source]

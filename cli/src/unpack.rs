@@ -26,7 +26,7 @@ pub enum UnpackError {
     TooLarge { limit: u64 },
     #[error("archive has more than {MAX_ENTRIES} entries; refused")]
     TooManyEntries,
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Write {
         path: PathBuf,
         #[source]

@@ -15,7 +15,7 @@ const AGENTS_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum UpError {
     #[error(transparent)]
     Stack(#[from] StackError),
-    #[error("stack task failed: {0}")]
+    #[error("stack task failed")]
     Task(#[from] tokio::task::JoinError),
     #[error("waiting for signals: {0}")]
     Signal(std::io::Error),

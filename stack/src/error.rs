@@ -11,7 +11,7 @@ pub enum StackError {
     ProsodyMissing(&'static str),
     #[error("{path} does not exist; build the binaries first: cargo build --workspace --bins")]
     BinaryMissing { path: PathBuf },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
@@ -26,7 +26,7 @@ pub enum StackError {
         log: PathBuf,
         tail: String,
     },
-    #[error("{what} exited ({status}) while starting; see {log}:\n{tail}")]
+    #[error("{what} exited unexpectedly ({status}); see {log}:\n{tail}")]
     Exited {
         what: String,
         status: std::process::ExitStatus,
@@ -41,7 +41,7 @@ pub enum StackError {
     },
     #[error("extra {what} TOML is invalid: {reason}")]
     ExtraToml { what: &'static str, reason: String },
-    #[error("signal to {what} (pid {pid}) failed: {source}")]
+    #[error("signal to {what} (pid {pid}) failed")]
     Signal {
         what: String,
         pid: u32,
