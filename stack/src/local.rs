@@ -119,9 +119,9 @@ impl LocalStack {
             "manager",
         )?;
         write(&manager_config, &text)?;
-        let client = Table::from_iter([
-            ("url".to_owned(), Value::from(format!("http://{http}"))),
-            ("token".to_owned(), Value::from(token.clone())),
+        let client = table([
+            ("url", Value::from(format!("http://{http}"))),
+            ("token", Value::from(token.clone())),
         ]);
         write(&dir.join("client.toml"), &client.to_string())?;
         let mut stack = LocalStack {
@@ -388,13 +388,11 @@ fn path_value(p: &Path) -> Value {
     Value::from(p.to_string_lossy().into_owned())
 }
 
-fn table<const N: usize>(entries: [(&str, Value); N]) -> Value {
-    Value::Table(
-        entries
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect(),
-    )
+fn table<const N: usize>(entries: [(&str, Value); N]) -> Table {
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
 }
 
 /// manager.toml per the contract.
@@ -406,42 +404,39 @@ fn manager_toml(
     http: SocketAddr,
     lease: Seconds,
 ) -> Table {
-    let Value::Table(t) = table([
+    table([
         ("data_dir", path_value(&dir.join("manager"))),
         ("api_token", Value::from(token)),
         (
             "xmpp",
-            table([
+            Value::Table(table([
                 ("jid", Value::from(format!("{MANAGER_USER}@{XMPP_DOMAIN}"))),
                 ("password", Value::from(password)),
                 ("server", Value::from(server)),
-            ]),
+            ])),
         ),
         (
             "http",
-            table([
+            Value::Table(table([
                 ("listen", Value::from(http.to_string())),
                 ("public_url", Value::from(format!("http://{http}"))),
-            ]),
+            ])),
         ),
         (
             "jobs",
-            table([("lease", Value::from(format!("{}s", lease.0)))]),
+            Value::Table(table([("lease", Value::from(format!("{}s", lease.0)))])),
         ),
-    ]) else {
-        unreachable!("table() builds a table")
-    };
-    t
+    ])
 }
 
 /// agent-N.toml per the contract.
 fn agent_toml(name: &str, work_dir: &Path, server: &str, password: &str) -> Table {
-    let Value::Table(t) = table([
+    table([
         ("name", Value::from(name)),
         ("work_dir", path_value(work_dir)),
         (
             "xmpp",
-            table([
+            Value::Table(table([
                 ("jid", Value::from(format!("{name}@{XMPP_DOMAIN}"))),
                 ("password", Value::from(password)),
                 ("server", Value::from(server)),
@@ -449,12 +444,9 @@ fn agent_toml(name: &str, work_dir: &Path, server: &str, password: &str) -> Tabl
                     "manager",
                     Value::from(format!("{MANAGER_USER}@{XMPP_DOMAIN}")),
                 ),
-            ]),
+            ])),
         ),
-    ]) else {
-        unreachable!("table() builds a table")
-    };
-    t
+    ])
 }
 
 /// Merge `extra` (TOML text) over `base`: tables merge recursively, other values replace.
