@@ -11,12 +11,9 @@ pub enum StackError {
     ProsodyMissing(&'static str),
     #[error("{path} does not exist; build the binaries first: cargo build --workspace --bins")]
     BinaryMissing { path: PathBuf },
-    #[error("{what}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is part of the message (not a `source`), so `{e}` alone says everything.
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
     #[error("no free TCP port on 127.0.0.1 between {low} and {high}")]
     NoFreePort { low: u16, high: u16 },
     #[error("{what} did not become ready within {secs} s; see {log}:\n{tail}")]
@@ -41,12 +38,11 @@ pub enum StackError {
     },
     #[error("extra {what} TOML is invalid: {reason}")]
     ExtraToml { what: &'static str, reason: String },
-    #[error("signal to {what} (pid {pid}) failed")]
+    #[error("signal to {what} (pid {pid}) failed: {error}")]
     Signal {
         what: String,
         pid: u32,
-        #[source]
-        source: nix::Error,
+        error: nix::Error,
     },
     #[error("there is no agent number {0} in this stack")]
     NoSuchAgent(usize),
@@ -57,5 +53,5 @@ pub enum StackError {
 /// Wrap an io error with what was being done.
 pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StackError {
     let what = what.into();
-    move |source| StackError::Io { what, source }
+    move |error| StackError::Io { what, error }
 }

@@ -149,10 +149,10 @@ impl Supervised {
         };
         match killpg(Pid::from_raw(raw), sig) {
             Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
-            Err(source) => Err(StackError::Signal {
+            Err(error) => Err(StackError::Signal {
                 what: self.name.clone(),
                 pid,
-                source,
+                error,
             }),
         }
     }
