@@ -2,7 +2,8 @@
 //!
 //! tokio-xmpp's own TCP connector leaves Nagle's algorithm on, which delays every small stanza
 //! by ~40 ms. Plaintext is refused for non-loopback addresses: credentials must not cross a
-//! network in clear (STARTTLS with a pinned project CA is on the roadmap).
+//! network in clear (STARTTLS with a pinned project CA is on the roadmap). Every byte read
+//! passes a [`DepthGuard`], so hostile nesting cannot reach the recursive XML parser.
 
 use std::borrow::Cow;
 use std::io;
@@ -14,6 +15,8 @@ use tokio_xmpp::connect::ServerConnector;
 use tokio_xmpp::jid::Jid;
 use tokio_xmpp::xmlstream::{initiate_stream, PendingFeaturesRecv, StreamHeader, Timeouts};
 use tokio_xmpp::Error;
+
+use crate::depth::DepthGuard;
 
 /// Connects over plain TCP to `addr` (host:port), which must resolve to a loopback address.
 #[derive(Debug, Clone)]
@@ -29,7 +32,7 @@ impl LoopbackConnector {
 }
 
 impl ServerConnector for LoopbackConnector {
-    type Stream = BufStream<TcpStream>;
+    type Stream = BufStream<DepthGuard<TcpStream>>;
 
     async fn connect(
         &self,
@@ -56,7 +59,8 @@ impl ServerConnector for LoopbackConnector {
             from: None,
             id: None,
         };
-        let pending = initiate_stream(BufStream::new(tcp), ns, header, timeouts).await?;
+        let pending =
+            initiate_stream(BufStream::new(DepthGuard::new(tcp)), ns, header, timeouts).await?;
         Ok((pending, ChannelBinding::None))
     }
 }

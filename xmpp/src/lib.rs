@@ -5,10 +5,12 @@
 //! over channels, so callers may use any runtime. It tracks IQ requests itself, answers are
 //! routed back to the caller that asked, and incoming requests, messages and presence come out as
 //! [`Incoming`] events. [`connector`] sets TCP_NODELAY (tokio-xmpp does not, which costs ~40 ms
-//! per stanza). [`LogLimiter`] keeps a peer from flooding the log.
+//! per stanza) and guards reads against hostile XML nesting ([`depth`]). [`LogLimiter`] keeps
+//! a peer from flooding the log.
 
 mod connection;
 pub mod connector;
+pub mod depth;
 mod ratelimit;
 
 pub use connection::{Connection, Incoming, IqKind, Sender, XmppConfig, XmppError};
