@@ -202,7 +202,15 @@ fn outcome_view(o: &Outcome) -> OutcomeView {
     }
 }
 
+/// Whether `id` can name a row at all: SQLite row ids are `i64`, job ids on the wire `u64`.
+fn storable(id: JobId) -> bool {
+    i64::try_from(id).is_ok()
+}
+
 fn load(tx: &Transaction<'_>, id: JobId) -> Result<Option<Current>, QueueError> {
+    if !storable(id) {
+        return Ok(None);
+    }
     type Raw = (
         String,
         u32,
@@ -644,6 +652,9 @@ impl Queue {
 
     /// One job, if it exists.
     pub fn job(&self, id: JobId) -> Result<Option<JobView>, QueueError> {
+        if !storable(id) {
+            return Ok(None);
+        }
         let conn = self.lock();
         conn.query_row("SELECT * FROM jobs WHERE id = ?1", [id], view)
             .optional()?
@@ -725,6 +736,9 @@ impl Queue {
 
     /// The stored archive of `job` and the attempt that produced it, if any.
     pub fn archive_of(&self, job: JobId) -> Result<Option<(u32, Stored)>, QueueError> {
+        if !storable(job) {
+            return Ok(None);
+        }
         let conn = self.lock();
         let row: Option<(Option<u32>, Option<String>, Option<u64>)> = conn
             .query_row(
@@ -978,6 +992,14 @@ mod tests {
             f.q.progress("ag", 999, 1, Phase::Running, TTL),
             Err(QueueError::UnknownJob(999))
         ));
+        // Ids beyond SQLite's row id range name no job (not a database error).
+        let huge = u64::MAX;
+        assert!(matches!(
+            f.q.progress("ag", huge, 1, Phase::Running, TTL),
+            Err(QueueError::UnknownJob(_))
+        ));
+        assert!(matches!(f.q.job(huge), Ok(None)));
+        assert!(matches!(f.q.archive_of(huge), Ok(None)));
     }
 
     #[test]
