@@ -275,8 +275,12 @@ impl Dispatcher {
             }
             Ok(Completion::Duplicate) => true,
             Err(e) => {
-                if !matches!(e, QueueError::StaleLease { .. }) {
-                    warn!(job = report.job, "cannot record report: {e}");
+                match e {
+                    // What a confused or hostile peer can provoke: rate-limited.
+                    QueueError::StaleLease { .. } | QueueError::UnknownJob(_) => {
+                        self.log_bad(&from, &format!("report refused: {e}"))
+                    }
+                    _ => warn!(job = report.job, "cannot record report: {e}"),
                 }
                 self.shared.fleet.finished(&agent, report.job, false);
                 return self.reply_error(&from, id, (&e).into());
