@@ -40,6 +40,8 @@ pub fn manager_address(jid: &str) -> String {
     }
 }
 
+/// Longest agent name, in bytes.
+pub const MAX_AGENT_NAME: usize = 128;
 /// Longest free-text message carried in a payload, in bytes (longer ones are cut).
 pub const MAX_MESSAGE_BYTES: usize = 2048;
 
@@ -628,6 +630,15 @@ impl<'a> Attrs<'a> {
         v.parse().map_err(|_| self.bad(attr, v))
     }
 
+    /// An agent name: 1 to [`MAX_AGENT_NAME`] bytes, no white space or control characters.
+    fn agent_name(&self, attr: &'static str) -> Result<String, WireError> {
+        let v = self.bounded(attr, MAX_AGENT_NAME)?;
+        if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.bad(attr, &v));
+        }
+        Ok(v)
+    }
+
     fn bounded(&self, attr: &'static str, max: usize) -> Result<String, WireError> {
         let v = self.str(attr)?;
         if v.len() > max {
@@ -846,7 +857,7 @@ fn decode_done(e: &Element) -> Result<DoneReport, WireError> {
         }
     }
     Ok(DoneReport {
-        agent: a.bounded("agent", 256)?,
+        agent: a.agent_name("agent")?,
         job: a.parse("job")?,
         attempt: a.parse("attempt")?,
         outcome: outcome.ok_or_else(|| invalid("done", "no <outcome/>"))?,
@@ -914,7 +925,7 @@ impl Payload {
                 let a = Attrs::new(e, "request", &["v", "agent", "version", "wait"])?;
                 no_children(e, "request")?;
                 Payload::Request(WorkRequest {
-                    agent: a.bounded("agent", 256)?,
+                    agent: a.agent_name("agent")?,
                     version: a.bounded("version", 64)?,
                     wait_secs: a.opt_parse("wait")?.unwrap_or(0),
                 })
@@ -931,7 +942,7 @@ impl Payload {
                     other => return Err(a.bad("phase", other)),
                 };
                 Payload::Progress(Progress {
-                    agent: a.bounded("agent", 256)?,
+                    agent: a.agent_name("agent")?,
                     job: a.parse("job")?,
                     attempt: a.parse("attempt")?,
                     phase,
@@ -1082,6 +1093,12 @@ mod tests {
                 "<request xmlns='urn:copilot:1' v='2' agent='a' version='1'/>",
                 |e| matches!(e, WireError::UnsupportedVersion(_)),
             ),
+            ("<request xmlns='urn:copilot:1' v='1' agent='' version='1'/>", |e| {
+                matches!(e, WireError::BadAttribute { attr: "agent", .. })
+            }),
+            ("<request xmlns='urn:copilot:1' v='1' agent='a b' version='1'/>", |e| {
+                matches!(e, WireError::BadAttribute { attr: "agent", .. })
+            }),
             ("<bogus xmlns='urn:copilot:1' v='1'/>", |e| {
                 matches!(e, WireError::UnknownElement(_))
             }),
