@@ -5,9 +5,9 @@
 //! still runs and its results verify.
 //!
 //! One stack serves the main test: its steps run in order, since the later ones check that the
-//! earlier ones left the stack serving. The `#[ignore]`d tests at the end reproduce known bugs
-//! (each says which in its reason), one stack each since some crash the manager; run them with
-//! `cargo test -p copilot-tests --test bad_input -- --ignored` and drop the attribute once fixed.
+//! earlier ones left the stack serving. The tests at the end each guard a bug found here (deep
+//! nesting aborting the manager or an agent, huge job ids answered `internal`, unrate-limited log
+//! lines, an empty agent name accepted), one stack each.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
