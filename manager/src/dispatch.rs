@@ -3,6 +3,7 @@
 //! and requeues the jobs of agents that go offline. Malformed or oversized payloads get a typed
 //! error answer and a rate-limited log line; nothing an agent sends can stop the dispatcher.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,9 @@ pub struct Dispatcher {
     shared: Arc<Shared>,
     xmpp: Sender,
     bad_input_log: Mutex<LogLimiter>,
+    /// Agent addresses this session has sent directed presence to: the server tells them when
+    /// this session ends, so they stop waiting for answers that will not come.
+    announced: Mutex<HashSet<String>>,
 }
 
 fn problem(code: ErrorCode, text: impl Into<String>) -> Problem {
@@ -54,6 +58,7 @@ impl Dispatcher {
             shared,
             xmpp,
             bad_input_log: Mutex::new(LogLimiter::new(10, Duration::from_secs(60))),
+            announced: Mutex::new(HashSet::new()),
         })
     }
 
@@ -75,9 +80,16 @@ impl Dispatcher {
     fn handle(self: Arc<Self>, ev: Incoming) {
         match ev {
             Incoming::Online { jid } => {
-                info!(%jid, "manager online");
+                info!(%jid, "manager online again");
                 if let Err(e) = self.xmpp.presence(None, true) {
                     warn!("cannot send presence: {e}");
+                }
+                // A new session: the agents known to be online must hear of it again.
+                self.lock_announced().clear();
+                for agent in self.shared.fleet.list().agents {
+                    if let Some(jid) = agent.jid {
+                        self.announce(&jid);
+                    }
                 }
             }
             Incoming::Request {
@@ -101,6 +113,19 @@ impl Dispatcher {
                 }
             }
             Incoming::Presence { from, available } => self.on_presence(&from, available),
+        }
+    }
+
+    fn lock_announced(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.announced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Send directed presence to an agent's address once per session.
+    fn announce(&self, jid: &str) {
+        if self.lock_announced().insert(jid.to_owned()) {
+            if let Err(e) = self.xmpp.presence(Some(jid), true) {
+                debug!("cannot send presence to {jid}: {e}");
+            }
         }
     }
 
@@ -216,7 +241,9 @@ impl Dispatcher {
                 self.log_bad(from, &e.to_string());
                 problem(ErrorCode::NotAuthorized, e.to_string())
             },
-        )
+        )?;
+        self.announce(from);
+        Ok(())
     }
 
     async fn on_work_request(self: Arc<Self>, from: String, id: String, req: WorkRequest) {
@@ -326,6 +353,7 @@ impl Dispatcher {
             self.shared.fleet.rebind(from);
             return;
         }
+        self.lock_announced().remove(from);
         let Some(agent) = self.shared.fleet.offline(from) else {
             return;
         };
