@@ -64,6 +64,9 @@ struct Link {
     xmpp: Sender,
     manager: String,
     agent: String,
+    /// Bumped whenever the manager's session ends (the server sends us its unavailable
+    /// presence): questions in flight to it will never be answered.
+    manager_gone: tokio::sync::watch::Sender<u64>,
 }
 
 impl Link {
@@ -73,10 +76,14 @@ impl Link {
         payload: Payload,
         wait: Duration,
     ) -> Result<Payload, XmppError> {
-        let answer = self
+        let mut gone = self.manager_gone.subscribe();
+        let request = self
             .xmpp
-            .request(&self.manager, kind, payload.to_element(), wait)
-            .await?;
+            .request(&self.manager, kind, payload.to_element(), wait);
+        let answer = tokio::select! {
+            answer = request => answer?,
+            _ = gone.changed() => return Err(XmppError::Closed),
+        };
         let el = answer.ok_or_else(|| XmppError::Remote {
             condition: "empty-answer".into(),
             problem: None,
@@ -251,6 +258,7 @@ pub async fn run(
         xmpp: conn.sender(),
         manager: copilot_protocol::wire::manager_address(&config.xmpp.manager),
         agent: config.name.clone(),
+        manager_gone: tokio::sync::watch::Sender::new(0),
     });
     link.xmpp.presence(Some(&link.manager), true)?;
 
@@ -269,6 +277,10 @@ pub async fn run(
                     if let Err(e) = link.xmpp.presence(Some(&link.manager), true) {
                         warn!("cannot send presence: {e}");
                     }
+                }
+                Some(Incoming::Presence { from, available: false }) if from == link.manager => {
+                    info!("the manager went offline; asking again as it comes back");
+                    link.manager_gone.send_modify(|n| *n += 1);
                 }
                 Some(Incoming::Request { from, id, payload, .. }) => {
                     // Agents serve no requests but pings (XEP-0199).
