@@ -154,3 +154,45 @@ fn restarting_the_xmpp_server_mid_batch_loses_nothing() {
         check_square(&h, j);
     }
 }
+
+#[test]
+fn an_agent_with_two_slots_runs_two_jobs_at_once() {
+    let h = Harness::start(Setup {
+        agents: 1,
+        agent_toml: Some("slots = 2\n".into()),
+        ..Setup::default()
+    });
+    // Each instance leaves a marker and waits (20 s at most) until it sees two: with one slot
+    // the first would see only itself.
+    let markers = h.path("markers");
+    std::fs::create_dir(&markers).unwrap();
+    let job = format!(
+        r#"
+name = "pair"
+command = ["sh", "pair.sh"]
+outputs = ["seen.txt"]
+count = 2
+env = {{ MARKERS = "{}" }}
+
+[[inputs]]
+path = "pair.sh"
+"#,
+        markers.display()
+    );
+    let script = "touch \"$MARKERS/$COPILOT_INSTANCE\"\ni=0\n\
+        while [ $i -lt 200 ]; do\n\
+          n=$(ls \"$MARKERS\" | wc -l)\n\
+          [ \"$n\" -ge 2 ] && break\n\
+          sleep 0.1; i=$((i + 1))\n\
+        done\n\
+        echo $n > seen.txt\n";
+    let file = h.write_job("pair", &job, &[("pair.sh", script)]);
+    let ids = h.submit(&file);
+    let jobs = h.wait_final(&ids, Duration::from_secs(60));
+    for j in &jobs {
+        assert_eq!(j.state, JobState::Done, "{j:?}");
+        assert_eq!(j.agent.as_deref(), Some("agent-1"));
+        let seen = std::fs::read_to_string(h.results(j.id).join("seen.txt")).unwrap();
+        assert_eq!(seen.trim(), "2", "job {} ran alone", j.id);
+    }
+}
