@@ -20,7 +20,9 @@ use copilot_protocol::state::BadTransition;
 use copilot_protocol::wire::{DoneReport, Outcome, Phase};
 use copilot_protocol::{JobId, JobSpec, JobState, Sha256};
 use rand::RngCore;
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{
+    params, Connection, OptionalExtension, Params, Row, Transaction, TransactionBehavior,
+};
 
 use crate::fleet::now_ms;
 
@@ -202,6 +204,41 @@ fn outcome_view(o: &Outcome) -> OutcomeView {
     }
 }
 
+/// Statements kept compiled per connection: room for every `*_cached` statement below (17;
+/// rusqlite's default of 16 would evict one of them now and then).
+const STATEMENT_CACHE: usize = 32;
+
+/// Running SQL through the connection's prepared-statement cache. The queue runs the same few
+/// statements for every job; compiling their SQL again on every call cost 15–20 % of its time
+/// per job (docs/BENCHMARKS.md).
+trait Cached {
+    /// [`Connection::execute`], with the statement compiled once per connection.
+    fn execute_cached<P: Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+
+    /// [`Connection::query_row`], with the statement compiled once per connection.
+    fn query_row_cached<T, P: Params>(
+        &self,
+        sql: &str,
+        params: P,
+        f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn execute_cached<P: Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn query_row_cached<T, P: Params>(
+        &self,
+        sql: &str,
+        params: P,
+        f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
+
 /// Whether `id` can name a row at all: SQLite row ids are `i64`, job ids on the wire `u64`.
 fn storable(id: JobId) -> bool {
     i64::try_from(id).is_ok()
@@ -223,7 +260,7 @@ fn load(tx: &Transaction<'_>, id: JobId) -> Result<Option<Current>, QueueError> 
         String,
     );
     let raw: Option<Raw> = tx
-        .query_row(
+        .query_row_cached(
             "SELECT state, attempt, max_retries, agent, token, token_until, archive_sha,
                     archive_size, spec FROM jobs WHERE id = ?1",
             [id],
@@ -277,11 +314,11 @@ fn set_state(
     now: u64,
 ) -> Result<JobState, QueueError> {
     let to = from.transition(to)?;
-    tx.execute(
+    tx.execute_cached(
         "UPDATE jobs SET state = ?1, updated = ?2 WHERE id = ?3",
         params![to.as_str(), now, id],
     )?;
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO events (job, attempt, from_state, to_state, at, why)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![id, attempt, from.as_str(), to.as_str(), now, why],
@@ -308,7 +345,7 @@ fn lose(tx: &Transaction<'_>, cur: &Current, why: &str, now: u64) -> Result<JobS
         )
     };
     let state = set_state(tx, cur.id, cur.attempt, JobState::Lost, next, &note, now)?;
-    tx.execute(
+    tx.execute_cached(
         "UPDATE jobs SET lease_until = NULL, token = NULL, token_until = NULL, note = ?1
          WHERE id = ?2",
         params![note, cur.id],
@@ -384,6 +421,7 @@ impl Queue {
         }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut conn)?;
         Ok(Queue {
             conn: Mutex::new(conn),
@@ -418,7 +456,7 @@ impl Queue {
     ) -> Result<Vec<JobId>, QueueError> {
         self.write(|tx, now| {
             let mut ids = Vec::with_capacity(specs.len());
-            let mut insert = tx.prepare(
+            let mut insert = tx.prepare_cached(
                 "INSERT INTO jobs (name, spec, state, max_retries, created, updated)
                  VALUES (?1, ?2, 'queued', ?3, ?4, ?4)",
             )?;
@@ -426,7 +464,7 @@ impl Queue {
                 let retries = spec.max_retries.unwrap_or(default_max_retries);
                 insert.execute(params![spec.name, to_json(spec)?, retries, now])?;
                 let id = tx.last_insert_rowid() as JobId;
-                tx.execute(
+                tx.execute_cached(
                     "INSERT INTO events (job, attempt, from_state, to_state, at, why)
                      VALUES (?1, 0, 'new', 'queued', ?2, 'submitted')",
                     params![id, now],
@@ -447,7 +485,7 @@ impl Queue {
     ) -> Result<Option<Claim>, QueueError> {
         self.write(|tx, now| {
             let row: Option<(JobId, String, u32, String)> = tx
-                .query_row(
+                .query_row_cached(
                     "SELECT id, state, attempt, spec FROM jobs WHERE state = 'queued'
                      ORDER BY id LIMIT 1",
                     [],
@@ -470,7 +508,7 @@ impl Queue {
                 now,
             )?;
             let upload_token = new_token();
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE jobs SET attempt = ?1, agent = ?2, lease_until = ?3, token = ?4,
                         token_until = ?5, archive_attempt = NULL, archive_sha = NULL,
                         archive_size = NULL
@@ -517,7 +555,7 @@ impl Queue {
             if target > cur.state {
                 set_state(tx, job, attempt, cur.state, target, "progress", now)?;
             }
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE jobs SET lease_until = ?1, updated = ?2 WHERE id = ?3",
                 params![deadline(now, lease), now, job],
             )?;
@@ -534,7 +572,7 @@ impl Queue {
             let cur = load(tx, job)?.ok_or(QueueError::UnknownJob(job))?;
             if !cur.holds(agent, attempt) {
                 let by: Option<String> = tx
-                    .query_row(
+                    .query_row_cached(
                         "SELECT agent FROM reports WHERE job = ?1 AND attempt = ?2",
                         params![job, attempt],
                         |r| r.get(0),
@@ -583,9 +621,11 @@ impl Queue {
                 JobState::Done => None,
                 JobState::Failed if !outcome.is_retryable() => Some(outcome.describe()),
                 // lose() wrote the note.
-                _ => tx.query_row("SELECT note FROM jobs WHERE id = ?1", [job], |r| r.get(0))?,
+                _ => {
+                    tx.query_row_cached("SELECT note FROM jobs WHERE id = ?1", [job], |r| r.get(0))?
+                }
             };
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE jobs SET outcome = ?1, files = ?2, timings = ?3, note = ?4,
                         lease_until = NULL, token = NULL, token_until = NULL
                  WHERE id = ?5",
@@ -597,7 +637,7 @@ impl Queue {
                     job
                 ],
             )?;
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO reports (job, attempt, agent, state, at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![job, attempt, agent, state.as_str(), now],
             )?;
@@ -656,7 +696,7 @@ impl Queue {
             return Ok(None);
         }
         let conn = self.lock();
-        conn.query_row("SELECT * FROM jobs WHERE id = ?1", [id], view)
+        conn.query_row_cached("SELECT * FROM jobs WHERE id = ?1", [id], view)
             .optional()?
             .transpose()
     }
@@ -725,7 +765,7 @@ impl Queue {
             if !(cur.state.is_leased() && cur.attempt == attempt) {
                 return Err(QueueError::StaleLease { job, attempt });
             }
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE jobs SET archive_attempt = ?1, archive_sha = ?2, archive_size = ?3,
                         updated = ?4 WHERE id = ?5",
                 params![attempt, stored.sha256.to_string(), stored.size, now, job],
@@ -741,7 +781,7 @@ impl Queue {
         }
         let conn = self.lock();
         let row: Option<(Option<u32>, Option<String>, Option<u64>)> = conn
-            .query_row(
+            .query_row_cached(
                 "SELECT archive_attempt, archive_sha, archive_size FROM jobs WHERE id = ?1",
                 [job],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -765,7 +805,7 @@ impl Queue {
         let now = (self.clock)();
         let conn = self.lock();
         let spec: Option<String> = conn
-            .query_row(
+            .query_row_cached(
                 &format!(
                     "SELECT spec FROM jobs WHERE token = ?1 AND token_until > ?2
                      AND state IN {LEASED}"
