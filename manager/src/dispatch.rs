@@ -31,6 +31,9 @@ pub struct Dispatcher {
     /// Agent addresses this session has sent directed presence to: the server tells them when
     /// this session ends, so they stop waiting for answers that will not come.
     announced: Mutex<HashSet<String>>,
+    /// Bumped whenever an agent address goes offline, so held requests check whether theirs is
+    /// still current: a request held for a dead session must not claim a job.
+    offline_epoch: tokio::sync::watch::Sender<u64>,
 }
 
 fn problem(code: ErrorCode, text: impl Into<String>) -> Problem {
@@ -59,6 +62,7 @@ impl Dispatcher {
             xmpp,
             bad_input_log: Mutex::new(LogLimiter::new(10, Duration::from_secs(60))),
             announced: Mutex::new(HashSet::new()),
+            offline_epoch: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -253,12 +257,21 @@ impl Dispatcher {
         let hold = Duration::from_secs(u64::from(req.wait_secs))
             .min(self.shared.config.jobs.hold.as_duration());
         let deadline = tokio::time::Instant::now() + hold;
+        let mut offline = self.offline_epoch.subscribe();
+        let no_work_now = NoWork {
+            retry_after_secs: 0,
+        };
         loop {
             // Register interest before looking, so a submit between the look and the wait
             // is not missed.
             let notified = self.shared.work_available.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // The agent may have logged in again meanwhile (a new address, with its own
+            // request): this request's answer would go nowhere.
+            if !self.shared.fleet.is_current(&req.agent, &from) {
+                return self.reply(&from, id, Payload::NoWork(no_work_now));
+            }
             match self.next_for(&req.agent) {
                 Ok(Next::Assign(a)) => return self.reply(&from, id, Payload::Assign(a)),
                 // Not allowed to hold: say when to come back.
@@ -271,15 +284,15 @@ impl Dispatcher {
                     return self.reply_error(&from, id, (&e).into());
                 }
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err()
-                || self.shared.fleet.name_of(&from).is_none()
-            {
-                // Held for the whole time (the agent has waited already: it may ask again at
-                // once), or the agent went away meanwhile (the server drops the answer).
-                let nowork = NoWork {
-                    retry_after_secs: 0,
-                };
-                return self.reply(&from, id, Payload::NoWork(nowork));
+            tokio::select! {
+                woken = tokio::time::timeout_at(deadline, notified) => {
+                    if woken.is_err() {
+                        // Held for the whole time: the agent has waited already and may ask
+                        // again at once.
+                        return self.reply(&from, id, Payload::NoWork(no_work_now));
+                    }
+                }
+                _ = offline.changed() => {}
             }
         }
     }
@@ -354,6 +367,7 @@ impl Dispatcher {
             return;
         }
         self.lock_announced().remove(from);
+        self.offline_epoch.send_modify(|n| *n += 1);
         let Some(agent) = self.shared.fleet.offline(from) else {
             return;
         };

@@ -98,6 +98,13 @@ impl Fleet {
         }
     }
 
+    /// Whether `jid` is the address agent `name` is online with now.
+    pub fn is_current(&self, name: &str, jid: &str) -> bool {
+        self.lock()
+            .get(name)
+            .is_some_and(|e| e.jid.as_deref() == Some(jid))
+    }
+
     /// `jid` came online: if it is the only agent of its account, it is that agent's new address.
     pub fn rebind(&self, jid: &str) {
         let mut agents = self.lock();
@@ -182,6 +189,8 @@ mod tests {
         assert_eq!(f.name_of("a1@localhost/r3").as_deref(), Some("a1"));
         f.rebind("a1@localhost/r3");
         assert_eq!(f.list().agents[0].jid.as_deref(), Some("a1@localhost/r3"));
+        assert!(f.is_current("a1", "a1@localhost/r3"));
+        assert!(!f.is_current("a1", "a1@localhost/r2"));
         assert_eq!(f.offline("a1@localhost/r2"), None);
         let err = f.seen("a1", "rogue@localhost/x", None).unwrap_err();
         assert!(matches!(err, FleetError::NameTaken { .. }));
