@@ -142,15 +142,7 @@ mod tests {
             files: vec![],
             timings_ms: None,
             note: None,
-            spec: copilot_protocol::JobSpec {
-                name: name.into(),
-                command: vec!["true".into()],
-                inputs: vec![],
-                outputs: vec![],
-                env: Default::default(),
-                limits: Default::default(),
-                max_retries: None,
-            },
+            spec: copilot_protocol::JobSpec::new(name, &["true"]),
         }
     }
 

@@ -558,15 +558,7 @@ mod tests {
     }
 
     fn spec() -> JobSpec {
-        JobSpec {
-            name: "job".into(),
-            command: vec!["sh".into(), "run.sh".into()],
-            inputs: vec![],
-            outputs: vec![],
-            env: Default::default(),
-            limits: Default::default(),
-            max_retries: None,
-        }
+        JobSpec::new("job", &["sh", "run.sh"])
     }
 
     async fn error_of(r: reqwest::Response) -> String {

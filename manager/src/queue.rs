@@ -939,15 +939,7 @@ mod tests {
     }
 
     fn spec(name: &str) -> JobSpec {
-        JobSpec {
-            name: name.into(),
-            command: vec!["true".into()],
-            inputs: vec![],
-            outputs: vec![],
-            env: Default::default(),
-            limits: Default::default(),
-            max_retries: None,
-        }
+        JobSpec::new(name, &["true"])
     }
 
     fn report(c: &Claim, outcome: Outcome, archive: Option<Stored>) -> DoneReport {

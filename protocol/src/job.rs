@@ -330,6 +330,19 @@ impl InputEntry {
 }
 
 impl JobSpec {
+    /// A job named `name` that runs `command`, with no inputs, outputs, environment or limits.
+    pub fn new(name: impl Into<String>, command: &[&str]) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            command: command.iter().map(|w| (*w).to_owned()).collect(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            env: BTreeMap::new(),
+            limits: Limits::default(),
+            max_retries: None,
+        }
+    }
+
     /// Check a spec that came from outside (the API or the wire) with the job-file rules.
     pub fn validate(&self) -> Result<(), JobError> {
         validate_label(&self.name)?;

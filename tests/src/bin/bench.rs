@@ -471,15 +471,7 @@ async fn wait_for_manager(out: &Sender, manager: &str, deadline: Duration) -> Re
 
 fn noop_specs(from: u64, count: u64) -> Vec<JobSpec> {
     (from..from + count)
-        .map(|i| JobSpec {
-            name: format!("noop#{i}"),
-            command: vec!["true".into()],
-            inputs: Vec::new(),
-            outputs: Vec::new(),
-            env: Default::default(),
-            limits: Default::default(),
-            max_retries: None,
-        })
+        .map(|i| JobSpec::new(format!("noop#{i}"), &["true"]))
         .collect()
 }
 
