@@ -34,6 +34,10 @@ pub struct Dispatcher {
     /// Bumped whenever an agent address goes offline, so held requests check whether theirs is
     /// still current: a request held for a dead session must not claim a job.
     offline_epoch: tokio::sync::watch::Sender<u64>,
+    /// Bumped whenever the manager's own XMPP session starts again: requests held from the old
+    /// session came from addresses that may be gone (after a server restart, nobody tells us),
+    /// and answers to them would be lost, so they must not claim jobs.
+    session: tokio::sync::watch::Sender<u64>,
 }
 
 fn problem(code: ErrorCode, text: impl Into<String>) -> Problem {
@@ -63,6 +67,7 @@ impl Dispatcher {
             bad_input_log: Mutex::new(LogLimiter::new(10, Duration::from_secs(60))),
             announced: Mutex::new(HashSet::new()),
             offline_epoch: tokio::sync::watch::Sender::new(0),
+            session: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -88,7 +93,9 @@ impl Dispatcher {
                 if let Err(e) = self.xmpp.presence(None, true) {
                     warn!("cannot send presence: {e}");
                 }
-                // A new session: the agents known to be online must hear of it again.
+                // A new session: requests held from the old one are void, and the agents known
+                // to be online must hear of this session.
+                self.session.send_modify(|n| *n += 1);
                 self.lock_announced().clear();
                 for agent in self.shared.fleet.list().agents {
                     if let Some(jid) = agent.jid {
@@ -258,6 +265,8 @@ impl Dispatcher {
             .min(self.shared.config.jobs.hold.as_duration());
         let deadline = tokio::time::Instant::now() + hold;
         let mut offline = self.offline_epoch.subscribe();
+        let mut session = self.session.subscribe();
+        let started_in = *session.borrow_and_update();
         let no_work_now = NoWork {
             retry_after_secs: 0,
         };
@@ -267,6 +276,10 @@ impl Dispatcher {
             let notified = self.shared.work_available.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if *session.borrow() != started_in {
+                debug!(%from, "dropping a request held from an earlier session");
+                return;
+            }
             // The agent may have logged in again meanwhile (a new address, with its own
             // request): this request's answer would go nowhere.
             if !self.shared.fleet.is_current(&req.agent, &from) {
@@ -293,6 +306,7 @@ impl Dispatcher {
                     }
                 }
                 _ = offline.changed() => {}
+                _ = session.changed() => {}
             }
         }
     }
