@@ -23,6 +23,9 @@ pub enum UpError {
 
 /// Run a stack in `dir` with `agents` agents until a signal or until a part of it dies.
 pub async fn up(dir: PathBuf, agents: usize, lease: Seconds) -> Result<(), UpError> {
+    // Take over SIGINT/SIGTERM before starting anything: a signal that came while the stack
+    // starts must stop it, not kill this process and leave its children running.
+    let signals = Signals::new()?;
     let mut opts = StackOptions::new(dir, default_bin_dir()?);
     opts.agents = agents;
     opts.lease = lease;
@@ -39,7 +42,7 @@ pub async fn up(dir: PathBuf, agents: usize, lease: Seconds) -> Result<(), UpErr
         stack
     })
     .await?;
-    let outcome = watch(stack).await;
+    let outcome = watch(stack, signals).await;
     match outcome {
         Ok((stack, crashed)) => {
             eprintln!("stopping the stack");
@@ -50,12 +53,29 @@ pub async fn up(dir: PathBuf, agents: usize, lease: Seconds) -> Result<(), UpErr
     }
 }
 
+/// SIGTERM and SIGINT, caught.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, UpError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(UpError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(UpError::Signal)?,
+        })
+    }
+}
+
 /// Wait for Ctrl-C/SIGTERM, checking every second that the manager and Prosody still run.
 /// Returns the stack and, if a part died, why.
-async fn watch(mut stack: LocalStack) -> Result<(LocalStack, Option<StackError>), UpError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(UpError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(UpError::Signal)?;
+async fn watch(
+    mut stack: LocalStack,
+    signals: Signals,
+) -> Result<(LocalStack, Option<StackError>), UpError> {
+    let Signals { mut term, mut int } = signals;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
