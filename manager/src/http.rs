@@ -492,6 +492,11 @@ mod tests {
                 .bearer_auth(TOKEN)
         }
 
+        /// GET `path` with the API token.
+        async fn get(&self, path: &str) -> reqwest::Response {
+            self.req(reqwest::Method::GET, path).send().await.unwrap()
+        }
+
         async fn put_input(&self, data: &'static [u8]) -> Sha256 {
             let sha = Sha256::of(data);
             let r = self
@@ -513,10 +518,8 @@ mod tests {
         }
 
         async fn job(&self, id: JobId) -> JobView {
-            self.req(reqwest::Method::GET, &format!("/api/jobs/{id}"))
-                .send()
+            self.get(&format!("/api/jobs/{id}"))
                 .await
-                .unwrap()
                 .json()
                 .await
                 .unwrap()
@@ -578,11 +581,7 @@ mod tests {
         let st: Stored = r.json().await.unwrap();
         assert_eq!((st.sha256, st.size), (sha, 18));
         assert_eq!(put().send().await.unwrap().status(), StatusCode::OK);
-        let r = s
-            .req(reqwest::Method::GET, &format!("/inputs/{sha}"))
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&format!("/inputs/{sha}")).await;
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(
             r.headers()[CONTENT_SHA256_HEADER].to_str().unwrap(),
@@ -590,17 +589,9 @@ mod tests {
         );
         assert_eq!(&r.bytes().await.unwrap()[..], b"#!/bin/sh\necho hi\n");
         let missing = Sha256::of(b"nope");
-        let r = s
-            .req(reqwest::Method::GET, &format!("/inputs/{missing}"))
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&format!("/inputs/{missing}")).await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        let r = s
-            .req(reqwest::Method::GET, "/inputs/xyz")
-            .send()
-            .await
-            .unwrap();
+        let r = s.get("/inputs/xyz").await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         assert!(error_of(r).await.contains("sha256"));
     }
@@ -741,34 +732,18 @@ mod tests {
             (JobState::Queued, 3, 1)
         );
         s.shared.queue.claim("a", HOUR, HOUR).unwrap();
-        let r = s
-            .req(reqwest::Method::GET, "/api/jobs?state=queued")
-            .send()
-            .await
-            .unwrap();
+        let r = s.get("/api/jobs?state=queued").await;
         let list: JobList = r.json().await.unwrap();
         assert_eq!(
             list.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
             vec![ids[1]]
         );
         assert_eq!(list.counts[&JobState::Assigned], 1);
-        let r = s
-            .req(reqwest::Method::GET, "/api/jobs?state=sleeping")
-            .send()
-            .await
-            .unwrap();
+        let r = s.get("/api/jobs?state=sleeping").await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-        let r = s
-            .req(reqwest::Method::GET, "/api/jobs/999")
-            .send()
-            .await
-            .unwrap();
+        let r = s.get("/api/jobs/999").await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        let r = s
-            .req(reqwest::Method::GET, "/api/jobs/../../etc")
-            .send()
-            .await
-            .unwrap();
+        let r = s.get("/api/jobs/../../etc").await;
         assert!(r.status().is_client_error());
     }
 
@@ -816,21 +791,10 @@ mod tests {
         assert_eq!(s.shared.queue.archive_of(c.job).unwrap(), Some((1, st)));
         let v = s.job(c.job).await;
         assert_eq!((v.state, v.archive), (JobState::Uploading, Some(st)));
-        let r = s
-            .req(reqwest::Method::GET, &format!("/api/jobs/{}/output", c.job))
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&format!("/api/jobs/{}/output", c.job)).await;
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(&r.bytes().await.unwrap()[..], body);
-        let r = s
-            .req(
-                reqwest::Method::GET,
-                &format!("/api/jobs/{}/output", other.job),
-            )
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&format!("/api/jobs/{}/output", other.job)).await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         // Once the lease is gone, so is the token.
         s.shared.queue.release_agent("agent", "offline").unwrap();
@@ -908,19 +872,11 @@ mod tests {
             .fleet
             .seen("vm-1", "vm-1@localhost/r", Some("0.1.0"))
             .unwrap();
-        let r = s
-            .req(reqwest::Method::GET, "/api/agents")
-            .send()
-            .await
-            .unwrap();
+        let r = s.get("/api/agents").await;
         let list: AgentList = r.json().await.unwrap();
         assert_eq!(list.agents.len(), 1);
         assert_eq!(list.agents[0].name, "vm-1");
-        let r = s
-            .req(reqwest::Method::GET, "/nothing/here")
-            .send()
-            .await
-            .unwrap();
+        let r = s.get("/nothing/here").await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert!(error_of(r).await.contains("no such endpoint"));
     }
