@@ -109,23 +109,33 @@ fn a_killed_agents_job_is_requeued_and_done_once_by_another() {
     assert!(!dead.online && dead.jobs_done == 0, "{dead:?}");
 }
 
-#[test]
-fn restarting_the_manager_mid_batch_loses_nothing() {
+/// Run `count` square jobs on two agents; once `done_before` are done, `interrupt` the stack;
+/// return the harness and the jobs once all are final.
+fn interrupted_batch(
+    count: u32,
+    done_before: usize,
+    interrupt: impl FnOnce(&mut Harness),
+) -> (Harness, Vec<JobView>) {
     let mut h = Harness::start(Setup {
         agents: 2,
         lease: Seconds(10),
         manager_toml: Some("[jobs]\nhold = \"5s\"\n".into()),
         ..Setup::default()
     });
-    let job = h.write_job("batch", &squares(20, "0.2"), &[("square.sh", SQUARE_SH)]);
+    let job = h.write_job("batch", &squares(count, "0.2"), &[("square.sh", SQUARE_SH)]);
     let ids = h.submit(&job);
     h.wait_for("a few jobs to finish", Duration::from_secs(60), |l| {
-        l.jobs.iter().filter(|j| j.state == JobState::Done).count() >= 4
+        l.jobs.iter().filter(|j| j.state == JobState::Done).count() >= done_before
     });
-    h.stack.restart_manager().unwrap();
-
+    interrupt(&mut h);
     let jobs = h.wait_final(&ids, Duration::from_secs(180));
-    assert_eq!(jobs.len(), 20);
+    assert_eq!(jobs.len(), count as usize);
+    (h, jobs)
+}
+
+#[test]
+fn restarting_the_manager_mid_batch_loses_nothing() {
+    let (h, jobs) = interrupted_batch(20, 4, |h| h.stack.restart_manager().unwrap());
     for j in &jobs {
         // A job in flight during the restart may have needed a second attempt, no more.
         assert!(j.attempt <= 2, "job {} took {} attempts", j.id, j.attempt);
@@ -135,23 +145,10 @@ fn restarting_the_manager_mid_batch_loses_nothing() {
 
 #[test]
 fn restarting_the_xmpp_server_mid_batch_loses_nothing() {
-    let mut h = Harness::start(Setup {
-        agents: 2,
-        lease: Seconds(10),
-        manager_toml: Some("[jobs]\nhold = \"5s\"\n".into()),
-        ..Setup::default()
-    });
-    let job = h.write_job("batch", &squares(12, "0.2"), &[("square.sh", SQUARE_SH)]);
-    let ids = h.submit(&job);
-    h.wait_for("a few jobs to finish", Duration::from_secs(60), |l| {
-        l.jobs.iter().filter(|j| j.state == JobState::Done).count() >= 3
-    });
-    h.stack.prosody().restart().unwrap();
-
+    let (h, jobs) = interrupted_batch(12, 3, |h| h.stack.prosody().restart().unwrap());
     // A stopping server tells the manager that every agent went offline, so the jobs they held
     // are requeued (their late reports are refused as stale): attempts may be spent, but every
     // job ends done, verified, with one archive.
-    let jobs = h.wait_final(&ids, Duration::from_secs(180));
     for j in &jobs {
         check_square(&h, j);
         let squares = j.files.iter().filter(|f| f.path == "square.txt").count();
