@@ -710,13 +710,13 @@ impl Queue {
             .query_map([state.map(JobState::as_str)], view)?
             .map(|r| r?)
             .collect::<Result<Vec<_>, QueueError>>()?;
-        let mut counts: BTreeMap<JobState, u64> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
-        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
-        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))? {
-            let (s, n) = row?;
-            counts.insert(parse_state(&s)?, n);
-        }
+        let counts = counts(&conn)?;
         Ok(JobList { jobs, counts })
+    }
+
+    /// The number of jobs in every state (0 for states without jobs).
+    pub fn counts(&self) -> Result<BTreeMap<JobState, u64>, QueueError> {
+        counts(&self.lock())
     }
 
     /// Check an upload token for `job`/`attempt` (matching, unexpired, lease current) and move
@@ -842,6 +842,16 @@ fn ids_where<P: rusqlite::Params>(
 
 /// The report's outcome, except that a success whose archive does not match what the storage
 /// service recorded becomes [`Outcome::StageOutFailed`].
+fn counts(conn: &Connection) -> Result<BTreeMap<JobState, u64>, QueueError> {
+    let mut counts: BTreeMap<JobState, u64> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
+    let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))? {
+        let (s, n) = row?;
+        counts.insert(parse_state(&s)?, n);
+    }
+    Ok(counts)
+}
+
 fn checked_outcome(cur: &Current, report: &DoneReport) -> Result<Outcome, QueueError> {
     if !report.outcome.succeeded() {
         return Ok(report.outcome.clone());
