@@ -48,6 +48,14 @@ pub struct HttpConfig {
     /// Base URL agents use for inputs and outputs, without a trailing slash.
     #[serde(default)]
     pub public_url: String,
+    /// Whether `GET /metrics` answers without the API token (the default: Prometheus scrapes
+    /// it, and it reveals only counts). When false it needs the API token like the JSON API.
+    #[serde(default = "yes")]
+    pub metrics_public: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for HttpConfig {
@@ -55,6 +63,7 @@ impl Default for HttpConfig {
         Self {
             listen: default_listen(),
             public_url: String::new(),
+            metrics_public: true,
         }
     }
 }
@@ -294,6 +303,7 @@ mod tests {
         assert_eq!(c.xmpp.server, "127.0.0.1:5222");
         assert_eq!(c.http.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.http.public_url, "http://127.0.0.1:8080");
+        assert!(c.http.metrics_public);
         assert_eq!(c.jobs, JobsConfig::default());
         assert_eq!(c.db_path(), PathBuf::from("/var/lib/copilot/queue.db"));
     }
@@ -310,6 +320,7 @@ server = "127.0.0.1:5333"
 [http]
 listen = "127.0.0.1:9000"
 public_url = "http://127.0.0.1:9000/"
+metrics_public = false
 [jobs]
 lease = "2m"
 max_retries = 1
@@ -321,6 +332,7 @@ hold = "10s"
 "#;
         let c = parse(text).unwrap();
         assert_eq!(c.http.public_url, "http://127.0.0.1:9000");
+        assert!(!c.http.metrics_public);
         assert_eq!(c.jobs.lease, Seconds(120));
         assert_eq!(c.jobs.max_output_size, Bytes(16 << 20));
         assert_eq!(c.jobs.max_input_size, Bytes(1000));

@@ -17,6 +17,7 @@ use copilot_xmpp::{Connection, Element, Incoming, IqKind, LogLimiter, Sender};
 use tracing::{debug, info, warn};
 
 use crate::fleet::FleetError;
+use crate::metrics::{outcome_kind, Metrics};
 use crate::queue::{Claim, Completion, QueueError};
 use crate::Shared;
 
@@ -118,8 +119,10 @@ impl Dispatcher {
                 {
                     match Payload::from_element(p) {
                         Ok(Payload::Progress(pr)) => self.on_progress(&from, &pr),
-                        Ok(other) => self.log_bad(&from, &format!("unexpected message {other:?}")),
-                        Err(e) => self.log_bad(&from, &e.to_string()),
+                        Ok(other) => {
+                            self.bad_stanza(&from, &format!("unexpected message {other:?}"))
+                        }
+                        Err(e) => self.bad_stanza(&from, &e.to_string()),
                     }
                 }
             }
@@ -138,6 +141,12 @@ impl Dispatcher {
                 debug!("cannot send presence to {jid}: {e}");
             }
         }
+    }
+
+    /// A malformed or unexpected stanza: counted and logged (rate-limited).
+    fn bad_stanza(&self, from: &str, what: &str) {
+        Metrics::add(&self.shared.metrics.bad_stanzas, 1);
+        self.log_bad(from, what);
     }
 
     fn log_bad(&self, from: &str, what: &str) {
@@ -170,7 +179,7 @@ impl Dispatcher {
         let payload = match Payload::from_element(&el) {
             Ok(p) => p,
             Err(e) => {
-                self.log_bad(&from, &e.to_string());
+                self.bad_stanza(&from, &e.to_string());
                 return self.reply_error(&from, id, problem(e.code(), e.to_string()));
             }
         };
@@ -185,7 +194,7 @@ impl Dispatcher {
                         .take(200)
                         .collect(),
                 };
-                self.log_bad(&from, &e.to_string());
+                self.bad_stanza(&from, &e.to_string());
                 self.reply_error(&from, id, problem(e.code(), e.to_string()));
             }
         }
@@ -237,6 +246,7 @@ impl Dispatcher {
         )? {
             Some(claim) => {
                 info!(job = claim.job, attempt = claim.attempt, agent, "assigned");
+                Metrics::add(&self.shared.metrics.assignments, 1);
                 self.shared.fleet.started(agent, claim.job);
                 Ok(Next::Assign(Box::new(self.assignment(claim))))
             }
@@ -297,6 +307,7 @@ impl Dispatcher {
                     return self.reply_error(&from, id, (&e).into());
                 }
             }
+            let _held = self.shared.metrics.hold();
             tokio::select! {
                 woken = tokio::time::timeout_at(deadline, notified) => {
                     if woken.is_err() {
@@ -318,6 +329,8 @@ impl Dispatcher {
         let agent = report.agent.clone();
         let duplicate = match self.shared.queue.complete(&agent, &report) {
             Ok(Completion::Recorded(state)) => {
+                let kind = outcome_kind(&report.outcome);
+                self.shared.metrics.reports_recorded.inc(kind);
                 info!(job = report.job, attempt = report.attempt, %agent, %state, outcome = %report.outcome.describe(), "reported");
                 self.shared
                     .fleet
@@ -327,8 +340,16 @@ impl Dispatcher {
                 }
                 false
             }
-            Ok(Completion::Duplicate) => true,
+            Ok(Completion::Duplicate) => {
+                Metrics::add(&self.shared.metrics.reports_duplicate, 1);
+                true
+            }
             Err(e) => {
+                self.shared.metrics.reports_refused.inc(match &e {
+                    QueueError::StaleLease { .. } => "stale_lease",
+                    QueueError::UnknownJob(_) => "unknown_job",
+                    _ => "error",
+                });
                 match e {
                     // What a confused or hostile peer can provoke: rate-limited.
                     QueueError::StaleLease { .. } | QueueError::UnknownJob(_) => {
@@ -385,12 +406,14 @@ impl Dispatcher {
         let Some(agent) = self.shared.fleet.offline(from) else {
             return;
         };
+        Metrics::add(&self.shared.metrics.agent_releases, 1);
         match self
             .shared
             .queue
             .release_agent(&agent, "agent went offline")
         {
             Ok(jobs) => {
+                Metrics::add(&self.shared.metrics.jobs_released, jobs.len() as u64);
                 if !jobs.is_empty() {
                     info!(%agent, ?jobs, "agent went offline; its jobs were released");
                 }
@@ -419,6 +442,7 @@ pub async fn sweep_leases(
         match shared.queue.expire_leases() {
             Ok(jobs) if !jobs.is_empty() => {
                 info!(?jobs, "leases expired");
+                Metrics::add(&shared.metrics.lease_expiries, jobs.len() as u64);
                 for (job, _) in &jobs {
                     shared.fleet.drop_job(*job);
                 }
@@ -429,5 +453,289 @@ pub async fn sweep_leases(
             Ok(_) => {}
             Err(e) => warn!("lease sweep failed: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::Ordering;
+
+    use copilot_protocol::api::CONTENT_SHA256_HEADER;
+    use copilot_protocol::wire::{Outcome, Timings, NS};
+    use copilot_protocol::{JobId, Sha256};
+    use copilot_xmpp::XmppConfig;
+    use reqwest::{Method, StatusCode};
+
+    use super::*;
+    use crate::http::tests::{spec, Server};
+    use crate::metrics::tests::{key, parse_strict};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A dispatcher whose XMPP connection never gets online (nothing listens on port 1): what
+    /// it sends is dropped, which these tests do not need.
+    fn dispatcher(s: &Server) -> (Arc<Dispatcher>, Connection) {
+        let conn = Connection::start(XmppConfig {
+            jid: "m@localhost/manager".into(),
+            password: "pw".into(),
+            server: "127.0.0.1:1".into(),
+        })
+        .unwrap();
+        (Dispatcher::new(s.shared.clone(), conn.sender()), conn)
+    }
+
+    async fn scrape(s: &Server) -> BTreeMap<String, f64> {
+        // No token: Prometheus scrapes without one.
+        let r = s
+            .http
+            .get(format!("{}/metrics", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        parse_strict(&r.text().await.unwrap())
+    }
+
+    fn at(m: &BTreeMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+        *m.get(&key(name, labels))
+            .unwrap_or_else(|| panic!("no sample {}", key(name, labels)))
+    }
+
+    fn jobs(m: &BTreeMap<String, f64>, state: &str) -> f64 {
+        at(m, "copilot_jobs", &[("state", state)])
+    }
+
+    /// Register `agent` (as `agent@localhost/r`) and assign it a job; returns the job, its
+    /// attempt and its upload token.
+    fn assign(d: &Dispatcher, agent: &str) -> (JobId, u32, String) {
+        d.register(agent, &format!("{agent}@localhost/r"), Some("0.1.0"))
+            .unwrap();
+        match d.next_for(agent).unwrap() {
+            Next::Assign(a) => (a.job, a.attempt, a.upload_token),
+            Next::NoWork(_) => panic!("no job for {agent}"),
+        }
+    }
+
+    fn report(agent: &str, job: JobId, attempt: u32, archive: Option<(Sha256, u64)>) -> DoneReport {
+        DoneReport {
+            agent: agent.into(),
+            job,
+            attempt,
+            outcome: Outcome::Exited { code: 0 },
+            timings: Timings::default(),
+            archive,
+            files: vec![],
+            want_more: false,
+        }
+    }
+
+    async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn metrics_count_what_happened() {
+        let s = Server::start().await;
+        let (d, _conn) = dispatcher(&s);
+        let metrics = &s.shared.metrics;
+        let m = scrape(&s).await;
+        assert_eq!(at(&m, "copilot_jobs_submitted_total", &[]), 0.0);
+        assert_eq!(jobs(&m, "queued"), 0.0);
+
+        // Inputs: one stored, one with the wrong digest, one without a token.
+        s.put_input(b"data").await;
+        let r = s
+            .req(Method::PUT, &format!("/inputs/{}", Sha256::of(b"other")))
+            .body("not other")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let r = s
+            .http
+            .put(format!("{}/inputs/{}", s.base, Sha256::of(b"x")))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+        // Three jobs submitted, one assigned.
+        let r = s.submit(vec![spec(), spec(), spec()]).await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let (job, attempt, token) = assign(&d, "vm-1");
+        let m = scrape(&s).await;
+        assert_eq!(at(&m, "copilot_jobs_submitted_total", &[]), 3.0);
+        assert_eq!(jobs(&m, "queued"), 2.0);
+        assert_eq!(jobs(&m, "assigned"), 1.0);
+        assert_eq!(at(&m, "copilot_assignments_total", &[]), 1.0);
+        assert_eq!(at(&m, "copilot_agents_online", &[]), 1.0);
+        assert_eq!(at(&m, "copilot_input_bytes_stored_total", &[]), 4.0);
+        let refused = |m: &BTreeMap<String, f64>, kind, reason| {
+            at(
+                m,
+                "copilot_upload_refusals_total",
+                &[("kind", kind), ("reason", reason)],
+            )
+        };
+        assert_eq!(refused(&m, "input", "digest_mismatch"), 1.0);
+        assert_eq!(refused(&m, "input", "unauthenticated"), 1.0);
+        assert_eq!(refused(&m, "input", "too_large"), 0.0);
+
+        // Its output: once with a wrong token, then stored; reported done, twice, then reports
+        // for an attempt without a lease and for an unknown job.
+        let body: &'static [u8] = b"pretend tar.gz";
+        let upload = |token: &str| {
+            s.http
+                .put(format!("{}/outputs/{job}/{attempt}", s.base))
+                .bearer_auth(token)
+                .header(CONTENT_SHA256_HEADER, Sha256::of(body).to_string())
+                .body(body)
+                .send()
+        };
+        assert_eq!(
+            upload(&"0".repeat(64)).await.unwrap().status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(upload(&token).await.unwrap().status(), StatusCode::CREATED);
+        let from = "vm-1@localhost/r".to_owned();
+        let done = report("vm-1", job, attempt, Some((Sha256::of(body), 14)));
+        d.on_done(from.clone(), "r1".into(), done.clone());
+        d.on_done(from.clone(), "r2".into(), done);
+        d.on_done(from.clone(), "r3".into(), report("vm-1", job, 7, None));
+        d.on_done(from.clone(), "r4".into(), report("vm-1", 999, 1, None));
+
+        // A malformed message and a request an agent may not send.
+        d.clone().handle(Incoming::Message {
+            from: from.clone(),
+            payloads: vec![Element::builder("bogus", NS).build()],
+        });
+        d.clone()
+            .on_request(
+                from.clone(),
+                "r5".into(),
+                IqKind::Get,
+                Payload::NoWork(NoWork {
+                    retry_after_secs: 1,
+                })
+                .to_element(),
+            )
+            .await;
+
+        // vm-2 goes offline holding a job; a lease taken past the dispatcher runs out.
+        assign(&d, "vm-2");
+        d.on_presence("vm-2@localhost/r", false);
+        s.shared
+            .queue
+            .claim("vm-3", Duration::ZERO, HOUR)
+            .unwrap()
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let sweeper = tokio::spawn(sweep_leases(
+            s.shared.clone(),
+            Duration::from_millis(10),
+            stopped,
+        ));
+        let expiries = || metrics.lease_expiries.load(Ordering::Relaxed);
+        wait_for("the lease to expire", || expiries() == 1).await;
+        stop.send(()).unwrap();
+        sweeper.await.unwrap();
+
+        let m = scrape(&s).await;
+        assert_eq!(at(&m, "copilot_output_bytes_stored_total", &[]), 14.0);
+        assert_eq!(refused(&m, "output", "forbidden"), 1.0);
+        let recorded = |outcome| {
+            at(
+                &m,
+                "copilot_reports_recorded_total",
+                &[("outcome", outcome)],
+            )
+        };
+        assert_eq!(recorded("succeeded"), 1.0);
+        assert_eq!(recorded("exited_nonzero"), 0.0);
+        assert_eq!(at(&m, "copilot_reports_duplicate_total", &[]), 1.0);
+        let refused_reports =
+            |reason| at(&m, "copilot_reports_refused_total", &[("reason", reason)]);
+        assert_eq!(refused_reports("stale_lease"), 1.0);
+        assert_eq!(refused_reports("unknown_job"), 1.0);
+        assert_eq!(refused_reports("error"), 0.0);
+        assert_eq!(at(&m, "copilot_bad_stanzas_total", &[]), 2.0);
+        assert_eq!(at(&m, "copilot_agent_releases_total", &[]), 1.0);
+        assert_eq!(at(&m, "copilot_jobs_released_total", &[]), 1.0);
+        assert_eq!(at(&m, "copilot_lease_expiries_total", &[]), 1.0);
+        assert_eq!(at(&m, "copilot_agents_online", &[]), 1.0);
+        assert_eq!(jobs(&m, "done"), 1.0);
+        assert_eq!(jobs(&m, "queued"), 2.0);
+        assert_eq!(at(&m, "copilot_assignments_total", &[]), 2.0);
+
+        // A request held while the queue is empty, answered by the next submit.
+        assign(&d, "vm-4");
+        assign(&d, "vm-4");
+        let held = tokio::spawn(d.clone().on_work_request(
+            "vm-4@localhost/r".into(),
+            "r6".into(),
+            WorkRequest {
+                agent: "vm-4".into(),
+                version: "0.1.0".into(),
+                wait_secs: 30,
+            },
+        ));
+        let held_now = || metrics.held_requests.load(Ordering::Relaxed);
+        wait_for("the request to be held", || held_now() == 1).await;
+        let m = scrape(&s).await;
+        assert_eq!(at(&m, "copilot_held_work_requests", &[]), 1.0);
+        assert_eq!(s.submit(vec![spec()]).await.status(), StatusCode::CREATED);
+        tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .unwrap()
+            .unwrap();
+        let m = scrape(&s).await;
+        assert_eq!(at(&m, "copilot_held_work_requests", &[]), 0.0);
+        assert_eq!(at(&m, "copilot_jobs_submitted_total", &[]), 4.0);
+        assert_eq!(at(&m, "copilot_assignments_total", &[]), 5.0);
+        assert_eq!(jobs(&m, "assigned"), 3.0);
+        assert_eq!(jobs(&m, "queued"), 0.0);
+        assert_eq!(at(&m, "copilot_agents_online", &[]), 2.0);
+
+        // HTTP requests by route and status class; this scrape is not counted yet.
+        let http = |route, status| {
+            at(
+                &m,
+                "copilot_http_requests_total",
+                &[("route", route), ("status", status)],
+            )
+        };
+        assert_eq!(http("inputs", "2xx"), 1.0);
+        assert_eq!(http("inputs", "4xx"), 2.0);
+        assert_eq!(http("outputs", "2xx"), 1.0);
+        assert_eq!(http("outputs", "4xx"), 1.0);
+        assert_eq!(http("jobs", "2xx"), 2.0);
+        assert_eq!(http("metrics", "2xx"), 4.0);
+        assert!(!m.contains_key(&key(
+            "copilot_http_requests_total",
+            &[("route", "other"), ("status", "4xx")]
+        )));
+        let r = s.get("/nothing/here").await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let m = scrape(&s).await;
+        assert_eq!(
+            at(
+                &m,
+                "copilot_http_requests_total",
+                &[("route", "other"), ("status", "4xx")]
+            ),
+            1.0
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The manager's HTTP side: the storage service (inputs in, output archives in, both out) and the
-//! JSON API (submit, list, show, results, agents), as in `copilot_protocol::api`.
+//! JSON API (submit, list, show, results, agents), as in `copilot_protocol::api`, and the
+//! Prometheus metrics (`GET /metrics`, see [`crate::metrics`]).
 //!
 //! Authorization is a bearer token: the API token for everything people do, an attempt's upload
 //! token for its output upload and its stored inputs. Bodies stream to disk through
@@ -14,6 +15,7 @@ use axum::body::{to_bytes, Body};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -26,6 +28,7 @@ use serde::Deserialize;
 use tokio_util::io::ReaderStream;
 
 use crate::blobs::{Blob, BlobError, Blobs};
+use crate::metrics::{refusal_reason, Metrics};
 use crate::queue::{same_token, Queue, QueueError};
 use crate::Shared;
 
@@ -60,8 +63,58 @@ fn router(app: App) -> Router {
         .route("/api/jobs/{id}", get(show_job))
         .route("/api/jobs/{id}/output", get(job_output))
         .route("/api/agents", get(agents))
+        // No token by default (`http.metrics_public`): Prometheus scrapes it, and it reveals
+        // only counts (no job names, agent names, addresses or tokens).
+        .route("/metrics", get(metrics))
         .fallback(|| async { fail(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app)
+}
+
+/// The route class of a request path, one of [`crate::metrics::ROUTES`].
+fn route_class(path: &str) -> &'static str {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["inputs", _] => "inputs",
+        ["outputs", _, _] => "outputs",
+        ["api", "jobs"] => "jobs",
+        ["api", "jobs", _] => "job",
+        ["api", "jobs", _, "output"] => "job_output",
+        ["api", "agents"] => "agents",
+        ["metrics"] => "metrics",
+        _ => "other",
+    }
+}
+
+/// Count every request by route class and status class.
+async fn count_requests(
+    State(app): State<App>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let route = route_class(req.uri().path());
+    let resp = next.run(req).await;
+    app.shared
+        .metrics
+        .http_request(route, resp.status().as_u16());
+    resp
+}
+
+async fn metrics(State(app): State<App>, headers: HeaderMap) -> Answer<Response> {
+    if !app.shared.config.http.metrics_public {
+        require_api(&app, &headers)?;
+    }
+    let counts = db(&app.shared, |q| q.counts()).await?;
+    let online = app.shared.fleet.online_count() as u64;
+    let text = app.shared.metrics.render(&counts, online);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// An error answer: status and message.
@@ -201,13 +254,31 @@ fn download(blob: Blob, sha256: Option<Sha256>, kind: &'static str) -> Response 
     resp
 }
 
+/// Count a refused upload by its reason.
+fn count_refusal<T>(family: &crate::metrics::Family<9>, answer: Answer<T>) -> Answer<T> {
+    if let Err(Fail(status, _)) = &answer {
+        family.inc(refusal_reason(status.as_u16()));
+    }
+    answer
+}
+
 async fn put_input(
     State(app): State<App>,
     sha: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Answer<Response> {
-    require_api(&app, &headers)?;
+    let answer = store_input(&app, sha, headers, body).await;
+    count_refusal(&app.shared.metrics.input_refusals, answer)
+}
+
+async fn store_input(
+    app: &App,
+    sha: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer<Response> {
+    require_api(app, &headers)?;
     let sha = parse_sha(&path(sha)?)?;
     let limit = app.shared.config.jobs.max_input_size.0;
     check_length(&headers, limit)?;
@@ -216,6 +287,7 @@ async fn put_input(
         .put_input(&sha, body.into_data_stream(), limit)
         .await?;
     if created {
+        Metrics::add(&app.shared.metrics.input_bytes_stored, st.size);
         tracing::info!(%sha, size = st.size, "input stored");
     }
     Ok(stored(created, st))
@@ -247,6 +319,16 @@ async fn get_input(
 
 async fn put_output(
     State(app): State<App>,
+    ids: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer<Response> {
+    let answer = store_output(&app, ids, headers, body).await;
+    count_refusal(&app.shared.metrics.output_refusals, answer)
+}
+
+async fn store_output(
+    app: &App,
     ids: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -284,6 +366,7 @@ async fn put_output(
         app.blobs.remove_output(job, attempt).await?;
         return Err(e);
     }
+    Metrics::add(&app.shared.metrics.output_bytes_stored, st.size);
     tracing::info!(job, attempt, sha = %st.sha256, size = st.size, "output archive stored");
     Ok(stored(true, st))
 }
@@ -345,6 +428,7 @@ async fn submit(State(app): State<App>, headers: HeaderMap, body: Body) -> Answe
     }
     let default_retries = app.shared.config.jobs.max_retries;
     let ids = db(&app.shared, move |q| q.submit(&req.jobs, default_retries)).await?;
+    Metrics::add(&app.shared.metrics.jobs_submitted, ids.len() as u64);
     tracing::info!(count = ids.len(), first = ids.first(), "jobs submitted");
     app.shared.work_available.notify_waiters();
     Ok((StatusCode::CREATED, Json(SubmitResponse { ids })).into_response())
@@ -421,8 +505,9 @@ async fn agents(State(app): State<App>, headers: HeaderMap) -> Answer<Response> 
     Ok(Json(app.shared.fleet.list()).into_response())
 }
 
+/// Test helpers shared with other modules' tests: an in-process [`Server`].
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use copilot_protocol::api::{AgentList, JobList, JobView};
@@ -440,15 +525,20 @@ mod tests {
     const TOKEN: &str = "api-token-for-tests";
     const HOUR: Duration = Duration::from_secs(3600);
 
-    struct Server {
+    pub(crate) struct Server {
         _dir: tempfile::TempDir,
-        shared: Arc<Shared>,
-        base: String,
-        http: Client,
+        pub(crate) shared: Arc<Shared>,
+        pub(crate) base: String,
+        pub(crate) http: Client,
     }
 
     impl Server {
-        async fn start() -> Server {
+        pub(crate) async fn start() -> Server {
+            Self::start_with(HttpConfig::default()).await
+        }
+
+        /// A server with these HTTP settings (its address replaces `listen` and `public_url`).
+        pub(crate) async fn start_with(http: HttpConfig) -> Server {
             let dir = tempfile::tempdir().unwrap();
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
@@ -463,6 +553,7 @@ mod tests {
                 http: HttpConfig {
                     listen: addr,
                     public_url: format!("http://{addr}"),
+                    ..http
                 },
                 jobs: JobsConfig {
                     max_output_size: Bytes(1000),
@@ -476,6 +567,7 @@ mod tests {
                 queue,
                 fleet: Fleet::new(),
                 work_available: tokio::sync::Notify::new(),
+                metrics: crate::metrics::Metrics::new(),
             });
             tokio::spawn(serve(listener, shared.clone(), std::future::pending()));
             Server {
@@ -486,18 +578,18 @@ mod tests {
             }
         }
 
-        fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
             self.http
                 .request(method, format!("{}{path}", self.base))
                 .bearer_auth(TOKEN)
         }
 
         /// GET `path` with the API token.
-        async fn get(&self, path: &str) -> reqwest::Response {
+        pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
             self.req(reqwest::Method::GET, path).send().await.unwrap()
         }
 
-        async fn put_input(&self, data: &'static [u8]) -> Sha256 {
+        pub(crate) async fn put_input(&self, data: &'static [u8]) -> Sha256 {
             let sha = Sha256::of(data);
             let r = self
                 .req(reqwest::Method::PUT, &format!("/inputs/{sha}"))
@@ -509,7 +601,7 @@ mod tests {
             sha
         }
 
-        async fn submit(&self, specs: Vec<JobSpec>) -> reqwest::Response {
+        pub(crate) async fn submit(&self, specs: Vec<JobSpec>) -> reqwest::Response {
             self.req(reqwest::Method::POST, "/api/jobs")
                 .json(&SubmitRequest { jobs: specs })
                 .send()
@@ -560,7 +652,7 @@ mod tests {
         }
     }
 
-    fn spec() -> JobSpec {
+    pub(crate) fn spec() -> JobSpec {
         JobSpec::new("job", &["sh", "run.sh"])
     }
 
@@ -863,6 +955,32 @@ mod tests {
         };
         assert_eq!(get(mine).await.unwrap().status(), StatusCode::OK);
         assert_eq!(get(theirs).await.unwrap().status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn metrics_can_require_the_api_token() {
+        let s = Server::start_with(HttpConfig {
+            metrics_public: false,
+            ..HttpConfig::default()
+        })
+        .await;
+        let url = format!("{}/metrics", s.base);
+        let r = s.http.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let r = s.get("/metrics").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r
+            .text()
+            .await
+            .unwrap()
+            .contains("copilot_jobs_submitted_total 0\n"));
+        let public = Server::start().await;
+        let r = public
+            .http
+            .get(format!("{}/metrics", public.base))
+            .send()
+            .await;
+        assert_eq!(r.unwrap().status(), StatusCode::OK);
     }
 
     #[tokio::test]

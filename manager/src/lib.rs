@@ -6,6 +6,7 @@ pub mod config;
 pub mod dispatch;
 pub mod fleet;
 pub mod http;
+pub mod metrics;
 pub mod queue;
 
 use fleet::Fleet;
@@ -18,6 +19,8 @@ pub struct Shared {
     pub fleet: Fleet,
     /// Woken whenever jobs are queued (submitted or requeued), so held work requests are answered.
     pub work_available: tokio::sync::Notify,
+    /// Counters and gauges served at `GET /metrics`.
+    pub metrics: metrics::Metrics,
 }
 
 /// Why the manager stopped.
@@ -70,6 +73,7 @@ pub async fn run(
         queue,
         fleet: Fleet::new(),
         work_available: tokio::sync::Notify::new(),
+        metrics: metrics::Metrics::new(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
