@@ -16,7 +16,7 @@ use reqwest::Url;
 
 use crate::config::{AgentConfig, DEFAULT_OUTPUT, DEFAULT_WALL_TIME};
 use crate::pack::{pack, Packed};
-use crate::runner::{PayloadRunner, ProcessRunner, RunRequest};
+use crate::sandbox::{PayloadRunner, RunRequest, SandboxRunner};
 use crate::stage::stage_inputs;
 use crate::transfer::{ScopedToken, Transfer};
 use crate::upload::upload;
@@ -35,7 +35,7 @@ pub enum ExecError {
 
 /// Runs assignments; shareable between concurrent jobs (`&self`).
 #[derive(Debug)]
-pub struct Executor<R = ProcessRunner> {
+pub struct Executor<R = SandboxRunner> {
     /// The agent's name, put in every report.
     agent: String,
     work_dir: PathBuf,
@@ -61,10 +61,10 @@ struct Ended {
     packed: Option<Packed>,
 }
 
-impl Executor<ProcessRunner> {
+impl Executor<SandboxRunner> {
     /// An executor running payloads as plain child processes.
     pub fn new(cfg: &AgentConfig) -> Result<Executor, ExecError> {
-        Executor::with_runner(cfg, ProcessRunner::default())
+        Executor::with_runner(cfg, SandboxRunner::default())
     }
 }
 
@@ -76,6 +76,15 @@ impl<R: PayloadRunner> Executor<R> {
             path: cfg.work_dir.clone(),
             source,
         })?;
+        if crate::sandbox::is_root() {
+            // Job uids must pass through (not list) the work dir to reach their own dirs.
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::Permissions::from_mode(0o711);
+            std::fs::set_permissions(&cfg.work_dir, mode).map_err(|source| ExecError::WorkDir {
+                path: cfg.work_dir.clone(),
+                source,
+            })?;
+        }
         let mut defaults = cfg.limits.clone();
         defaults.wall_time.get_or_insert(DEFAULT_WALL_TIME);
         defaults.output.get_or_insert(DEFAULT_OUTPUT);
@@ -214,16 +223,6 @@ impl<R: PayloadRunner> Executor<R> {
 
     fn run_request(&self, a: &Assignment, dirs: &JobDirs) -> RunRequest {
         let limits = effective_limits(&a.limits, &self.defaults);
-        if limits.cpu_time.is_some()
-            || limits.memory.is_some()
-            || limits.disk.is_some()
-            || limits.processes.is_some()
-        {
-            tracing::warn!(
-                job = a.job,
-                "cpu_time, memory, disk and processes limits are not enforced by this runner"
-            );
-        }
         let mut env: BTreeMap<String, String> = a.env.clone();
         env.insert("COPILOT_JOB_ID".into(), a.job.to_string());
         env.insert("COPILOT_ATTEMPT".into(), a.attempt.to_string());
@@ -232,6 +231,10 @@ impl<R: PayloadRunner> Executor<R> {
             dir: dirs.work.clone(),
             env,
             wall_time: limits.wall_time.map_or(Duration::MAX, Seconds::as_duration),
+            cpu_time: limits.cpu_time.map(Seconds::as_duration),
+            memory: limits.memory.map(|b| b.0),
+            disk: limits.disk.map(|b| b.0),
+            processes: limits.processes,
             output_cap: limits.output.map_or(u64::MAX, |b| b.0),
             stdout_path: dirs.agent.join("stdout.txt"),
             stderr_path: dirs.agent.join("stderr.txt"),

@@ -6,7 +6,7 @@
 pub mod config;
 pub mod executor;
 pub mod pack;
-pub mod runner;
+pub mod sandbox;
 pub mod session;
 pub mod stage;
 pub mod transfer;
