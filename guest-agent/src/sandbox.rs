@@ -24,15 +24,17 @@ mod procs;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 use copilot_protocol::wire::Outcome;
 use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
@@ -158,6 +160,8 @@ pub enum SandboxError {
     NoProgram,
     #[error("job uid {0} is not an unprivileged uid")]
     BadUid(u32),
+    #[error("cannot claim a job uid in {}: {error}", dir.display())]
+    UidLock { dir: PathBuf, error: String },
     #[error("cannot read the current {resource} limit: {errno}")]
     GetRlimit {
         resource: &'static str,
@@ -210,16 +214,28 @@ pub trait PayloadRunner: Send + Sync {
     fn run(&self, req: &RunRequest) -> impl Future<Output = RunResult> + Send;
 }
 
-/// Runs payloads in the sandbox; shareable between concurrent jobs (each takes a free slot uid).
+/// Runs payloads in the sandbox; shareable between concurrent jobs.
+///
+/// As root each job claims the lowest free uid from `base_uid` on, by an exclusive `flock` on
+/// `lock_dir/uid-<n>.lock`: held for the whole job, across every agent process on the host
+/// (several agents may share one), and released by the kernel if the agent dies. So a claimed
+/// uid is used by no other live job, and anything still running under it is a leftover of a
+/// dead agent, killed before the job starts.
 #[derive(Clone, Debug)]
 pub struct SandboxRunner {
     /// Time between SIGTERM and SIGKILL when the wall time is up.
     pub grace: Duration,
     /// Slot uids start here (root only).
     pub base_uid: u32,
-    /// Slots in use (offsets from `base_uid`).
-    busy: Arc<Mutex<BTreeSet<u32>>>,
+    /// Where the uid locks live (root only).
+    pub lock_dir: PathBuf,
 }
+
+/// Default [`SandboxRunner::lock_dir`].
+pub const DEFAULT_LOCK_DIR: &str = "/run/copilot-agent";
+
+/// Uids tried from the base uid on before a job gives up.
+const MAX_SLOTS: u32 = 1024;
 
 impl Default for SandboxRunner {
     fn default() -> Self {
@@ -265,36 +281,52 @@ impl SandboxRunner {
         SandboxRunner {
             grace: Duration::from_secs(5),
             base_uid,
-            busy: Arc::default(),
+            lock_dir: PathBuf::from(DEFAULT_LOCK_DIR),
         }
     }
 
-    /// Takes the lowest free slot; released when the guard drops.
-    fn take_slot(&self) -> SlotGuard {
-        let mut busy = self
-            .busy
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let slot = (0..).find(|n| !busy.contains(n)).unwrap_or(0);
-        busy.insert(slot);
-        SlotGuard {
-            busy: self.busy.clone(),
-            slot,
+    /// Claims the lowest free uid (see the type's docs); `None` when not root. The claim
+    /// lasts until the returned lock drops.
+    fn claim_uid(&self) -> Result<Option<(Identity, Flock<std::fs::File>)>, SandboxError> {
+        if !is_root() {
+            return Ok(None);
         }
-    }
-}
-
-struct SlotGuard {
-    busy: Arc<Mutex<BTreeSet<u32>>>,
-    slot: u32,
-}
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        self.busy
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.slot);
+        let lock_err = |e: String| SandboxError::UidLock {
+            dir: self.lock_dir.clone(),
+            error: e,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.lock_dir)
+            .map_err(|e| lock_err(e.to_string()))?;
+        for n in 0..MAX_SLOTS {
+            let Some(id) = self.base_uid.checked_add(n) else {
+                break;
+            };
+            let path = self.lock_dir.join(format!("uid-{id}.lock"));
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| lock_err(format!("{}: {e}", path.display())))?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => {
+                    let identity = Identity {
+                        uid: Uid::from_raw(id),
+                        gid: Gid::from_raw(id),
+                    };
+                    return Ok(Some((identity, lock)));
+                }
+                Err((_, Errno::EWOULDBLOCK)) => continue,
+                Err((_, e)) => return Err(lock_err(format!("{}: {e}", path.display()))),
+            }
+        }
+        Err(lock_err(format!(
+            "no free uid among {MAX_SLOTS} from {}",
+            self.base_uid
+        )))
     }
 }
 
@@ -482,14 +514,11 @@ impl PayloadRunner for SandboxRunner {
                 Captured::default(),
             )
         };
-        let slot = self.take_slot();
-        let identity = is_root().then(|| {
-            let id = self.base_uid.saturating_add(slot.slot);
-            Identity {
-                uid: Uid::from_raw(id),
-                gid: Gid::from_raw(id),
-            }
-        });
+        let (identity, uid_lock) = match self.claim_uid() {
+            Ok(Some((id, lock))) => (Some(id), Some(lock)),
+            Ok(None) => (None, None),
+            Err(e) => return failed(e),
+        };
         // Validate.
         let plan = match Plan::new(req, identity) {
             Ok(p) => p,
@@ -553,7 +582,7 @@ impl PayloadRunner for SandboxRunner {
         let verdict = supervise(&mut child, &job, req.wall_time, self.grace).await;
         job.clean_up().await;
         drop(job);
-        drop(slot);
+        drop(uid_lock);
         let drain = async {
             (
                 join_capture(out_task.as_mut()).await,
