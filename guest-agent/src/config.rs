@@ -55,6 +55,60 @@ pub struct AgentConfig {
     pub limits: Limits,
     #[serde(default)]
     pub transfer: TransferSettings,
+    #[serde(default)]
+    pub sandbox: SandboxSettings,
+}
+
+/// How payloads are sandboxed (see `crate::sandbox`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSettings {
+    /// When the agent is root, jobs run as uids from this one on (gid the same), one per
+    /// running job. No passwd entry is needed; the range must be used by nothing else.
+    #[serde(default = "default_base_uid")]
+    pub base_uid: u32,
+    /// Where the per-uid lock files live (root only).
+    #[serde(default = "default_lock_dir")]
+    pub lock_dir: PathBuf,
+}
+
+fn default_base_uid() -> u32 {
+    crate::sandbox::DEFAULT_BASE_UID
+}
+
+fn default_lock_dir() -> PathBuf {
+    PathBuf::from(crate::sandbox::DEFAULT_LOCK_DIR)
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        Self {
+            base_uid: default_base_uid(),
+            lock_dir: default_lock_dir(),
+        }
+    }
+}
+
+/// When the agent runs as root, makes its config file (which holds the XMPP password) owned by
+/// root and readable by root only (0600), so that payloads cannot read it. Returns what it
+/// changed, for the log; does nothing when not root.
+pub fn protect_file(path: &Path) -> std::io::Result<Option<String>> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !crate::sandbox::is_root() {
+        return Ok(None);
+    }
+    let meta = std::fs::metadata(path)?;
+    let mut changed = Vec::new();
+    if meta.uid() != 0 || meta.gid() != 0 {
+        std::os::unix::fs::chown(path, Some(0), Some(0))?;
+        changed.push(format!("owner {}:{} -> 0:0", meta.uid(), meta.gid()));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode != 0o600 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        changed.push(format!("mode {mode:o} -> 600"));
+    }
+    Ok((!changed.is_empty()).then(|| changed.join(", ")))
 }
 
 /// The agent's XMPP account and its manager.
@@ -232,6 +286,11 @@ impl AgentConfig {
         if self.slots == 0 {
             return Err(ConfigError::Invalid("slots must be at least 1".into()));
         }
+        if self.sandbox.base_uid == 0 {
+            return Err(ConfigError::Invalid(
+                "sandbox.base_uid must not be 0 (root)".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -256,6 +315,8 @@ mod tests {
         assert_eq!(cfg.limits.output, Some(Bytes(16 << 20)));
         assert_eq!(cfg.transfer, TransferSettings::default());
         assert_eq!(cfg.transfer.max_input_size, Bytes(4 << 30));
+        assert_eq!(cfg.sandbox.base_uid, 61000);
+        assert_eq!(cfg.sandbox.lock_dir, PathBuf::from("/run/copilot-agent"));
     }
 
     #[test]
@@ -342,5 +403,34 @@ max_input_size = "1MiB"
         assert!(!format!("{cfg:?}").contains("pw\""));
         let err = AgentConfig::load(&dir.path().join("nope.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn sandbox_settings_are_read_and_root_is_refused() {
+        let cfg =
+            AgentConfig::from_toml(&format!("{MINIMAL}[sandbox]\nbase_uid = 70000\n")).unwrap();
+        assert_eq!(cfg.sandbox.base_uid, 70000);
+        let err =
+            AgentConfig::from_toml(&format!("{MINIMAL}[sandbox]\nbase_uid = 0\n")).unwrap_err();
+        assert!(err.to_string().contains("base_uid"), "{err}");
+    }
+
+    #[test]
+    fn protect_file_makes_the_config_root_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let changed = protect_file(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        if crate::sandbox::is_root() {
+            assert_eq!(mode, 0o600);
+            assert!(changed.unwrap().contains("644 -> 600"));
+            assert_eq!(protect_file(&path).unwrap(), None, "nothing left to change");
+        } else {
+            println!("protect_file_makes_the_config_root_only: skipped: not root");
+            assert_eq!((mode, changed), (0o644, None));
+        }
     }
 }

@@ -64,7 +64,9 @@ struct Ended {
 impl Executor<SandboxRunner> {
     /// An executor running payloads as plain child processes.
     pub fn new(cfg: &AgentConfig) -> Result<Executor, ExecError> {
-        Executor::with_runner(cfg, SandboxRunner::default())
+        let mut runner = SandboxRunner::new(cfg.sandbox.base_uid);
+        runner.lock_dir.clone_from(&cfg.sandbox.lock_dir);
+        Executor::with_runner(cfg, runner)
     }
 }
 
