@@ -16,8 +16,15 @@ use copilot_protocol::units::Seconds;
 #[command(version)]
 struct Args {
     /// Config file (TOML); environment variables COPILOT_AGENT_* override it.
-    #[arg(long, env = "COPILOT_AGENT_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        long,
+        env = "COPILOT_AGENT_CONFIG",
+        required_unless_present = "check_sandbox"
+    )]
+    config: Option<PathBuf>,
+    /// Print which payload protections are active on this host, and exit.
+    #[arg(long)]
+    check_sandbox: bool,
     /// Give up if the first XMPP login has not succeeded after this long.
     #[arg(long, default_value = "60s")]
     login_timeout: Seconds,
@@ -39,11 +46,38 @@ async fn terminated() {
 }
 
 async fn agent(args: Args) -> anyhow::Result<()> {
-    let config = AgentConfig::load(&args.config)
-        .with_context(|| format!("loading {}", args.config.display()))?;
+    let path = args.config.context("--config is required")?;
+    // The file holds the XMPP password: payloads (other uids) must not read it.
+    match copilot_agent::config::protect_file(&path) {
+        Ok(Some(changed)) => {
+            tracing::warn!(path = %path.display(), "config file made root-only: {changed}")
+        }
+        Ok(None) => {}
+        Err(e) => anyhow::bail!("cannot make {} readable by root only: {e}", path.display()),
+    }
+    let config = AgentConfig::load(&path).with_context(|| format!("loading {}", path.display()))?;
     copilot_agent::session::run(config, args.login_timeout.as_duration(), terminated())
         .await
         .context("agent session")
+}
+
+/// Prints what the sandbox does on this host; exits 0 even when protections are missing (the
+/// report says which).
+fn check_sandbox(config: Option<&std::path::Path>) -> ExitCode {
+    let base_uid = match config.map(AgentConfig::load).transpose() {
+        Ok(cfg) => cfg.map_or(copilot_agent::sandbox::DEFAULT_BASE_UID, |c| {
+            c.sandbox.base_uid
+        }),
+        Err(e) => {
+            eprintln!("copilot-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("payload sandbox on this host:");
+    for p in copilot_agent::sandbox::check(base_uid, config) {
+        println!("  {p}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -54,6 +88,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if args.check_sandbox {
+        return check_sandbox(args.config.as_deref());
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

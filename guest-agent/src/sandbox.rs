@@ -17,10 +17,13 @@
 //! 6. drain stdout/stderr, each capped at `output_cap` bytes (the rest is read and dropped).
 //!
 //! The typed result is a [`Verdict`]; [`RunResult::outcome`] is its wire form. Without root the
-//! uid switch and the processes limit are skipped (logged once); see [`check`] for what a host
-//! provides.
+//! uid switch and the processes limit are skipped (logged once); see [`check()`] for what a
+//! host provides.
 
+mod check;
 mod procs;
+
+pub use check::{check, Protection};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
