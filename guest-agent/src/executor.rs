@@ -216,7 +216,11 @@ impl<R: PayloadRunner> Executor<R> {
             .map_err(|e| format!("bad upload URL {:?}: {e}", a.upload_url))?;
         for dir in [&dirs.work, &dirs.agent] {
             remove_dir(dir).await;
-            tokio::fs::create_dir(dir)
+            // 0700: other jobs' uids must not read this attempt's logs or archive.
+            let mut builder = tokio::fs::DirBuilder::new();
+            builder.mode(0o700);
+            builder
+                .create(dir)
                 .await
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
