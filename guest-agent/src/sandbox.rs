@@ -10,7 +10,7 @@
 //! 3. spawn; in the child before exec (async-signal-safe calls only): new session, rlimits
 //!    (CPU seconds, address space, file size, open files, core size 0, processes when the
 //!    job has its own uid), `setgroups([])` + `setgid` + `setuid` to the slot's uid, then the
-//!    parent-death signal;
+//!    parent-death signal and `no_new_privs`;
 //! 4. supervise: past the wall time SIGTERM to the session's group, a grace period, SIGKILL;
 //! 5. clean up: every remaining process of the job — by uid, group, session, ancestry, or as an
 //!    orphan reparented to the agent (a child subreaper) — is killed and reaped;
@@ -650,7 +650,7 @@ fn command(req: &RunRequest, plan: &Plan) -> Command {
     let identity = plan.identity;
     let parent = plan.parent;
     // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
-    // that are async-signal-safe (setsid, setrlimit, setgroups, setgid, setuid, prctl,
+    // that are async-signal-safe (setsid, setrlimit, setgroups, setgid, setuid, prctl x2,
     // getppid) on values moved in before the fork; it allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
@@ -666,6 +666,8 @@ fn command(req: &RunRequest, plan: &Plan) -> Command {
             // After the uid switch, which clears it. If the agent dies (even by SIGKILL) the
             // leader dies with it; the rest of the job is killed by the uid's next run.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // No setuid binary or file capability can give the job more rights than it has.
+            nix::sys::prctl::set_no_new_privs()?;
             if nix::unistd::getppid().as_raw() != parent {
                 return Err(std::io::Error::from_raw_os_error(Errno::ESRCH as i32));
             }

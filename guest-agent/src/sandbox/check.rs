@@ -82,6 +82,11 @@ pub fn check(base_uid: u32, config: Option<&Path>) -> Vec<Protection> {
             ),
         },
         p(
+            "no_new_privs",
+            true,
+            "setuid binaries and file capabilities give jobs no extra rights",
+        ),
+        p(
             "parent-death signal",
             true,
             "the job's first process gets SIGKILL if the agent dies",

@@ -367,3 +367,13 @@ async fn a_job_runs_as_its_slot_uid_without_groups() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(d.job.join("mine")).unwrap().uid(), 62150);
 }
+
+#[tokio::test]
+async fn setuid_binaries_give_no_privileges() {
+    let d = dirs();
+    let res = runner(62160)
+        .run(&request(&d, "grep NoNewPrivs /proc/self/status"))
+        .await;
+    assert_eq!(res.verdict, Verdict::Exited(0), "{res:?}");
+    assert_eq!(stdout(&d), "NoNewPrivs:\t1\n");
+}
