@@ -283,6 +283,9 @@ async fn a_memory_hog_fails_its_allocations() {
             || matches!(res.verdict, Verdict::Killed(_)),
         "{res:?}"
     );
+    // mawk says why; the limit is what stopped it.
+    let stderr = std::fs::read_to_string(d.top.join("stderr.txt")).unwrap();
+    assert!(stderr.contains("memory"), "{stderr:?}");
     still_serves(&r, &d).await;
 }
 
@@ -307,6 +310,9 @@ async fn a_fork_bomb_is_bounded_and_cleaned_up() {
         ),
         "{res:?}"
     );
+    // The limit is what stopped it: forks failed.
+    let stderr = std::fs::read_to_string(d.top.join("stderr.txt")).unwrap();
+    assert!(stderr.contains("fork"), "{stderr:?}");
     still_serves(&r, &d).await;
 }
 
