@@ -559,6 +559,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn job_limits_reach_the_sandbox() {
+        let s = setup().await;
+        let mut a = assignment(&s.server, "exec head -c 1000000 /dev/zero > big", &[]);
+        a.limits.disk = Some(Bytes(1000));
+        let (report, _) = run(&s, &a).await;
+        // SIGXFSZ: the file-size limit stopped it.
+        assert_eq!(report.outcome, Outcome::Killed { signal: 25 });
+        assert!(work_dir_is_empty(&s));
+    }
+
+    #[tokio::test]
     async fn job_limits_override_the_defaults() {
         let s = setup().await;
         let mut a = assignment(
