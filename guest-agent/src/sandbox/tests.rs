@@ -383,3 +383,64 @@ async fn setuid_binaries_give_no_privileges() {
     assert_eq!(res.verdict, Verdict::Exited(0), "{res:?}");
     assert_eq!(stdout(&d), "NoNewPrivs:\t1\n");
 }
+
+#[tokio::test]
+async fn a_wide_process_tree_is_killed_whole() {
+    let d = dirs();
+    let r = runner(62170);
+    // 200 sleepers, each in its own session (out of the group), then the leader exits.
+    let script = "i=0; while [ $i -lt 200 ]; do setsid sleep 600 </dev/null >/dev/null 2>&1 & \
+                  i=$((i + 1)); done; echo $! > last.pid";
+    let mut req = request(&d, script);
+    req.processes = Some(1000);
+    let res = r.run(&req).await;
+    assert_eq!(res.verdict, Verdict::Exited(0), "{res:?}");
+    assert!(!alive(read_pid(&d.job, "last.pid")).await);
+    still_serves(&r, &d).await;
+}
+
+/// Not a test: spawn-to-exit of `true` in the sandbox vs a bare fork/exec, and the time to
+/// kill a 1000-process tree. `cargo test -p copilot-agent --release -- --ignored --nocapture
+/// sandbox_costs`.
+#[tokio::test]
+#[ignore = "benchmark; run by hand"]
+async fn sandbox_costs() {
+    let d = dirs();
+    let r = runner(62180);
+    let n = 200u32;
+    let t = Instant::now();
+    for _ in 0..n {
+        let st = std::process::Command::new("true").status().unwrap();
+        assert!(st.success());
+    }
+    let bare = t.elapsed() / n;
+    let mut req = request(&d, "");
+    req.argv = vec!["true".into()];
+    let t = Instant::now();
+    for _ in 0..n {
+        assert_eq!(r.run(&req).await.verdict, Verdict::Exited(0));
+    }
+    let sandboxed = t.elapsed() / n;
+    println!(
+        "true: bare fork/exec {bare:?}, sandbox {sandboxed:?} (root: {})",
+        is_root()
+    );
+
+    let script = "i=0; while [ $i -lt 1000 ]; do sleep 600 </dev/null >/dev/null 2>&1 & \
+                  i=$((i + 1)); done; echo started; exec sleep 600";
+    let mut req = request(&d, script);
+    req.processes = Some(2000);
+    req.wall_time = Duration::from_secs(10);
+    req.stdout_path = d.top.join("tree.txt");
+    let res = r.run(&req).await;
+    assert_eq!(res.verdict, Verdict::TimedOut(Clock::Wall));
+    assert_eq!(
+        std::fs::read_to_string(d.top.join("tree.txt")).unwrap(),
+        "started\n"
+    );
+    println!(
+        "1000-process tree: {:?} from the wall time to the end of the run (SIGTERM, sweep, drain)",
+        res.duration.saturating_sub(req.wall_time)
+    );
+    still_serves(&r, &d).await;
+}
