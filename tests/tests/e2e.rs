@@ -165,8 +165,13 @@ fn an_agent_with_two_slots_runs_two_jobs_at_once() {
     });
     // Each instance leaves a marker and waits (20 s at most) until it sees two: with one slot
     // the first would see only itself.
+    // The jobs run under their own uids (when the agent is root): the marker dir must be
+    // reachable and writable for them.
     let markers = h.path("markers");
     std::fs::create_dir(&markers).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(h.path(""), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&markers, std::fs::Permissions::from_mode(0o777)).unwrap();
     let job = format!(
         r#"
 name = "pair"
