@@ -38,6 +38,10 @@ pub fn outcome_cell(o: Option<&OutcomeView>) -> String {
         Some(o) => match (o.kind.as_str(), o.exit_code, o.signal) {
             ("exited", Some(code), _) => format!("exit {code}"),
             ("killed", _, Some(sig)) => format!("signal {sig}"),
+            ("limit-exceeded", _, _) => match &o.limit {
+                Some(limit) => format!("{limit} limit"),
+                None => "limit exceeded".into(),
+            },
             (kind, _, _) => kind.to_owned(),
         },
     }
@@ -152,18 +156,28 @@ mod tests {
             kind: "exited".into(),
             exit_code: Some(3),
             signal: None,
+            limit: None,
             text: "exited with 3".into(),
+        };
+        let cpu = OutcomeView {
+            kind: "limit-exceeded".into(),
+            exit_code: None,
+            signal: None,
+            limit: Some("cpu".into()),
+            text: "stopped at its cpu limit".into(),
         };
         let t = jobs(&[
             job(7, "mc-pi#0", JobState::Done, None),
             job(12, "fail", JobState::Failed, Some(exit3)),
             job(13, "hello", JobState::Queued, None),
+            job(14, "hog", JobState::Failed, Some(cpu)),
         ]);
         let want = "\
 ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
 7   mc-pi#0  done    1/4      agent-1  -
 12  fail     failed  1/4      agent-1  exit 3
 13  hello    queued  1/4      -        -
+14  hog      failed  1/4      agent-1  cpu limit
 ";
         assert_eq!(t, want);
     }

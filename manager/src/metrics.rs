@@ -68,6 +68,7 @@ pub fn outcome_kind(o: &Outcome) -> &'static str {
         Outcome::Exited { .. } => "exited_nonzero",
         Outcome::Killed { .. } => "killed",
         Outcome::TimedOut => "timed_out",
+        Outcome::LimitExceeded { .. } => "limit_exceeded",
         Outcome::StageInFailed(_) => "stage_in_failed",
         Outcome::SetupFailed(_) => "setup_failed",
         Outcome::StageOutFailed(_) => "stage_out_failed",
@@ -95,7 +96,7 @@ pub struct Metrics {
     pub jobs_submitted: AtomicU64,
     pub assignments: AtomicU64,
     /// Done reports recorded, by outcome kind (see [`outcome_kind`]).
-    pub reports_recorded: Family<7>,
+    pub reports_recorded: Family<8>,
     pub reports_duplicate: AtomicU64,
     /// Done reports refused: `stale_lease`, `unknown_job` or `error` (the queue failed).
     pub reports_refused: Family<3>,
@@ -158,6 +159,7 @@ impl Metrics {
                 "exited_nonzero",
                 "killed",
                 "timed_out",
+                "limit_exceeded",
                 "stage_in_failed",
                 "setup_failed",
                 "stage_out_failed",
@@ -600,6 +602,31 @@ pub(crate) mod tests {
     fn label_values_are_escaped() {
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         assert_eq!(escape_help("x\\y\nz"), "x\\\\y\\nz");
+    }
+
+    #[test]
+    fn every_outcome_kind_is_a_label_of_the_family() {
+        use copilot_protocol::wire::Limit;
+        let m = Metrics::new();
+        for o in [
+            Outcome::Exited { code: 0 },
+            Outcome::Exited { code: 1 },
+            Outcome::Killed { signal: 9 },
+            Outcome::TimedOut,
+            Outcome::LimitExceeded {
+                limit: Limit::Memory,
+            },
+            Outcome::StageInFailed(String::new()),
+            Outcome::SetupFailed(String::new()),
+            Outcome::StageOutFailed(String::new()),
+        ] {
+            m.reports_recorded.inc(outcome_kind(&o));
+            assert_eq!(m.reports_recorded.get(outcome_kind(&o)), 1, "{o:?}");
+        }
+        assert_eq!(
+            outcome_kind(&Outcome::LimitExceeded { limit: Limit::Cpu }),
+            "limit_exceeded"
+        );
     }
 
     #[test]

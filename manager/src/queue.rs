@@ -192,6 +192,7 @@ fn outcome_view(o: &Outcome) -> OutcomeView {
         Outcome::Exited { code } => ("exited", Some(*code), None),
         Outcome::Killed { signal } => ("killed", None, Some(*signal)),
         Outcome::TimedOut => ("timed-out", None, None),
+        Outcome::LimitExceeded { .. } => ("limit-exceeded", None, None),
         Outcome::StageInFailed(_) => ("stage-in-failed", None, None),
         Outcome::SetupFailed(_) => ("setup-failed", None, None),
         Outcome::StageOutFailed(_) => ("stage-out-failed", None, None),
@@ -200,6 +201,10 @@ fn outcome_view(o: &Outcome) -> OutcomeView {
         kind: kind.into(),
         exit_code,
         signal,
+        limit: match o {
+            Outcome::LimitExceeded { limit } => Some(limit.as_str().into()),
+            _ => None,
+        },
         text: o.describe(),
     }
 }
@@ -1099,6 +1104,23 @@ mod tests {
         assert_eq!(v.outcome.unwrap().exit_code, Some(3));
         assert_eq!(v.timings_ms, Some([1, 2, 3]));
         assert_eq!(v.files.len(), 1);
+    }
+
+    #[test]
+    fn limit_exceeded_is_a_final_failure_that_names_the_limit() {
+        let f = Fixture::new();
+        let id = f.q.submit(&[spec("a")], 3).unwrap()[0];
+        let c = claim(&f, "x", TTL);
+        let hit = Outcome::LimitExceeded {
+            limit: copilot_protocol::wire::Limit::Cpu,
+        };
+        let r = f.q.complete("x", &report(&c, hit, None));
+        assert_eq!(r.unwrap(), Completion::Recorded(JobState::Failed));
+        let o = f.q.job(id).unwrap().unwrap().outcome.unwrap();
+        assert_eq!(o.kind, "limit-exceeded");
+        assert_eq!(o.limit.as_deref(), Some("cpu"));
+        assert_eq!((o.exit_code, o.signal), (None, None));
+        assert!(f.q.claim("x", TTL, TTL).unwrap().is_none(), "not retried");
     }
 
     #[test]

@@ -55,12 +55,16 @@ pub struct FileView {
 /// How the last attempt ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutcomeView {
-    /// `exited`, `killed`, `timed-out`, `stage-in-failed`, `setup-failed`, `stage-out-failed`.
+    /// `exited`, `killed`, `timed-out`, `limit-exceeded`, `stage-in-failed`, `setup-failed`,
+    /// `stage-out-failed`.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
+    /// For `limit-exceeded`: `cpu`, `memory`, `disk`, `processes` or `output`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
     /// A one-line description for people.
     pub text: String,
 }

@@ -242,6 +242,52 @@ pub struct Progress {
     pub phase: Phase,
 }
 
+/// A job limit the payload ran into (see [`Outcome::LimitExceeded`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Limit {
+    Cpu,
+    Memory,
+    Disk,
+    Processes,
+    Output,
+}
+
+impl Limit {
+    /// Every limit, in wire order.
+    pub const ALL: [Limit; 5] = [
+        Limit::Cpu,
+        Limit::Memory,
+        Limit::Disk,
+        Limit::Processes,
+        Limit::Output,
+    ];
+
+    /// The wire name, also used in metrics labels and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::Cpu => "cpu",
+            Limit::Memory => "memory",
+            Limit::Disk => "disk",
+            Limit::Processes => "processes",
+            Limit::Output => "output",
+        }
+    }
+}
+
+impl FromStr for Limit {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Limit::ALL.into_iter().find(|l| l.as_str() == s).ok_or(())
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a job attempt ended, as the agent saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -251,6 +297,9 @@ pub enum Outcome {
     Killed { signal: i32 },
     /// The payload ran past its wall-clock limit and was killed.
     TimedOut,
+    /// The sandbox stopped the payload at one of its limits. Like an exit code, this is the
+    /// payload's failure: final, not retried elsewhere.
+    LimitExceeded { limit: Limit },
     /// Inputs could not be staged (download failed, digest mismatch, …).
     StageInFailed(String),
     /// The payload could not be started.
@@ -279,6 +328,7 @@ impl Outcome {
             Outcome::Exited { .. } => "exited",
             Outcome::Killed { .. } => "killed",
             Outcome::TimedOut => "timed-out",
+            Outcome::LimitExceeded { .. } => "limit-exceeded",
             Outcome::StageInFailed(_) => "stage-in-failed",
             Outcome::SetupFailed(_) => "setup-failed",
             Outcome::StageOutFailed(_) => "stage-out-failed",
@@ -291,6 +341,7 @@ impl Outcome {
             Outcome::Exited { code } => format!("exited with code {code}"),
             Outcome::Killed { signal } => format!("killed by signal {signal}"),
             Outcome::TimedOut => "timed out".into(),
+            Outcome::LimitExceeded { limit } => format!("stopped at its {limit} limit"),
             Outcome::StageInFailed(m) => format!("stage-in failed: {m}"),
             Outcome::SetupFailed(m) => format!("setup failed: {m}"),
             Outcome::StageOutFailed(m) => format!("stage-out failed: {m}"),
@@ -499,6 +550,7 @@ impl Payload {
                     Outcome::Exited { code } => outcome.attr("code", code),
                     Outcome::Killed { signal } => outcome.attr("signal", signal),
                     Outcome::TimedOut => outcome,
+                    Outcome::LimitExceeded { limit } => outcome.attr("limit", limit.as_str()),
                     Outcome::StageInFailed(m)
                     | Outcome::SetupFailed(m)
                     | Outcome::StageOutFailed(m) => outcome.text(cut(m)),
@@ -797,10 +849,24 @@ fn decode_nowork(e: &Element) -> Result<NoWork, WireError> {
 }
 
 fn decode_outcome(e: &Element) -> Result<Outcome, WireError> {
-    let a = Attrs::new(e, "outcome", &["kind", "code", "signal"])?;
+    let a = Attrs::new(e, "outcome", &["kind", "code", "signal", "limit"])?;
     no_children(e, "outcome")?;
     let msg = || cut(&e.text()).to_owned();
-    Ok(match a.str("kind")? {
+    let kind = a.str("kind")?;
+    // Each kind carries only its own attribute.
+    for (attr, owner) in [
+        ("code", "exited"),
+        ("signal", "killed"),
+        ("limit", "limit-exceeded"),
+    ] {
+        if kind != owner && e.attr(attr).is_some() {
+            return Err(WireError::UnknownAttribute {
+                element: "outcome".into(),
+                attr: attr.into(),
+            });
+        }
+    }
+    Ok(match kind {
         "exited" => Outcome::Exited {
             code: a.parse("code")?,
         },
@@ -808,6 +874,12 @@ fn decode_outcome(e: &Element) -> Result<Outcome, WireError> {
             signal: a.parse("signal")?,
         },
         "timed-out" => Outcome::TimedOut,
+        "limit-exceeded" => {
+            let v = a.str("limit")?;
+            Outcome::LimitExceeded {
+                limit: v.parse().map_err(|()| a.bad("limit", v))?,
+            }
+        }
         "stage-in-failed" => Outcome::StageInFailed(msg()),
         "setup-failed" => Outcome::SetupFailed(msg()),
         "stage-out-failed" => Outcome::StageOutFailed(msg()),
@@ -1035,6 +1107,17 @@ mod tests {
             Outcome::Exited { code: 3 },
             Outcome::Killed { signal: 9 },
             Outcome::TimedOut,
+            Outcome::LimitExceeded { limit: Limit::Cpu },
+            Outcome::LimitExceeded {
+                limit: Limit::Memory,
+            },
+            Outcome::LimitExceeded { limit: Limit::Disk },
+            Outcome::LimitExceeded {
+                limit: Limit::Processes,
+            },
+            Outcome::LimitExceeded {
+                limit: Limit::Output,
+            },
             Outcome::StageInFailed("sha256 mismatch".into()),
             Outcome::SetupFailed("no such program".into()),
             Outcome::StageOutFailed("upload refused".into()),
@@ -1119,6 +1202,26 @@ mod tests {
                 |e| matches!(e, WireError::Invalid { .. }),
             ),
             (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='limit-exceeded'/><timings stage-in='0' run='0' stage-out='0'/></done>",
+                |e| matches!(e, WireError::MissingAttribute { attr: "limit", .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='limit-exceeded' limit='patience'/><timings stage-in='0' run='0' stage-out='0'/></done>",
+                |e| matches!(e, WireError::BadAttribute { attr: "limit", .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='limit-exceeded' limit='CPU'/><timings stage-in='0' run='0' stage-out='0'/></done>",
+                |e| matches!(e, WireError::BadAttribute { attr: "limit", .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='limit-exceeded' limit='cpu' signal='24'/><timings stage-in='0' run='0' stage-out='0'/></done>",
+                |e| matches!(e, WireError::UnknownAttribute { .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='exited' code='0' limit='cpu'/><timings stage-in='0' run='0' stage-out='0'/></done>",
+                |e| matches!(e, WireError::UnknownAttribute { .. }),
+            ),
+            (
                 "<request xmlns='urn:copilot:1' v='1' agent='a' version='1'><x/></request>",
                 |e| matches!(e, WireError::UnexpectedChild { .. }),
             ),
@@ -1130,6 +1233,17 @@ mod tests {
         for (xml, ok) in cases {
             let err = Payload::from_xml(xml).unwrap_err();
             assert!(ok(&err), "{xml}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn limit_exceeded_is_a_final_payload_failure() {
+        for limit in Limit::ALL {
+            let o = Outcome::LimitExceeded { limit };
+            assert!(!o.succeeded());
+            assert!(!o.is_retryable());
+            assert_eq!(limit.as_str().parse::<Limit>(), Ok(limit));
+            assert!(o.describe().contains(limit.as_str()));
         }
     }
 
