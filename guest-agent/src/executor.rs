@@ -565,7 +565,12 @@ mod tests {
         a.limits.disk = Some(Bytes(1000));
         let (report, _) = run(&s, &a).await;
         // SIGXFSZ: the file-size limit stopped it.
-        assert_eq!(report.outcome, Outcome::Killed { signal: 25 });
+        assert_eq!(
+            report.outcome,
+            Outcome::LimitExceeded {
+                limit: copilot_protocol::wire::Limit::Disk
+            }
+        );
         assert!(work_dir_is_empty(&s));
     }
 

@@ -35,7 +35,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
-use copilot_protocol::wire::Outcome;
+use copilot_protocol::wire::{Limit as WireLimit, Outcome};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -138,18 +138,17 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// The wire form. The wire has no CPU or limit classes: those are sent as the signal that
-    /// ended the payload (SIGXCPU, SIGXFSZ).
+    /// The wire form: running out of CPU time or disk is `limit-exceeded` (cpu, disk).
     pub fn to_outcome(&self) -> Outcome {
         match self {
             Verdict::Exited(code) => Outcome::Exited { code: *code },
             Verdict::Killed(signal) => Outcome::Killed { signal: *signal },
             Verdict::TimedOut(Clock::Wall) => Outcome::TimedOut,
-            Verdict::TimedOut(Clock::Cpu) => Outcome::Killed {
-                signal: Signal::SIGXCPU as i32,
+            Verdict::TimedOut(Clock::Cpu) => Outcome::LimitExceeded {
+                limit: WireLimit::Cpu,
             },
-            Verdict::LimitExceeded(Limit::Disk) => Outcome::Killed {
-                signal: Signal::SIGXFSZ as i32,
+            Verdict::LimitExceeded(Limit::Disk) => Outcome::LimitExceeded {
+                limit: WireLimit::Disk,
             },
             Verdict::SetupFailed(e) => Outcome::SetupFailed(e.to_string()),
         }
@@ -582,7 +581,7 @@ impl PayloadRunner for SandboxRunner {
             .take()
             .map(|r| tokio::spawn(capture(r, err_file, req.output_cap, stop.clone())));
 
-        let verdict = supervise(&mut child, &job, req.wall_time, self.grace).await;
+        let verdict = supervise(&mut child, &job, req, self.grace).await;
         job.clean_up().await;
         drop(job);
         drop(uid_lock);
@@ -690,11 +689,12 @@ async fn create_log(path: &Path) -> Result<tokio::fs::File, SandboxError> {
 async fn supervise(
     child: &mut Child,
     job: &JobGuard,
-    wall_time: Duration,
+    req: &RunRequest,
     grace: Duration,
 ) -> Verdict {
+    let wall_time = req.wall_time;
     let status = match tokio::time::timeout(wall_time, child.wait()).await {
-        Ok(status) => return exit_verdict(status),
+        Ok(status) => return exit_verdict(status, req),
         Err(_) => {
             tracing::info!(
                 pgid = job.0.leader,
@@ -718,12 +718,17 @@ async fn supervise(
     Verdict::TimedOut(Clock::Wall)
 }
 
-fn exit_verdict(status: std::io::Result<ExitStatus>) -> Verdict {
+/// The verdict of a leader that ended by itself. SIGXCPU and SIGXFSZ name a limit only when
+/// that limit was set (RLIMIT_CPU, RLIMIT_FSIZE); otherwise someone sent them, and they are
+/// plain signals.
+fn exit_verdict(status: std::io::Result<ExitStatus>, req: &RunRequest) -> Verdict {
     match status {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(code), _) => Verdict::Exited(code),
-            (None, Some(sig)) if sig == Signal::SIGXCPU as i32 => Verdict::TimedOut(Clock::Cpu),
-            (None, Some(sig)) if sig == Signal::SIGXFSZ as i32 => {
+            (None, Some(sig)) if sig == Signal::SIGXCPU as i32 && req.cpu_time.is_some() => {
+                Verdict::TimedOut(Clock::Cpu)
+            }
+            (None, Some(sig)) if sig == Signal::SIGXFSZ as i32 && req.disk.is_some() => {
                 Verdict::LimitExceeded(Limit::Disk)
             }
             (None, Some(sig)) => Verdict::Killed(sig),

@@ -3,6 +3,7 @@
 //! tests running at the same time. Tests that need root say "skipped: not root" otherwise.
 
 use super::*;
+use copilot_protocol::wire::Limit as WireLimit;
 
 /// A test dir: logs at the top, the job's dir in `job/`.
 struct Dirs {
@@ -251,7 +252,24 @@ async fn a_cpu_hog_is_stopped_at_its_cpu_time() {
     req.cpu_time = Some(Duration::from_secs(1));
     let res = r.run(&req).await;
     assert_eq!(res.verdict, Verdict::TimedOut(Clock::Cpu), "{res:?}");
-    assert_eq!(res.outcome, Outcome::Killed { signal: 24 });
+    assert_eq!(
+        res.outcome,
+        Outcome::LimitExceeded {
+            limit: WireLimit::Cpu
+        }
+    );
+    still_serves(&r, &d).await;
+}
+
+#[tokio::test]
+async fn sigxcpu_and_sigxfsz_without_those_limits_are_plain_signals() {
+    let d = dirs();
+    let r = runner(62190);
+    for (sig, num) in [("XCPU", 24), ("XFSZ", 25)] {
+        let res = r.run(&request(&d, &format!("kill -{sig} $$"))).await;
+        assert_eq!(res.verdict, Verdict::Killed(num), "{res:?}");
+        assert_eq!(res.outcome, Outcome::Killed { signal: num });
+    }
     still_serves(&r, &d).await;
 }
 
@@ -263,7 +281,12 @@ async fn a_disk_filler_is_stopped_at_its_file_size() {
     req.disk = Some(1 << 20);
     let res = r.run(&req).await;
     assert_eq!(res.verdict, Verdict::LimitExceeded(Limit::Disk), "{res:?}");
-    assert_eq!(res.outcome, Outcome::Killed { signal: 25 });
+    assert_eq!(
+        res.outcome,
+        Outcome::LimitExceeded {
+            limit: WireLimit::Disk
+        }
+    );
     assert!(std::fs::metadata(d.job.join("big")).unwrap().len() <= 1 << 20);
     still_serves(&r, &d).await;
 }
