@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use copilot_protocol::job::MAX_RETRIES;
 use copilot_protocol::units::{Bytes, Seconds};
+use copilot_protocol::Limits;
 use serde::Deserialize;
 
 /// Environment variable overriding `xmpp.password`.
@@ -84,6 +85,77 @@ pub struct JobsConfig {
     pub retry_after: Seconds,
     /// Longest a work request is held waiting for work.
     pub hold: Seconds,
+    /// The most a job may ask for in its `[limits]`.
+    pub max_limits: MaxLimits,
+}
+
+/// The project's maximums for a job's `[limits]` (`[jobs.max_limits]`). A field left out of the
+/// table keeps its default (`wall_time` 24h, `output` 1GiB, the others no maximum).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaxLimits {
+    pub wall_time: Option<Seconds>,
+    pub cpu_time: Option<Seconds>,
+    pub memory: Option<Bytes>,
+    pub disk: Option<Bytes>,
+    pub processes: Option<u32>,
+    pub output: Option<Bytes>,
+}
+
+impl Default for MaxLimits {
+    fn default() -> Self {
+        Self {
+            wall_time: Some(Seconds(24 * 3600)),
+            cpu_time: None,
+            memory: None,
+            disk: None,
+            processes: None,
+            output: Some(Bytes(1 << 30)),
+        }
+    }
+}
+
+/// A job limit over the project's maximum.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("limits.{field} = {asked} is over the project's maximum of {max} (jobs.max_limits.{field} in the manager's config)")]
+pub struct OverMaximum {
+    pub field: &'static str,
+    pub asked: String,
+    pub max: String,
+}
+
+impl MaxLimits {
+    /// The first of `l`'s limits that is over its maximum. A limit the job leaves out is not
+    /// checked: the agent's default applies.
+    pub fn check(&self, l: &Limits) -> Result<(), OverMaximum> {
+        fn secs(s: Seconds) -> String {
+            format!("{s} ({} s)", s.0)
+        }
+        fn bytes(b: Bytes) -> String {
+            format!("{b} ({} bytes)", b.0)
+        }
+        fn over<T: PartialOrd + Copy>(
+            field: &'static str,
+            asked: Option<T>,
+            max: Option<T>,
+            show: fn(T) -> String,
+        ) -> Result<(), OverMaximum> {
+            match (asked, max) {
+                (Some(a), Some(m)) if a > m => Err(OverMaximum {
+                    field,
+                    asked: show(a),
+                    max: show(m),
+                }),
+                _ => Ok(()),
+            }
+        }
+        over("wall_time", l.wall_time, self.wall_time, secs)?;
+        over("cpu_time", l.cpu_time, self.cpu_time, secs)?;
+        over("memory", l.memory, self.memory, bytes)?;
+        over("disk", l.disk, self.disk, bytes)?;
+        over("processes", l.processes, self.processes, |n| n.to_string())?;
+        over("output", l.output, self.output, bytes)
+    }
 }
 
 impl Default for JobsConfig {
@@ -96,6 +168,7 @@ impl Default for JobsConfig {
             max_input_size: Bytes(1 << 30),
             retry_after: Seconds(5),
             hold: Seconds(20),
+            max_limits: MaxLimits::default(),
         }
     }
 }
@@ -338,6 +411,75 @@ hold = "10s"
         assert_eq!(c.jobs.max_input_size, Bytes(1000));
         assert_eq!(c.jobs.hold, Seconds(10));
         assert_eq!(c.xmpp.server, "127.0.0.1:5333");
+    }
+
+    #[test]
+    fn max_limits_keep_their_defaults_field_by_field() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.jobs.max_limits.wall_time, Some(Seconds(86_400)));
+        assert_eq!(c.jobs.max_limits.output, Some(Bytes(1 << 30)));
+        assert_eq!(c.jobs.max_limits.memory, None);
+        let text = format!(
+            "{MINIMAL}[jobs.max_limits]\nmemory = \"4GiB\"\nprocesses = 64\nwall_time = \"48h\"\n"
+        );
+        let m = parse(&text).unwrap().jobs.max_limits;
+        assert_eq!(m.memory, Some(Bytes(4 << 30)));
+        assert_eq!(m.processes, Some(64));
+        assert_eq!(m.wall_time, Some(Seconds(48 * 3600)));
+        assert_eq!(m.output, Some(Bytes(1 << 30)), "left out: the default");
+        assert_eq!(m.disk, None);
+        let err = parse(&format!("{MINIMAL}[jobs.max_limits]\nram = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("ram"), "{err}");
+    }
+
+    #[test]
+    fn max_limits_name_the_field_the_value_and_the_maximum() {
+        let m = MaxLimits {
+            memory: Some(Bytes(1 << 30)),
+            processes: Some(10),
+            ..MaxLimits::default()
+        };
+        assert_eq!(m.check(&Limits::default()), Ok(()));
+        let at_max = Limits {
+            wall_time: Some(Seconds(86_400)),
+            memory: Some(Bytes(1 << 30)),
+            processes: Some(10),
+            cpu_time: Some(Seconds(u64::MAX)),
+            disk: Some(Bytes(u64::MAX)),
+            output: Some(Bytes(1 << 30)),
+        };
+        assert_eq!(m.check(&at_max), Ok(()), "no maximum for cpu_time and disk");
+        let e = m
+            .check(&Limits {
+                memory: Some(Bytes(2 << 30)),
+                ..Limits::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.field, "memory");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("limits.memory")
+                && msg.contains("2147483648 bytes")
+                && msg.contains("1073741824 bytes"),
+            "{msg}"
+        );
+        let e = m
+            .check(&Limits {
+                wall_time: Some(Seconds(86_401)),
+                ..Limits::default()
+            })
+            .unwrap_err();
+        assert_eq!((e.field, e.max.as_str()), ("wall_time", "1day (86400 s)"));
+        let e = m
+            .check(&Limits {
+                processes: Some(11),
+                ..Limits::default()
+            })
+            .unwrap_err();
+        assert_eq!(
+            (e.field, e.asked.as_str(), e.max.as_str()),
+            ("processes", "11", "10")
+        );
     }
 
     #[test]

@@ -397,6 +397,12 @@ async fn submit(State(app): State<App>, headers: HeaderMap, body: Body) -> Answe
             )
         };
         spec.validate().map_err(|e| bad(e.to_string()))?;
+        app.shared
+            .config
+            .jobs
+            .max_limits
+            .check(&spec.limits)
+            .map_err(|e| bad(e.to_string()))?;
         for input in &spec.inputs {
             let InputSource::Stored { sha256, size } = &input.source else {
                 continue;
@@ -767,6 +773,38 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert_eq!(s.blob_files(), 0);
+    }
+
+    #[tokio::test]
+    async fn submit_refuses_limits_over_the_maximums() {
+        let s = Server::start().await;
+        let mut at_max = spec();
+        at_max.limits.wall_time = Some(copilot_protocol::units::Seconds(24 * 3600));
+        at_max.limits.memory = Some(Bytes(1 << 40));
+        let mut over = spec();
+        over.limits.wall_time = Some(copilot_protocol::units::Seconds(48 * 3600));
+        let r = s.submit(vec![at_max.clone(), over]).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let msg = error_of(r).await;
+        assert!(
+            msg.starts_with("job 1 ")
+                && msg.contains("limits.wall_time")
+                && msg.contains("172800 s")
+                && msg.contains("maximum of 1day (86400 s)"),
+            "{msg}"
+        );
+        let mut big_output = spec();
+        big_output.limits.output = Some(Bytes((1 << 30) + 1));
+        let r = s.submit(vec![big_output]).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert!(error_of(r).await.contains("limits.output"));
+        assert_eq!(
+            s.shared.queue.list(None).unwrap().jobs.len(),
+            0,
+            "nothing was queued"
+        );
+        let r = s.submit(vec![at_max]).await;
+        assert_eq!(r.status(), StatusCode::CREATED, "at the maximum is allowed");
     }
 
     #[tokio::test]
