@@ -3,6 +3,7 @@
 //! `prosodyctl`.
 
 use std::fmt::Write as _;
+use std::io::{Read, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -137,7 +138,7 @@ impl Prosody {
             if let Err(e) = p.check_alive() {
                 return Err(with_server_log(e, &self.dir));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            if serves_xmpp(addr) {
                 break;
             }
             if Instant::now() > deadline {
@@ -162,6 +163,35 @@ impl Drop for Prosody {
             tracing::warn!(error = %e, "could not kill prosody");
         }
     }
+}
+
+/// True when the server at `addr` answers a stream header with its stream features: the
+/// listener is open and the modules behind it are loaded (an open port alone is not enough).
+fn serves_xmpp(addr: SocketAddr) -> bool {
+    let probe = || -> std::io::Result<bool> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+        s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        s.set_write_timeout(Some(Duration::from_millis(500)))?;
+        write!(
+            s,
+            "<?xml version='1.0'?><stream:stream to='{XMPP_DOMAIN}' xmlns='jabber:client' \
+             xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
+        )?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while got.len() < 16 * 1024 {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(false);
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.windows(18).any(|w| w == b"</stream:features>") {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    probe().unwrap_or(false)
 }
 
 /// Prosody logs most start-up failures to its own log file, not to stdout: show that one.
