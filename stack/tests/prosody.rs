@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::Duration;
 
 use copilot_stack::{Prosody, XMPP_DOMAIN};
@@ -40,9 +41,18 @@ fn read_until(s: &mut TcpStream, any_of: &[&str]) -> String {
     got
 }
 
-/// Open a stream and try SASL PLAIN; true on <success/>, false on <failure/>.
-fn plain_login(port: u16, user: &str, password: &str) -> bool {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+/// Open a stream and try SASL PLAIN; true on <success/>, false on <failure/>. A refused
+/// connection fails the test with the server's state and log, so a flaky start can be told apart.
+fn plain_login(p: &mut Prosody, dir: &Path, user: &str, password: &str) -> bool {
+    let mut s = match TcpStream::connect(("127.0.0.1", p.port())) {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "connecting to prosody on port {}: {e}; server alive: {:?}; prosody.log:\n{}",
+            p.port(),
+            p.check_alive(),
+            std::fs::read_to_string(dir.join("prosody.log")).unwrap_or_default()
+        ),
+    };
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
@@ -74,7 +84,7 @@ fn running(pid: u32) -> bool {
 }
 
 /// A started server, or None (test skipped, said on stderr) when prosody is not installed.
-fn start(dir: &std::path::Path) -> Option<Prosody> {
+fn start(dir: &Path) -> Option<Prosody> {
     match Prosody::start(dir) {
         Err(copilot_stack::StackError::ProsodyMissing(_)) => {
             eprintln!("SKIPPED: prosody is not installed (apt-get install prosody)");
@@ -91,15 +101,15 @@ fn prosody_starts_registers_restarts_and_stops() {
         return;
     };
     p.register("alice", "w0nderland").unwrap();
-    assert!(plain_login(p.port(), "alice", "w0nderland"));
-    assert!(!plain_login(p.port(), "alice", "wrong"));
+    assert!(plain_login(&mut p, dir.path(), "alice", "w0nderland"));
+    assert!(!plain_login(&mut p, dir.path(), "alice", "wrong"));
 
     let (port, first) = (p.port(), p.pid().unwrap());
     p.restart().unwrap();
     assert_eq!(p.port(), port);
     assert!(!running(first));
     assert!(
-        plain_login(p.port(), "alice", "w0nderland"),
+        plain_login(&mut p, dir.path(), "alice", "w0nderland"),
         "account survives a restart"
     );
 
