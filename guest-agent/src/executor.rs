@@ -242,6 +242,7 @@ impl<R: PayloadRunner> Executor<R> {
             disk: limits.disk.map(|b| b.0),
             processes: limits.processes,
             output_cap: limits.output.map_or(u64::MAX, |b| b.0),
+            network: a.network,
             stdout_path: dirs.agent.join("stdout.txt"),
             stderr_path: dirs.agent.join("stderr.txt"),
         }
@@ -404,6 +405,7 @@ mod tests {
             inputs: Vec::new(),
             outputs: outputs.iter().map(|s| s.to_string()).collect(),
             limits: Limits::default(),
+            network: true,
             upload_url: format!("{}/outputs/17/2", server.base),
             upload_token: "tok".into(),
         }
@@ -572,6 +574,22 @@ mod tests {
             }
         );
         assert!(work_dir_is_empty(&s));
+    }
+
+    #[tokio::test]
+    async fn network_false_reaches_the_sandbox() {
+        if let Err(why) = crate::sandbox::netns::isolation() {
+            println!("network_false_reaches_the_sandbox: skipped: {why}");
+            return;
+        }
+        let s = setup().await;
+        // Exit 0 exactly when `lo` is the only network device the payload sees.
+        let only_lo = "test \"$(sed 1,2d /proc/net/dev | cut -d: -f1 | tr -d ' ')\" = lo";
+        let mut a = assignment(&s.server, only_lo, &[]);
+        a.network = false;
+        assert_eq!(run(&s, &a).await.0.outcome, Outcome::Exited { code: 0 });
+        a.network = true;
+        assert_eq!(run(&s, &a).await.0.outcome, Outcome::Exited { code: 1 });
     }
 
     #[tokio::test]

@@ -9,8 +9,9 @@
 //! 2. as root: give the job dir to the slot's uid and kill anything left running under it;
 //! 3. spawn; in the child before exec (async-signal-safe calls only): new session, rlimits
 //!    (CPU seconds, address space, file size, open files, core size 0, processes when the
-//!    job has its own uid), `setgroups([])` + `setgid` + `setuid` to the slot's uid, then the
-//!    parent-death signal and `no_new_privs`;
+//!    job has its own uid), a network namespace of its own for `network = false` jobs,
+//!    `setgroups([])` + `setgid` + `setuid` to the slot's uid, then the parent-death signal
+//!    and `no_new_privs`;
 //! 4. supervise: past the wall time SIGTERM to the session's group, a grace period, SIGKILL;
 //! 5. clean up: every remaining process of the job — by uid, group, session, ancestry, or as an
 //!    orphan reparented to the agent (a child subreaper) — is killed and reaped;
@@ -21,6 +22,7 @@
 //! host provides.
 
 mod check;
+pub(crate) mod netns;
 mod procs;
 
 pub use check::{check, Protection};
@@ -38,6 +40,7 @@ use std::time::{Duration, Instant};
 use copilot_protocol::wire::{Limit as WireLimit, Outcome};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
+use nix::sched::CloneFlags;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
@@ -83,6 +86,9 @@ pub struct RunRequest {
     pub processes: Option<u32>,
     /// Bytes kept of each of stdout and stderr.
     pub output_cap: u64,
+    /// Whether the payload may use the network; without, it gets a network namespace of its
+    /// own where the host allows one (see the `netns` module).
+    pub network: bool,
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
 }
@@ -105,6 +111,7 @@ impl RunRequest {
             disk: None,
             processes: None,
             output_cap: u64::MAX,
+            network: true,
             stdout_path,
             stderr_path,
         }
@@ -346,6 +353,9 @@ pub struct Plan {
     pub rlimits: Vec<(Resource, u64, u64)>,
     /// The job's own uid/gid, when the agent is root.
     pub identity: Option<Identity>,
+    /// Namespaces the child unshares to cut the payload off the network, when the job asked
+    /// for that and the host allows it.
+    pub unshare: Option<CloneFlags>,
     /// The agent's pid, checked in the child after setting the parent-death signal.
     pub parent: i32,
 }
@@ -407,9 +417,24 @@ impl Plan {
             })?;
             rlimits.push((resource, soft.min(cur_hard), hard.min(cur_hard)));
         }
+        let unshare = if req.network {
+            None
+        } else {
+            match netns::isolation() {
+                Ok(flags) => Some(flags),
+                Err(why) => {
+                    static ONCE: Once = Once::new();
+                    ONCE.call_once(|| {
+                        tracing::warn!("jobs that declare network = false keep the network: {why}");
+                    });
+                    None
+                }
+            }
+        };
         Ok(Plan {
             rlimits,
             identity,
+            unshare,
             parent: i32::try_from(std::process::id()).unwrap_or(0),
         })
     }
@@ -647,15 +672,22 @@ fn command(req: &RunRequest, plan: &Plan) -> Command {
         .kill_on_drop(true);
     let rlimits = plan.rlimits.clone();
     let identity = plan.identity;
+    let unshare = plan.unshare;
     let parent = plan.parent;
     // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
-    // that are async-signal-safe (setsid, setrlimit, setgroups, setgid, setuid, prctl x2,
-    // getppid) on values moved in before the fork; it allocates nothing and takes no lock.
+    // that are async-signal-safe (setsid, setrlimit, unshare, setgroups, setgid, setuid,
+    // prctl x2, getppid) on values moved in before the fork; it allocates nothing and takes
+    // no lock.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid()?;
             for &(resource, soft, hard) in &rlimits {
                 setrlimit(resource, soft, hard)?;
+            }
+            // Before the uid switch: as root, creating a network namespace needs the
+            // capabilities the switch drops.
+            if let Some(flags) = unshare {
+                nix::sched::unshare(flags)?;
             }
             if let Some(id) = identity {
                 nix::unistd::setgroups(&[])?;

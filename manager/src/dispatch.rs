@@ -231,6 +231,7 @@ impl Dispatcher {
                 .collect(),
             outputs: c.spec.outputs,
             limits: c.spec.limits,
+            network: c.spec.network,
             upload_url: format!("{base}/outputs/{}/{}", c.job, c.attempt),
             upload_token: c.upload_token,
         }

@@ -128,6 +128,19 @@ pub struct JobFile {
     /// How many identical job instances to submit (each gets `COPILOT_INSTANCE` = 0..count-1).
     #[serde(default)]
     pub count: Option<u32>,
+    /// Whether the payload may use the network. With `false` the agent runs it in a network
+    /// namespace of its own (only a loopback device, down) where the host allows one.
+    #[serde(default = "yes")]
+    pub network: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// Where a job input comes from, after submission.
@@ -168,6 +181,9 @@ pub struct JobSpec {
     pub limits: Limits,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+    /// See [`JobFile::network`].
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub network: bool,
 }
 
 impl JobFile {
@@ -297,6 +313,7 @@ impl JobFile {
                     env,
                     limits: self.limits.clone(),
                     max_retries: self.max_retries,
+                    network: self.network,
                 }
             })
             .collect();
@@ -340,6 +357,7 @@ impl JobSpec {
             env: BTreeMap::new(),
             limits: Limits::default(),
             max_retries: None,
+            network: true,
         }
     }
 
@@ -562,6 +580,22 @@ output = "1MiB"
         assert_eq!(specs.len(), 3);
         assert_eq!(specs[2].name, "true#2");
         assert_eq!(specs[2].env["COPILOT_INSTANCE"], "2");
+    }
+
+    #[test]
+    fn network_is_on_unless_a_job_turns_it_off() {
+        let on = JobFile::parse("command = [\"true\"]").unwrap();
+        assert!(on.network);
+        let spec = &on.into_specs(Path::new("."), |_| None).unwrap()[0];
+        assert!(spec.network);
+        let json = serde_json::to_string(spec).unwrap();
+        assert!(!json.contains("network"), "{json}");
+
+        let off = JobFile::parse("command = [\"true\"]\nnetwork = false").unwrap();
+        let spec = &off.into_specs(Path::new("."), |_| None).unwrap()[0];
+        assert!(!spec.network);
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(spec).unwrap()).unwrap();
+        assert!(!back.network);
     }
 
     #[test]

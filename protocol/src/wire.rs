@@ -200,6 +200,8 @@ pub struct Assignment {
     pub inputs: Vec<WireInput>,
     pub outputs: Vec<String>,
     pub limits: Limits,
+    /// Whether the payload may use the network (`network='false'` on the wire, else omitted).
+    pub network: bool,
     /// Where the packed outputs go (HTTP PUT).
     pub upload_url: String,
     /// The job's upload credential (bearer token), valid for this attempt only.
@@ -484,7 +486,8 @@ fn assign_element(a: &Assignment) -> Element {
         .attr("job", a.job)
         .attr("attempt", a.attempt)
         .attr("lease", a.lease_secs)
-        .attr("name", &a.name);
+        .attr("name", &a.name)
+        .opt_attr("network", (!a.network).then_some(false));
     for arg in &a.command {
         e = e.child(El::new("arg").text(arg).0);
     }
@@ -758,7 +761,11 @@ fn decode_limits(e: &Element) -> Result<Limits, WireError> {
 }
 
 fn decode_assign(e: &Element) -> Result<Assignment, WireError> {
-    let a = Attrs::new(e, "assign", &["v", "job", "attempt", "lease", "name"])?;
+    let a = Attrs::new(
+        e,
+        "assign",
+        &["v", "job", "attempt", "lease", "name", "network"],
+    )?;
     let mut out = Assignment {
         job: a.parse("job")?,
         attempt: a.parse("attempt")?,
@@ -769,6 +776,7 @@ fn decode_assign(e: &Element) -> Result<Assignment, WireError> {
         inputs: Vec::new(),
         outputs: Vec::new(),
         limits: Limits::default(),
+        network: a.opt_parse("network")?.unwrap_or(true),
         upload_url: String::new(),
         upload_token: String::new(),
     };
@@ -1076,6 +1084,7 @@ mod tests {
                 output: Some(Bytes(1024)),
                 ..Limits::default()
             },
+            network: false,
             upload_url: "http://127.0.0.1:8080/outputs/17".into(),
             upload_token: "t0k3n".into(),
         }
@@ -1094,6 +1103,16 @@ mod tests {
             wait_secs: 20,
         }));
         round_trip(Payload::Assign(Box::new(assignment())));
+        let networked = Assignment {
+            network: true,
+            ..assignment()
+        };
+        let xml = Payload::Assign(Box::new(networked.clone())).to_xml();
+        assert!(
+            !xml.contains("network="),
+            "the default is not spelled out: {xml}"
+        );
+        round_trip(Payload::Assign(Box::new(networked)));
         round_trip(Payload::NoWork(NoWork {
             retry_after_secs: 5,
         }));

@@ -493,6 +493,7 @@ fn hijack(job: JobId) -> Element {
         inputs: vec![],
         outputs: vec![],
         limits: Default::default(),
+        network: true,
         upload_url: "http://127.0.0.1:9/outputs/1/9".into(),
         upload_token: "t".into(),
     }))

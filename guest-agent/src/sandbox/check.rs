@@ -14,7 +14,7 @@ pub struct Protection {
 impl std::fmt::Display for Protection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mark = if self.active { "active " } else { "MISSING" };
-        write!(f, "{mark}  {:<22} {}", self.name, self.detail)
+        write!(f, "{mark}  {:<25} {}", self.name, self.detail)
     }
 }
 
@@ -27,8 +27,8 @@ fn p(name: &'static str, active: bool, detail: impl Into<String>) -> Protection 
 }
 
 /// Probes this host. `base_uid` is the first job uid; `config` the agent's config file, if
-/// given. Cgroups and namespaces are reported as available or not, but this agent does not
-/// use them yet, so they are never `active`.
+/// given. Cgroups and the user, mount and pid namespaces are reported as available or not,
+/// but this agent does not use them yet, so they are never `active`.
 pub fn check(base_uid: u32, config: Option<&Path>) -> Vec<Protection> {
     let root = super::is_root();
     let mut out = vec![
@@ -97,7 +97,8 @@ pub fn check(base_uid: u32, config: Option<&Path>) -> Vec<Protection> {
         Some(path) => config_mode(path, root),
     });
     out.push(cgroup());
-    out.push(namespaces());
+    out.push(network_namespace());
+    out.push(other_namespaces());
     out
 }
 
@@ -147,8 +148,27 @@ fn cgroup() -> Protection {
     p("cgroup v2 limits", false, detail)
 }
 
-fn namespaces() -> Protection {
-    let kinds: Vec<&str> = ["user", "mnt", "pid", "net"]
+fn network_namespace() -> Protection {
+    match super::netns::isolation() {
+        Ok(flags) => p(
+            "network namespace",
+            true,
+            if flags.contains(nix::sched::CloneFlags::CLONE_NEWUSER) {
+                "jobs with network = false get a network namespace of their own (inside a user namespace)"
+            } else {
+                "jobs with network = false get a network namespace of their own"
+            },
+        ),
+        Err(why) => p(
+            "network namespace",
+            false,
+            format!("{why}: jobs with network = false keep the network"),
+        ),
+    }
+}
+
+fn other_namespaces() -> Protection {
+    let kinds: Vec<&str> = ["user", "mnt", "pid"]
         .into_iter()
         .filter(|k| Path::new(&format!("/proc/self/ns/{k}")).exists())
         .collect();
@@ -156,7 +176,7 @@ fn namespaces() -> Protection {
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "?".into());
     p(
-        "namespaces",
+        "user/mount/pid namespaces",
         false,
         format!(
             "kernel has {} (max_user_namespaces {max_user}); not used by this agent yet",
@@ -179,7 +199,11 @@ mod tests {
         let get = |name: &str| report.iter().find(|p| p.name == name).unwrap();
         assert_eq!(get("per-job uid").active, super::super::is_root());
         assert!(!get("cgroup v2 limits").active);
-        assert!(!get("namespaces").active);
+        assert!(!get("user/mount/pid namespaces").active);
+        assert_eq!(
+            get("network namespace").active,
+            super::super::netns::isolation().is_ok()
+        );
         assert!(!get("config file root-only").active);
         assert!(get("rlimits").to_string().starts_with("active"));
     }

@@ -422,6 +422,49 @@ async fn a_wide_process_tree_is_killed_whole() {
     still_serves(&r, &d).await;
 }
 
+/// A `network = false` job reaches nothing, not even a listener of the agent's host on
+/// 127.0.0.1, and sees no interface but `lo`; the same job with network gets through.
+#[tokio::test]
+async fn a_job_without_network_cannot_connect() {
+    if let Err(why) = netns::isolation() {
+        println!("a_job_without_network_cannot_connect: skipped: {why}");
+        return;
+    }
+    if !Path::new("/bin/bash").exists() {
+        println!("a_job_without_network_cannot_connect: skipped: no /bin/bash for /dev/tcp");
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "if bash -c 'echo hi > /dev/tcp/127.0.0.1/{port}' 2>/dev/null; \
+         then echo connected; else echo refused; fi; \
+         sed 1,2d /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\\n' ' '"
+    );
+    let d = dirs();
+    let r = runner(62200);
+
+    let mut req = request(&d, &script);
+    req.network = false;
+    let res = r.run(&req).await;
+    assert_eq!(res.verdict, Verdict::Exited(0), "{res:?}");
+    assert_eq!(stdout(&d), "refused\nlo ");
+    assert!(listener.accept().is_err(), "nothing may have connected");
+
+    req.network = true;
+    let res = r.run(&req).await;
+    assert_eq!(res.verdict, Verdict::Exited(0), "{res:?}");
+    let out = stdout(&d);
+    assert!(out.starts_with("connected\n"), "{out}");
+    assert_ne!(
+        out, "connected\nlo ",
+        "the host has more than a loopback device"
+    );
+    assert!(listener.accept().is_ok(), "the networked job connected");
+    still_serves(&r, &d).await;
+}
+
 /// Not a test: spawn-to-exit of `true` in the sandbox vs a bare fork/exec, and the time to
 /// kill a 1000-process tree. `cargo test -p copilot-agent --release -- --ignored --nocapture
 /// sandbox_costs`.
