@@ -243,6 +243,9 @@ async fn status(
                 if let Some(note) = &j.note {
                     out!("note: {note}")?;
                 }
+                if let Some(s) = &j.sandbox {
+                    out!("sandbox: {}", s.summary())?;
+                }
                 if let Some(a) = &j.archive {
                     out!("archive: {} bytes, sha256 {}", a.size, a.sha256)?;
                 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use copilot_protocol::api::{AgentView, JobView, OutcomeView};
+use copilot_protocol::sandbox::SandboxReport;
 use copilot_protocol::JobState;
 
 /// Columns left-aligned, separated by two spaces, trailing spaces trimmed.
@@ -101,6 +102,18 @@ pub fn ago(now_ms: u64, then_ms: u64) -> String {
     }
 }
 
+/// `full`, or what the host lacks (`missing uid,nproc`); `-` before the first report.
+pub fn sandbox_cell(s: Option<&SandboxReport>) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s.missing.is_empty() => "full".into(),
+        Some(s) => {
+            let missing: Vec<&str> = s.missing.iter().map(|p| p.as_str()).collect();
+            format!("missing {}", missing.join(","))
+        }
+    }
+}
+
 /// The agents table.
 pub fn agents(agents: &[AgentView], now_ms: u64) -> String {
     let rows: Vec<Vec<String>> = agents
@@ -118,17 +131,28 @@ pub fn agents(agents: &[AgentView], now_ms: u64) -> String {
                 },
                 a.jobs_done.to_string(),
                 ago(now_ms, a.last_seen_ms),
+                sandbox_cell(a.sandbox.as_ref()),
             ]
         })
         .collect();
     render(
-        &["NAME", "STATUS", "VERSION", "RUNNING", "DONE", "LAST SEEN"],
+        &[
+            "NAME",
+            "STATUS",
+            "VERSION",
+            "RUNNING",
+            "DONE",
+            "LAST SEEN",
+            "SANDBOX",
+        ],
         &rows,
     )
 }
 
 #[cfg(test)]
 mod tests {
+    use copilot_protocol::sandbox::Protection;
+
     use super::*;
 
     fn job(id: u64, name: &str, state: JobState, outcome: Option<OutcomeView>) -> JobView {
@@ -145,6 +169,7 @@ mod tests {
             archive: None,
             files: vec![],
             timings_ms: None,
+            sandbox: None,
             note: None,
             spec: copilot_protocol::JobSpec::new(name, &["true"]),
         }
@@ -208,12 +233,31 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
             running: vec![4, 5],
             jobs_done: 9,
             last_seen_ms: 1_000,
+            sandbox: Some(SandboxReport {
+                missing: [Protection::Uid, Protection::Nproc].into(),
+                ..SandboxReport::default()
+            }),
         };
-        let t = agents(&[a], 126_000);
+        let full = AgentView {
+            name: "agent-2".into(),
+            sandbox: Some(SandboxReport {
+                active: [Protection::Uid].into(),
+                ..SandboxReport::default()
+            }),
+            ..a.clone()
+        };
+        let fresh = AgentView {
+            name: "agent-3".into(),
+            sandbox: None,
+            ..a.clone()
+        };
+        let t = agents(&[a, full, fresh], 126_000);
         assert_eq!(
             t,
-            "NAME     STATUS  VERSION  RUNNING  DONE  LAST SEEN\n\
-             agent-1  online  0.1.0    4,5      9     2m ago\n"
+            "NAME     STATUS  VERSION  RUNNING  DONE  LAST SEEN  SANDBOX\n\
+             agent-1  online  0.1.0    4,5      9     2m ago     missing uid,nproc\n\
+             agent-2  online  0.1.0    4,5      9     2m ago     full\n\
+             agent-3  online  0.1.0    4,5      9     2m ago     -\n"
         );
         assert_eq!(ago(5_000, 1_000), "4s ago");
         assert_eq!(ago(0, 1_000), "0s ago");

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use copilot_protocol::sandbox::SandboxReport;
 use copilot_protocol::units::Seconds;
 use copilot_protocol::wire::{Assignment, DoneReport, Outcome, Phase, Timings};
 use copilot_protocol::Limits;
@@ -59,6 +60,8 @@ struct Ended {
     outcome: Outcome,
     timings: Timings,
     packed: Option<Packed>,
+    /// Empty when the payload never ran.
+    sandbox: SandboxReport,
 }
 
 impl Executor<SandboxRunner> {
@@ -131,6 +134,7 @@ impl<R: PayloadRunner> Executor<R> {
             timings: ended.timings,
             archive,
             files,
+            sandbox: ended.sandbox,
             want_more: false,
         }
     }
@@ -148,6 +152,7 @@ impl<R: PayloadRunner> Executor<R> {
             outcome,
             timings,
             packed: None,
+            sandbox: SandboxReport::default(),
         };
         let upload_url = match self.prepare(a, dirs).await {
             Ok(url) => url,
@@ -192,6 +197,7 @@ impl<R: PayloadRunner> Executor<R> {
                 outcome: run.outcome,
                 timings,
                 packed: Some(packed),
+                sandbox: run.sandbox,
             },
             Err(msg) => {
                 tracing::warn!(job = a.job, attempt = a.attempt, "stage-out failed: {msg}");
@@ -201,7 +207,10 @@ impl<R: PayloadRunner> Executor<R> {
                 } else {
                     Outcome::StageOutFailed(msg)
                 };
-                early_end(outcome, timings)
+                Ended {
+                    sandbox: run.sandbox,
+                    ..early_end(outcome, timings)
+                }
             }
         }
     }
@@ -363,6 +372,7 @@ fn make_writable(dir: &Path) {
 mod tests {
     use std::sync::Mutex;
 
+    use copilot_protocol::sandbox::Protection;
     use copilot_protocol::units::Bytes;
     use copilot_protocol::wire::WireInput;
     use copilot_protocol::Sha256;
@@ -475,6 +485,11 @@ mod tests {
             (17, 2, false)
         );
         assert_eq!(phases, [Phase::Staging, Phase::Running, Phase::Uploading]);
+        assert!(
+            report.sandbox.active.contains(&Protection::Session),
+            "the run's sandbox is reported: {:?}",
+            report.sandbox
+        );
 
         let puts = s.server.puts();
         assert_eq!(puts.len(), 1);
@@ -528,6 +543,11 @@ mod tests {
         assert_eq!(phases, [Phase::Staging]);
         assert!(s.server.puts().is_empty());
         assert_eq!((report.archive, report.files.len()), (None, 0));
+        assert!(
+            report.sandbox.is_empty(),
+            "nothing ran: {:?}",
+            report.sandbox
+        );
         assert!(work_dir_is_empty(&s));
     }
 

@@ -37,6 +37,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
+use copilot_protocol::sandbox::{Protection as Guard, SandboxReport};
 use copilot_protocol::wire::{Limit as WireLimit, Outcome};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -216,6 +217,9 @@ pub struct RunResult {
     pub stderr_truncated: bool,
     /// From spawn to the end of output capture.
     pub duration: Duration,
+    /// The protections applied and those this host lacked (empty when setup failed before
+    /// the plan was made).
+    pub sandbox: SandboxReport,
 }
 
 /// Something that runs a payload to its end. Never fails: every failure is an outcome.
@@ -272,6 +276,11 @@ pub fn is_root() -> bool {
 /// children and can be found and reaped. Process-wide; repeating it is harmless.
 pub fn become_subreaper() -> Result<(), Errno> {
     nix::sys::prctl::set_child_subreaper(true)
+}
+
+/// Whether this process is a child subreaper now.
+fn is_subreaper() -> bool {
+    nix::sys::prctl::get_child_subreaper().unwrap_or(false)
 }
 
 impl SandboxRunner {
@@ -438,6 +447,34 @@ impl Plan {
             parent: i32::try_from(std::process::id()).unwrap_or(0),
         })
     }
+
+    /// What this plan protects and what the job lacks on this host.
+    pub fn report(&self, req: &RunRequest) -> SandboxReport {
+        let mut r = SandboxReport::default();
+        r.active.extend([
+            Guard::Session,
+            Guard::Rlimits,
+            Guard::NoNewPrivs,
+            Guard::ParentDeath,
+            Guard::CleanEnv,
+        ]);
+        let mut put = |guard: Guard, on: bool| {
+            if on {
+                r.active.insert(guard);
+            } else {
+                r.missing.insert(guard);
+            }
+        };
+        put(Guard::Uid, self.identity.is_some());
+        if req.processes.is_some() {
+            put(Guard::Nproc, self.identity.is_some());
+        }
+        put(Guard::Subreaper, is_subreaper());
+        if !req.network {
+            put(Guard::Netns, self.unshare.is_some());
+        }
+        r
+    }
 }
 
 /// The bytes one capture kept.
@@ -525,20 +562,23 @@ impl Drop for JobGuard {
 impl PayloadRunner for SandboxRunner {
     async fn run(&self, req: &RunRequest) -> RunResult {
         let start = Instant::now();
-        let ended = |verdict: Verdict, out: Captured, err: Captured| RunResult {
-            outcome: verdict.to_outcome(),
-            verdict,
-            stdout_bytes: out.kept,
-            stderr_bytes: err.kept,
-            stdout_truncated: out.truncated,
-            stderr_truncated: err.truncated,
-            duration: start.elapsed(),
-        };
+        let ended =
+            |verdict: Verdict, out: Captured, err: Captured, sandbox: SandboxReport| RunResult {
+                outcome: verdict.to_outcome(),
+                verdict,
+                stdout_bytes: out.kept,
+                stderr_bytes: err.kept,
+                stdout_truncated: out.truncated,
+                stderr_truncated: err.truncated,
+                duration: start.elapsed(),
+                sandbox,
+            };
         let failed = |e: SandboxError| {
             ended(
                 Verdict::SetupFailed(e),
                 Captured::default(),
                 Captured::default(),
+                SandboxReport::default(),
             )
         };
         let (identity, uid_lock) = match self.claim_uid() {
@@ -630,7 +670,7 @@ impl PayloadRunner for SandboxRunner {
                 )
             }
         };
-        ended(verdict, out, err)
+        ended(verdict, out, err, plan.report(req))
     }
 }
 

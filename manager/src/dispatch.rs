@@ -336,6 +336,7 @@ impl Dispatcher {
                 self.shared
                     .fleet
                     .finished(&agent, report.job, state == JobState::Done);
+                self.shared.fleet.sandbox(&agent, &report.sandbox);
                 if state == JobState::Queued {
                     self.shared.work_available.notify_waiters();
                 }
@@ -531,6 +532,7 @@ mod tests {
             timings: Timings::default(),
             archive,
             files: vec![],
+            sandbox: Default::default(),
             want_more: false,
         }
     }

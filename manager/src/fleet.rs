@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use copilot_protocol::api::{AgentList, AgentView};
+use copilot_protocol::sandbox::SandboxReport;
 use copilot_protocol::JobId;
 
 /// Now as unix milliseconds.
@@ -27,6 +28,7 @@ struct Entry {
     running: BTreeSet<JobId>,
     jobs_done: u64,
     last_seen_ms: u64,
+    sandbox: Option<SandboxReport>,
 }
 
 /// Why an agent's stanza was refused.
@@ -143,6 +145,17 @@ impl Fleet {
         }
     }
 
+    /// The sandbox the agent reported for a job it ran; reports of payloads that never
+    /// started (empty) leave the last one in place.
+    pub fn sandbox(&self, name: &str, report: &SandboxReport) {
+        if report.is_empty() {
+            return;
+        }
+        if let Some(e) = self.lock().get_mut(name) {
+            e.sandbox = Some(report.clone());
+        }
+    }
+
     /// Forget that any agent holds `job` (its lease expired).
     pub fn drop_job(&self, job: JobId) {
         for e in self.lock().values_mut() {
@@ -168,6 +181,7 @@ impl Fleet {
                 running: e.running.iter().copied().collect(),
                 jobs_done: e.jobs_done,
                 last_seen_ms: e.last_seen_ms,
+                sandbox: e.sandbox.clone(),
             })
             .collect();
         agents.sort_by(|a, b| b.online.cmp(&a.online).then_with(|| a.name.cmp(&b.name)));
@@ -211,6 +225,14 @@ mod tests {
         assert!(list[1].running.is_empty());
         f.finished("b", 1, true);
         assert_eq!(f.list().agents[0].jobs_done, 1);
+        assert_eq!(f.list().agents[0].sandbox, None);
+        let lacking = SandboxReport {
+            missing: [copilot_protocol::sandbox::Protection::Uid].into(),
+            ..SandboxReport::default()
+        };
+        f.sandbox("b", &lacking);
+        f.sandbox("b", &SandboxReport::default());
+        assert_eq!(f.list().agents[0].sandbox.as_ref(), Some(&lacking));
         assert_eq!(f.online_count(), 1);
     }
 }

@@ -47,6 +47,7 @@ CREATE TABLE jobs (
     archive_size INTEGER,
     files TEXT,
     timings TEXT,
+    sandbox TEXT,
     note TEXT,
     created INTEGER NOT NULL,
     updated INTEGER NOT NULL
@@ -366,6 +367,7 @@ fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, QueueError>> 
     let size: Option<u64> = r.get("archive_size")?;
     let files: Option<String> = r.get("files")?;
     let timings: Option<String> = r.get("timings")?;
+    let sandbox: Option<String> = r.get("sandbox")?;
     let spec: String = r.get("spec")?;
     let (id, name, attempt, max_retries, agent, created, updated, note) = (
         r.get("id")?,
@@ -401,6 +403,7 @@ fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, QueueError>> 
                 .transpose()?
                 .unwrap_or_default(),
             timings_ms: timings.as_deref().map(from_json).transpose()?,
+            sandbox: sandbox.as_deref().map(from_json).transpose()?,
             note,
             spec: from_json(&spec)?,
         })
@@ -631,14 +634,17 @@ impl Queue {
                 }
             };
             tx.execute_cached(
-                "UPDATE jobs SET outcome = ?1, files = ?2, timings = ?3, note = ?4,
+                "UPDATE jobs SET outcome = ?1, files = ?2, timings = ?3, note = ?4, sandbox = ?5,
                         lease_until = NULL, token = NULL, token_until = NULL
-                 WHERE id = ?5",
+                 WHERE id = ?6",
                 params![
                     to_json(&outcome_view(&outcome))?,
                     to_json(&files)?,
                     to_json(&[t.stage_in_ms, t.run_ms, t.stage_out_ms])?,
                     note,
+                    (!report.sandbox.is_empty())
+                        .then(|| to_json(&report.sandbox))
+                        .transpose()?,
                     job
                 ],
             )?;
@@ -907,6 +913,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use copilot_protocol::job::JobInput;
+    use copilot_protocol::sandbox::{Protection, SandboxReport};
     use copilot_protocol::wire::{FileDigest, Timings};
 
     use super::*;
@@ -974,6 +981,10 @@ mod tests {
                 size: 2,
                 sha256: Sha256::of(b"hi"),
             }],
+            sandbox: SandboxReport {
+                active: [Protection::Session].into(),
+                missing: [Protection::Uid].into(),
+            },
             want_more: false,
         }
     }
@@ -1103,6 +1114,8 @@ mod tests {
         let v = f.q.job(id).unwrap().unwrap();
         assert_eq!(v.outcome.unwrap().exit_code, Some(3));
         assert_eq!(v.timings_ms, Some([1, 2, 3]));
+        let sandbox = v.sandbox.as_ref().expect("the sandbox report is kept");
+        assert_eq!(sandbox.missing, [Protection::Uid].into());
         assert_eq!(v.files.len(), 1);
     }
 

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::job::JobSpec;
+use crate::sandbox::SandboxReport;
 use crate::state::JobState;
 use crate::{JobId, Sha256};
 
@@ -94,6 +95,9 @@ pub struct JobView {
     /// Milliseconds spent staging in, running and staging out (last attempt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings_ms: Option<[u64; 3]>,
+    /// The protections the agent's sandbox applied to the last attempt, and those it lacked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxReport>,
     /// Why the job failed or was requeued, if the manager knows more than the outcome says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -121,6 +125,9 @@ pub struct AgentView {
     pub jobs_done: u64,
     /// Unix time in milliseconds of the last stanza from it.
     pub last_seen_ms: u64,
+    /// Its sandbox as of its last report of a job it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxReport>,
 }
 
 /// All agents the manager has heard from.

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod digest;
 pub mod job;
+pub mod sandbox;
 pub mod state;
 pub mod units;
 pub mod wire;

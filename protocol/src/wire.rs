@@ -16,6 +16,7 @@ use minidom::rxml::{Namespace, NcName};
 use minidom::Element;
 
 use crate::job::{validate_command, validate_env, validate_input_name, validate_outputs, Limits};
+use crate::sandbox::{Protection, SandboxReport};
 use crate::units::{Bytes, Seconds};
 use crate::{JobId, Sha256};
 
@@ -380,6 +381,8 @@ pub struct DoneReport {
     pub archive: Option<(Sha256, u64)>,
     /// Every file in the archive.
     pub files: Vec<FileDigest>,
+    /// The protections the sandbox applied to this attempt, and those it lacked.
+    pub sandbox: SandboxReport,
     /// Whether the agent wants its next job in the ack.
     pub want_more: bool,
 }
@@ -467,6 +470,11 @@ fn cut(text: &str) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// A set of protections as a space-separated attribute value; `None` when empty.
+fn words(set: &std::collections::BTreeSet<Protection>) -> Option<String> {
+    (!set.is_empty()).then(|| set.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" "))
 }
 
 fn limits_element(l: &Limits) -> Element {
@@ -574,6 +582,14 @@ impl Payload {
                     );
                 if let Some((sha, size)) = &d.archive {
                     e = e.child(El::new("archive").attr("sha256", sha).attr("size", size).0);
+                }
+                if !d.sandbox.is_empty() {
+                    e = e.child(
+                        El::new("sandbox")
+                            .opt_attr("active", words(&d.sandbox.active))
+                            .opt_attr("missing", words(&d.sandbox.missing))
+                            .0,
+                    );
                 }
                 for f in &d.files {
                     e = e.child(
@@ -895,12 +911,37 @@ fn decode_outcome(e: &Element) -> Result<Outcome, WireError> {
     })
 }
 
+fn decode_sandbox(e: &Element) -> Result<SandboxReport, WireError> {
+    let a = Attrs::new(e, "sandbox", &["active", "missing"])?;
+    no_children(e, "sandbox")?;
+    let set = |attr: &'static str| -> Result<std::collections::BTreeSet<Protection>, WireError> {
+        a.opt_str(attr)
+            .unwrap_or("")
+            .split(' ')
+            .filter(|w| !w.is_empty())
+            .map(|w| w.parse().map_err(|()| a.bad(attr, w)))
+            .collect()
+    };
+    let report = SandboxReport {
+        active: set("active")?,
+        missing: set("missing")?,
+    };
+    if let Some(both) = report.active.intersection(&report.missing).next() {
+        return Err(invalid(
+            "sandbox",
+            format!("{both} is both active and missing"),
+        ));
+    }
+    Ok(report)
+}
+
 fn decode_done(e: &Element) -> Result<DoneReport, WireError> {
     let a = Attrs::new(e, "done", &["v", "agent", "job", "attempt", "more"])?;
     let mut outcome = None;
     let mut timings = None;
     let mut archive = None;
     let mut files = Vec::new();
+    let mut sandbox = None;
     for c in child_of(e, "done") {
         let c = c?;
         match c.name() {
@@ -914,6 +955,7 @@ fn decode_done(e: &Element) -> Result<DoneReport, WireError> {
                     stage_out_ms: ca.parse("stage-out")?,
                 });
             }
+            "sandbox" if sandbox.is_none() => sandbox = Some(decode_sandbox(c)?),
             "archive" if archive.is_none() => {
                 let ca = Attrs::new(c, "archive", &["sha256", "size"])?;
                 no_children(c, "archive")?;
@@ -944,6 +986,7 @@ fn decode_done(e: &Element) -> Result<DoneReport, WireError> {
         timings: timings.unwrap_or_default(),
         archive,
         files,
+        sandbox: sandbox.unwrap_or_default(),
         want_more: a.opt_parse("more")?.unwrap_or(false),
     })
 }
@@ -1157,6 +1200,10 @@ mod tests {
                     size: 5,
                     sha256: Sha256::of(b"hist"),
                 }],
+                sandbox: SandboxReport {
+                    active: [Protection::Session, Protection::NoNewPrivs].into(),
+                    missing: [Protection::Uid].into(),
+                },
                 want_more: true,
             })));
         }
@@ -1219,6 +1266,18 @@ mod tests {
             (
                 "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'/>",
                 |e| matches!(e, WireError::Invalid { .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/><sandbox active='uid root'/></done>",
+                |e| matches!(e, WireError::BadAttribute { element: "sandbox", attr: "active", .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/><sandbox active='uid' missing='netns uid'/></done>",
+                |e| matches!(e, WireError::Invalid { element: "sandbox", .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/><sandbox active='uid'/><sandbox active='uid'/></done>",
+                |e| matches!(e, WireError::UnexpectedChild { child, .. } if child == "sandbox"),
             ),
             (
                 "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='limit-exceeded'/><timings stage-in='0' run='0' stage-out='0'/></done>",

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use copilot_protocol::api::JobView;
+use copilot_protocol::sandbox::Protection;
 use copilot_protocol::units::Seconds;
 use copilot_protocol::JobState;
 use copilot_stack::LocalStack;
@@ -72,6 +73,31 @@ fn thirty_jobs_on_three_agents_all_come_back_verified() {
     assert_eq!(agents.agents.iter().filter(|a| a.online).count(), 3);
     let done: u64 = agents.agents.iter().map(|a| a.jobs_done).sum();
     assert_eq!(done, 30, "{agents:?}");
+
+    // Each job and each agent carry the sandbox report: as root a uid of the job's own.
+    let root = nix::unistd::geteuid().is_root();
+    for j in &jobs {
+        let s = j
+            .sandbox
+            .as_ref()
+            .expect("a job that ran has a sandbox report");
+        assert_eq!(
+            s.active.contains(&Protection::Uid),
+            root,
+            "job {}: {s:?}",
+            j.id
+        );
+    }
+    for a in &agents.agents {
+        let s = a
+            .sandbox
+            .as_ref()
+            .expect("an agent that ran jobs has a report");
+        assert_eq!(s.missing.contains(&Protection::Uid), !root, "{a:?}");
+    }
+    let table = h.cli_ok(&["agents"]);
+    let want = if root { "full" } else { "missing uid" };
+    assert!(table.contains("SANDBOX") && table.contains(want), "{table}");
 }
 
 #[test]

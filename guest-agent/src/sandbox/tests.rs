@@ -105,6 +105,12 @@ async fn exit_codes_and_output_are_reported() {
     let r = runner(62000);
     let res = r.run(&request(&d, "echo out; echo err >&2; exit 3")).await;
     assert_eq!(res.verdict, Verdict::Exited(3));
+    // What the job got is reported: a uid of its own only as root, no netns it did not ask for.
+    assert!(res.sandbox.active.contains(&Guard::Session), "{res:?}");
+    assert_eq!(res.sandbox.active.contains(&Guard::Uid), is_root());
+    assert_eq!(res.sandbox.missing.contains(&Guard::Uid), !is_root());
+    assert!(!res.sandbox.active.contains(&Guard::Netns));
+    assert!(!res.sandbox.missing.contains(&Guard::Netns));
     assert_eq!(res.outcome, Outcome::Exited { code: 3 });
     assert_eq!(stdout(&d), "out\n");
     assert_eq!(std::fs::read(d.top.join("stderr.txt")).unwrap(), b"err\n");
@@ -238,6 +244,10 @@ async fn a_missing_program_is_a_setup_failure() {
         matches!(&res.outcome, Outcome::SetupFailed(m) if m.contains("/nonexistent/program")),
         "{res:?}"
     );
+    assert!(
+        res.sandbox.is_empty(),
+        "nothing ran, so nothing was protected"
+    );
 
     req.argv = Vec::new();
     let res = runner(62080).run(&req).await;
@@ -336,6 +346,7 @@ async fn a_fork_bomb_is_bounded_and_cleaned_up() {
     // The limit is what stopped it: forks failed.
     let stderr = std::fs::read_to_string(d.top.join("stderr.txt")).unwrap();
     assert!(stderr.contains("fork"), "{stderr:?}");
+    assert!(res.sandbox.active.contains(&Guard::Nproc), "{res:?}");
     still_serves(&r, &d).await;
 }
 
@@ -451,6 +462,7 @@ async fn a_job_without_network_cannot_connect() {
     assert_eq!(res.verdict, Verdict::Exited(0), "{res:?}");
     assert_eq!(stdout(&d), "refused\nlo ");
     assert!(listener.accept().is_err(), "nothing may have connected");
+    assert!(res.sandbox.active.contains(&Guard::Netns), "{res:?}");
 
     req.network = true;
     let res = r.run(&req).await;
@@ -462,6 +474,7 @@ async fn a_job_without_network_cannot_connect() {
         "the host has more than a loopback device"
     );
     assert!(listener.accept().is_ok(), "the networked job connected");
+    assert!(!res.sandbox.active.contains(&Guard::Netns), "{res:?}");
     still_serves(&r, &d).await;
 }
 

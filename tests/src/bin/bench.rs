@@ -428,6 +428,7 @@ async fn sim_agent(
             timings: Timings::default(),
             archive: None,
             files: Vec::new(),
+            sandbox: Default::default(),
             want_more: true,
         }));
         c.sent.fetch_add(2, Ordering::Relaxed);
