@@ -914,13 +914,27 @@ fn decode_outcome(e: &Element) -> Result<Outcome, WireError> {
 fn decode_sandbox(e: &Element) -> Result<SandboxReport, WireError> {
     let a = Attrs::new(e, "sandbox", &["active", "missing"])?;
     no_children(e, "sandbox")?;
+    // A newer agent may know protections this manager does not: such words are skipped (the
+    // report carries a job's results and must not be lost over them), but each must look
+    // like a word.
     let set = |attr: &'static str| -> Result<std::collections::BTreeSet<Protection>, WireError> {
-        a.opt_str(attr)
+        let mut out = std::collections::BTreeSet::new();
+        for w in a
+            .opt_str(attr)
             .unwrap_or("")
             .split(' ')
             .filter(|w| !w.is_empty())
-            .map(|w| w.parse().map_err(|()| a.bad(attr, w)))
-            .collect()
+        {
+            if w.len() > 32
+                || !w
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(a.bad(attr, w));
+            }
+            out.extend(w.parse::<Protection>().ok());
+        }
+        Ok(out)
     };
     let report = SandboxReport {
         active: set("active")?,
@@ -1228,6 +1242,16 @@ mod tests {
     }
 
     #[test]
+    fn unknown_protection_words_are_skipped() {
+        let xml = "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/><sandbox active='uid seccomp' missing='landlock-v9'/></done>";
+        let Payload::Done(d) = Payload::from_xml(xml).unwrap() else {
+            panic!("not a done report");
+        };
+        assert_eq!(d.sandbox.active, [Protection::Uid].into());
+        assert!(d.sandbox.missing.is_empty());
+    }
+
+    #[test]
     fn malformed_payloads_get_typed_errors() {
         type Check = fn(&WireError) -> bool;
         let cases: &[(&str, Check)] = &[
@@ -1268,7 +1292,7 @@ mod tests {
                 |e| matches!(e, WireError::Invalid { .. }),
             ),
             (
-                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/><sandbox active='uid root'/></done>",
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/><sandbox active='uid Root'/></done>",
                 |e| matches!(e, WireError::BadAttribute { element: "sandbox", attr: "active", .. }),
             ),
             (
