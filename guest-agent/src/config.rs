@@ -70,6 +70,10 @@ pub struct SandboxSettings {
     /// Where the per-uid lock files live (root only).
     #[serde(default = "default_lock_dir")]
     pub lock_dir: PathBuf,
+    /// Where per-job cgroups are available: CPUs' worth of time each job may use (`cpu.max`);
+    /// unset, a job may use every CPU.
+    #[serde(default)]
+    pub cpus_per_job: Option<u32>,
 }
 
 fn default_base_uid() -> u32 {
@@ -85,6 +89,7 @@ impl Default for SandboxSettings {
         Self {
             base_uid: default_base_uid(),
             lock_dir: default_lock_dir(),
+            cpus_per_job: None,
         }
     }
 }

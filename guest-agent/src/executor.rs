@@ -69,6 +69,7 @@ impl Executor<SandboxRunner> {
     pub fn new(cfg: &AgentConfig) -> Result<Executor, ExecError> {
         let mut runner = SandboxRunner::new(cfg.sandbox.base_uid);
         runner.lock_dir.clone_from(&cfg.sandbox.lock_dir);
+        runner.cpus_per_job = cfg.sandbox.cpus_per_job;
         Executor::with_runner(cfg, runner)
     }
 }

@@ -7,20 +7,26 @@
 //!
 //! 1. create the log files (agent-owned, outside the job's dir);
 //! 2. as root: give the job dir to the slot's uid and kill anything left running under it;
+//!    where the host has cgroup v2 for the agent, create the job's cgroup with its limits
+//!    (see the `cgroup` module);
 //! 3. spawn; in the child before exec (async-signal-safe calls only): new session, rlimits
-//!    (CPU seconds, address space, file size, open files, core size 0, processes when the
-//!    job has its own uid), a network namespace of its own for `network = false` jobs,
+//!    (CPU seconds, address space unless the cgroup bounds memory, file size, open files,
+//!    core size 0, processes when the job has its own uid), joining the job's cgroup, a
+//!    network namespace of its own for `network = false` jobs,
 //!    `setgroups([])` + `setgid` + `setuid` to the slot's uid, then the parent-death signal
 //!    and `no_new_privs`;
 //! 4. supervise: past the wall time SIGTERM to the session's group, a grace period, SIGKILL;
-//! 5. clean up: every remaining process of the job — by uid, group, session, ancestry, or as an
-//!    orphan reparented to the agent (a child subreaper) — is killed and reaped;
+//! 5. clean up: the cgroup's events turn a failure into a memory or processes limit; every
+//!    remaining process of the job — in its cgroup, by uid, group, session, ancestry, or as an
+//!    orphan reparented to the agent (a child subreaper) — is killed and reaped, and the
+//!    cgroup removed;
 //! 6. drain stdout/stderr, each capped at `output_cap` bytes (the rest is read and dropped).
 //!
 //! The typed result is a [`Verdict`]; [`RunResult::outcome`] is its wire form. Without root the
 //! uid switch and the processes limit are skipped (logged once); see [`check()`] for what a
 //! host provides.
 
+pub(crate) mod cgroup;
 mod check;
 pub(crate) mod netns;
 mod procs;
@@ -29,6 +35,7 @@ pub use check::{check, Protection};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
+use std::os::fd::RawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -126,13 +133,17 @@ pub enum Clock {
     Cpu,
 }
 
-/// A limit the payload ran into, as far as the sandbox can tell. Running out of memory or
-/// processes shows inside the payload (failed allocations, failed forks) and ends as an exit
-/// code; telling those apart needs cgroup v2 events, which this sandbox does not use yet.
+/// A limit the payload ran into, as far as the sandbox can tell. Without a cgroup, running
+/// out of memory or processes shows only inside the payload (failed allocations, failed
+/// forks) and ends as its exit code; with one, the cgroup's events tell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
     /// A file reached the disk limit (SIGXFSZ).
     Disk,
+    /// The job's cgroup hit `memory.max` and the OOM killer struck.
+    Memory,
+    /// The job's cgroup refused forks at `pids.max`, and the job failed.
+    Processes,
 }
 
 /// How a sandboxed run ended, typed.
@@ -155,8 +166,12 @@ impl Verdict {
             Verdict::TimedOut(Clock::Cpu) => Outcome::LimitExceeded {
                 limit: WireLimit::Cpu,
             },
-            Verdict::LimitExceeded(Limit::Disk) => Outcome::LimitExceeded {
-                limit: WireLimit::Disk,
+            Verdict::LimitExceeded(limit) => Outcome::LimitExceeded {
+                limit: match limit {
+                    Limit::Disk => WireLimit::Disk,
+                    Limit::Memory => WireLimit::Memory,
+                    Limit::Processes => WireLimit::Processes,
+                },
             },
             Verdict::SetupFailed(e) => Outcome::SetupFailed(e.to_string()),
         }
@@ -242,6 +257,8 @@ pub struct SandboxRunner {
     pub base_uid: u32,
     /// Where the uid locks live (root only).
     pub lock_dir: PathBuf,
+    /// `cpu.max` of each job's cgroup, in CPUs (only where cgroups are used).
+    pub cpus_per_job: Option<u32>,
 }
 
 /// Default [`SandboxRunner::lock_dir`].
@@ -300,6 +317,25 @@ impl SandboxRunner {
             grace: Duration::from_secs(5),
             base_uid,
             lock_dir: PathBuf::from(DEFAULT_LOCK_DIR),
+            cpus_per_job: None,
+        }
+    }
+
+    /// A cgroup for one job with its limits, where the host has cgroup v2 for the agent;
+    /// `None` (logged) otherwise: the job then runs on rlimits alone.
+    fn job_cgroup(&self, req: &RunRequest) -> Option<cgroup::JobCgroup> {
+        let h = cgroup::hierarchy().ok()?;
+        let limits = cgroup::CgroupLimits {
+            memory: req.memory,
+            processes: req.processes,
+            cpus: self.cpus_per_job,
+        };
+        match h.create(limits) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                tracing::warn!("job runs without its cgroup: {e}");
+                None
+            }
         }
     }
 
@@ -365,6 +401,8 @@ pub struct Plan {
     /// Namespaces the child unshares to cut the payload off the network, when the job asked
     /// for that and the host allows it.
     pub unshare: Option<CloneFlags>,
+    /// `cgroup.procs` of the job's cgroup, which the child joins, when there is one.
+    pub cgroup_procs: Option<RawFd>,
     /// The agent's pid, checked in the child after setting the parent-death signal.
     pub parent: i32,
 }
@@ -444,8 +482,17 @@ impl Plan {
             rlimits,
             identity,
             unshare,
+            cgroup_procs: None,
             parent: i32::try_from(std::process::id()).unwrap_or(0),
         })
+    }
+
+    /// The payload joins the cgroup whose `cgroup.procs` is open as `procs`. Its `memory.max`
+    /// bounds the whole job, so the per-process address-space limit goes: it only breaks
+    /// programs that reserve much more address space than they use.
+    pub fn use_cgroup(&mut self, procs: RawFd) {
+        self.cgroup_procs = Some(procs);
+        self.rlimits.retain(|(r, ..)| *r != Resource::RLIMIT_AS);
     }
 
     /// What this plan protects and what the job lacks on this host.
@@ -470,6 +517,7 @@ impl Plan {
             put(Guard::Nproc, self.identity.is_some());
         }
         put(Guard::Subreaper, is_subreaper());
+        put(Guard::Cgroup, self.cgroup_procs.is_some());
         if !req.network {
             put(Guard::Netns, self.unshare.is_some());
         }
@@ -611,6 +659,11 @@ impl PayloadRunner for SandboxRunner {
             });
             stale.clean_up().await;
         }
+        let cgroup = self.job_cgroup(req);
+        let mut plan = plan;
+        if let Some(procs) = cgroup.as_ref().and_then(cgroup::JobCgroup::procs_fd) {
+            plan.use_cgroup(procs);
+        }
         let (mut child, pid) = {
             let mut registered = leaders();
             let mut child = match command(req, &plan).spawn() {
@@ -646,9 +699,15 @@ impl PayloadRunner for SandboxRunner {
             .take()
             .map(|r| tokio::spawn(capture(r, err_file, req.output_cap, stop.clone())));
 
-        let verdict = supervise(&mut child, &job, req, self.grace).await;
+        let mut verdict = supervise(&mut child, &job, req, self.grace).await;
+        if let Some(cg) = &cgroup {
+            verdict = cgroup_verdict(verdict, cg.events());
+            cg.kill_all();
+        }
         job.clean_up().await;
         drop(job);
+        // Removes the (now empty) cgroup.
+        drop(cgroup);
         drop(uid_lock);
         let drain = async {
             (
@@ -713,16 +772,24 @@ fn command(req: &RunRequest, plan: &Plan) -> Command {
     let rlimits = plan.rlimits.clone();
     let identity = plan.identity;
     let unshare = plan.unshare;
+    let cgroup_procs = plan.cgroup_procs;
     let parent = plan.parent;
     // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
-    // that are async-signal-safe (setsid, setrlimit, unshare, setgroups, setgid, setuid,
-    // prctl x2, getppid) on values moved in before the fork; it allocates nothing and takes
-    // no lock.
+    // that are async-signal-safe (setsid, setrlimit, write, unshare, setgroups, setgid,
+    // setuid, prctl x2, getppid) on values moved in before the fork; it allocates nothing and
+    // takes no lock.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid()?;
             for &(resource, soft, hard) in &rlimits {
                 setrlimit(resource, soft, hard)?;
+            }
+            if let Some(fd) = cgroup_procs {
+                // SAFETY: the descriptor belongs to the job's `JobCgroup`, which the parent
+                // keeps open until after the spawn returns; the child's copy is open here.
+                let procs = std::os::fd::BorrowedFd::borrow_raw(fd);
+                // "0" moves the writing process; before the uid switch, which may forbid it.
+                nix::unistd::write(procs, b"0")?;
             }
             // Before the uid switch: as root, creating a network namespace needs the
             // capabilities the switch drops.
@@ -807,6 +874,19 @@ fn exit_verdict(status: std::io::Result<ExitStatus>, req: &RunRequest) -> Verdic
             (None, None) => Verdict::SetupFailed(SandboxError::OddStatus(s.to_string())),
         },
         Err(e) => Verdict::SetupFailed(SandboxError::Wait(e.to_string())),
+    }
+}
+
+/// A failed payload whose cgroup saw the OOM killer, or refused forks, ran into that limit.
+fn cgroup_verdict(verdict: Verdict, events: cgroup::Events) -> Verdict {
+    let failed =
+        matches!(verdict, Verdict::Exited(c) if c != 0) || matches!(verdict, Verdict::Killed(_));
+    if failed && events.oom_kills > 0 {
+        Verdict::LimitExceeded(Limit::Memory)
+    } else if failed && events.pids_max > 0 {
+        Verdict::LimitExceeded(Limit::Processes)
+    } else {
+        verdict
     }
 }
 

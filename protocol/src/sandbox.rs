@@ -29,11 +29,14 @@ pub enum Protection {
     CleanEnv,
     /// A network namespace of its own (jobs with `network = false`).
     Netns,
+    /// A cgroup v2 of its own: memory and processes limits for the whole job, and nothing of
+    /// it survives the job.
+    Cgroup,
 }
 
 impl Protection {
     /// Every protection, in wire order.
-    pub const ALL: [Protection; 9] = [
+    pub const ALL: [Protection; 10] = [
         Protection::Uid,
         Protection::Nproc,
         Protection::Session,
@@ -43,6 +46,7 @@ impl Protection {
         Protection::ParentDeath,
         Protection::CleanEnv,
         Protection::Netns,
+        Protection::Cgroup,
     ];
 
     /// The wire and API name.
@@ -57,6 +61,7 @@ impl Protection {
             Protection::ParentDeath => "parent-death",
             Protection::CleanEnv => "clean-env",
             Protection::Netns => "netns",
+            Protection::Cgroup => "cgroup",
         }
     }
 }

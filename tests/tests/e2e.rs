@@ -88,16 +88,23 @@ fn thirty_jobs_on_three_agents_all_come_back_verified() {
             j.id
         );
     }
+    let table = h.cli_ok(&["agents"]);
+    assert!(table.contains("SANDBOX"), "{table}");
     for a in &agents.agents {
         let s = a
             .sandbox
             .as_ref()
             .expect("an agent that ran jobs has a report");
         assert_eq!(s.missing.contains(&Protection::Uid), !root, "{a:?}");
+        // What this host lacks, as `copilot agents` shows it.
+        let lacks: Vec<&str> = s.missing.iter().map(|p| p.as_str()).collect();
+        let cell = if lacks.is_empty() {
+            "full".to_owned()
+        } else {
+            format!("missing {}", lacks.join(","))
+        };
+        assert!(table.contains(&cell), "{cell:?} not in\n{table}");
     }
-    let table = h.cli_ok(&["agents"]);
-    let want = if root { "full" } else { "missing uid" };
-    assert!(table.contains("SANDBOX") && table.contains(want), "{table}");
 }
 
 #[test]

@@ -27,8 +27,8 @@ fn p(name: &'static str, active: bool, detail: impl Into<String>) -> Protection 
 }
 
 /// Probes this host. `base_uid` is the first job uid; `config` the agent's config file, if
-/// given. Cgroups and the user, mount and pid namespaces are reported as available or not,
-/// but this agent does not use them yet, so they are never `active`.
+/// given. The user, mount and pid namespaces are reported as available or not, but this agent
+/// does not use them yet, so they are never `active`.
 pub fn check(base_uid: u32, config: Option<&Path>) -> Vec<Protection> {
     let root = super::is_root();
     let mut out = vec![
@@ -132,20 +132,22 @@ fn config_mode(path: &Path, root: bool) -> Protection {
 }
 
 fn cgroup() -> Protection {
-    let base = Path::new("/sys/fs/cgroup");
-    let controllers = std::fs::read_to_string(base.join("cgroup.controllers"));
-    let detail = match controllers {
-        Err(_) => "no cgroup v2 hierarchy at /sys/fs/cgroup".to_owned(),
-        Ok(c) => {
-            let writable = nix::unistd::access(base, nix::unistd::AccessFlags::W_OK).is_ok();
+    match super::cgroup::hierarchy() {
+        Ok(h) => p(
+            "cgroup v2 limits",
+            true,
             format!(
-                "cgroup v2 present ({}), controllers: {}; not used by this agent yet",
-                if writable { "writable" } else { "read-only" },
-                c.trim()
-            )
-        }
-    };
-    p("cgroup v2 limits", false, detail)
+                "each job in a cgroup of its own under {}: memory.max, pids.max{}, killed whole",
+                h.base().display(),
+                if h.has_cpu() { ", cpu.max" } else { "" }
+            ),
+        ),
+        Err(why) => p(
+            "cgroup v2 limits",
+            false,
+            format!("{why}: memory and processes are limited per process only"),
+        ),
+    }
 }
 
 fn network_namespace() -> Protection {
@@ -198,7 +200,10 @@ mod tests {
         let report = check(61000, None);
         let get = |name: &str| report.iter().find(|p| p.name == name).unwrap();
         assert_eq!(get("per-job uid").active, super::super::is_root());
-        assert!(!get("cgroup v2 limits").active);
+        assert_eq!(
+            get("cgroup v2 limits").active,
+            super::super::cgroup::hierarchy().is_ok()
+        );
         assert!(!get("user/mount/pid namespaces").active);
         assert_eq!(
             get("network namespace").active,

@@ -309,16 +309,25 @@ async fn a_memory_hog_fails_its_allocations() {
     let mut req = request(&d, "exec awk 'BEGIN { s = \"x\"; while (1) s = s s }'");
     req.memory = Some(64 << 20);
     let res = r.run(&req).await;
-    // Out of memory shows as the payload's own failure (an exit code or a crash signal), never
-    // as success and never as running into the wall time.
-    assert!(
-        matches!(res.verdict, Verdict::Exited(c) if c != 0)
-            || matches!(res.verdict, Verdict::Killed(_)),
-        "{res:?}"
-    );
-    // mawk says why; the limit is what stopped it.
-    let stderr = std::fs::read_to_string(d.top.join("stderr.txt")).unwrap();
-    assert!(stderr.contains("memory"), "{stderr:?}");
+    if cgroup::hierarchy().is_ok() {
+        // The job's cgroup saw the OOM killer.
+        assert_eq!(
+            res.verdict,
+            Verdict::LimitExceeded(Limit::Memory),
+            "{res:?}"
+        );
+    } else {
+        // Out of memory shows as the payload's own failure (an exit code or a crash signal),
+        // never as success and never as running into the wall time.
+        assert!(
+            matches!(res.verdict, Verdict::Exited(c) if c != 0)
+                || matches!(res.verdict, Verdict::Killed(_)),
+            "{res:?}"
+        );
+        // mawk says why; the address-space limit is what stopped it.
+        let stderr = std::fs::read_to_string(d.top.join("stderr.txt")).unwrap();
+        assert!(stderr.contains("memory"), "{stderr:?}");
+    }
     still_serves(&r, &d).await;
 }
 
@@ -339,7 +348,9 @@ async fn a_fork_bomb_is_bounded_and_cleaned_up() {
     assert!(
         matches!(
             res.verdict,
-            Verdict::Exited(_) | Verdict::TimedOut(Clock::Wall)
+            Verdict::Exited(_)
+                | Verdict::TimedOut(Clock::Wall)
+                | Verdict::LimitExceeded(Limit::Processes)
         ),
         "{res:?}"
     );
@@ -475,6 +486,62 @@ async fn a_job_without_network_cannot_connect() {
     );
     assert!(listener.accept().is_ok(), "the networked job connected");
     assert!(!res.sandbox.active.contains(&Guard::Netns), "{res:?}");
+    still_serves(&r, &d).await;
+}
+
+#[test]
+fn cgroup_events_turn_failures_into_limits() {
+    let oom = cgroup::Events {
+        oom_kills: 1,
+        pids_max: 0,
+    };
+    let forks = cgroup::Events {
+        oom_kills: 0,
+        pids_max: 3,
+    };
+    let quiet = cgroup::Events::default();
+    let mem = Verdict::LimitExceeded(Limit::Memory);
+    assert_eq!(cgroup_verdict(Verdict::Killed(9), oom), mem);
+    assert_eq!(cgroup_verdict(Verdict::Exited(137), oom), mem);
+    assert_eq!(
+        cgroup_verdict(Verdict::Exited(2), forks),
+        Verdict::LimitExceeded(Limit::Processes)
+    );
+    // A job that coped (exit 0), or ended for another reason, keeps its verdict.
+    assert_eq!(cgroup_verdict(Verdict::Exited(0), oom), Verdict::Exited(0));
+    let wall = Verdict::TimedOut(Clock::Wall);
+    assert_eq!(cgroup_verdict(wall.clone(), oom), wall);
+    assert_eq!(
+        cgroup_verdict(Verdict::Killed(9), quiet),
+        Verdict::Killed(9)
+    );
+}
+
+/// Where the host has cgroup v2 for the agent: memory is bounded per job, not per process
+/// (two processes of 32-48 MiB each under a 64 MiB limit).
+#[tokio::test]
+async fn a_job_cgroup_bounds_the_whole_job() {
+    if let Err(why) = cgroup::hierarchy() {
+        println!("a_job_cgroup_bounds_the_whole_job: skipped: {why}");
+        return;
+    }
+    let d = dirs();
+    let r = runner(62210);
+    // 2^25 bytes = 32 MiB, 48 MiB at the last doubling.
+    let hog = "awk 'BEGIN { s = \"x\"; for (i = 0; i < 25; i++) s = s s; system(\"sleep 5\") }'";
+    // Fails (137) when the OOM killer took either hog.
+    let mut req = request(
+        &d,
+        &format!("{hog} & a=$!; {hog} & b=$!; wait $a && wait $b"),
+    );
+    req.memory = Some(64 << 20);
+    let res = r.run(&req).await;
+    assert!(res.sandbox.active.contains(&Guard::Cgroup), "{res:?}");
+    assert_eq!(
+        res.verdict,
+        Verdict::LimitExceeded(Limit::Memory),
+        "{res:?}"
+    );
     still_serves(&r, &d).await;
 }
 
