@@ -309,6 +309,21 @@ mod tests {
     const MINIMAL: &str = "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n";
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let doc = include_str!("../../docs/CONFIG.md");
+        let example = doc
+            .split("```toml\n")
+            .nth(2)
+            .and_then(|s| s.split("```").next())
+            .unwrap();
+        let cfg = AgentConfig::from_toml(example).unwrap();
+        assert_eq!(cfg.name, "vm-0042");
+        assert_eq!(cfg.limits.output, Some(Bytes(16 << 20)));
+        assert_eq!(cfg.sandbox.base_uid, 61000);
+        assert_eq!(cfg.sandbox.cpus_per_job, None);
+    }
+
+    #[test]
     fn minimal_file_gets_defaults() {
         let cfg = AgentConfig::from_toml(MINIMAL).unwrap();
         assert!(!cfg.name.is_empty());

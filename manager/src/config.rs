@@ -370,6 +370,22 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let doc = include_str!("../../docs/CONFIG.md");
+        let example = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|s| s.split("```").next())
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("api-token"), "a-token-from-a-file").unwrap();
+        let c = ManagerConfig::resolve(example, dir.path(), no_env).unwrap();
+        assert_eq!(c.api_token, "a-token-from-a-file");
+        assert_eq!(c.http.public_url, "http://10.0.2.2:8080");
+        assert_eq!(c.jobs.max_limits.wall_time, Some(Seconds(24 * 3600)));
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/copilot"));
