@@ -136,6 +136,7 @@ impl<R: PayloadRunner> Executor<R> {
             archive,
             files,
             sandbox: ended.sandbox,
+            volunteer: None,
             want_more: false,
         }
     }

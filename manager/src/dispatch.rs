@@ -533,6 +533,7 @@ mod tests {
             archive,
             files: vec![],
             sandbox: Default::default(),
+            volunteer: None,
             want_more: false,
         }
     }

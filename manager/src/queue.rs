@@ -974,6 +974,7 @@ mod tests {
                 stage_in_ms: 1,
                 run_ms: 2,
                 stage_out_ms: 3,
+                cpu_ms: None,
             },
             archive: archive.map(|s| (s.sha256, s.size)),
             files: vec![FileDigest {
@@ -985,6 +986,7 @@ mod tests {
                 active: [Protection::Session].into(),
                 missing: [Protection::Uid].into(),
             },
+            volunteer: None,
             want_more: false,
         }
     }

@@ -366,6 +366,29 @@ pub struct Timings {
     pub stage_in_ms: u64,
     pub run_ms: u64,
     pub stage_out_ms: u64,
+    /// CPU time (user + system) of the agent's payload processes since its previous report;
+    /// with one slot, this job's. `None` from agents that do not measure it.
+    pub cpu_ms: Option<u64>,
+}
+
+/// Who an agent computes for, when it runs for a volunteer's BOINC client: the BOINC ids and
+/// a per-host token derived from the account key (see docs/BOINC.md). The manager credits
+/// the jobs done and their CPU time to this user and host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Volunteer {
+    pub user_id: u64,
+    pub host_id: u64,
+    pub team_id: u64,
+    /// 64 lower-case hex digits, if the client gave an account key to derive it from.
+    pub host_token: Option<String>,
+}
+
+/// Length of a [`Volunteer::host_token`].
+pub const HOST_TOKEN_LEN: usize = 64;
+
+/// Whether `t` is a well-formed host token: 64 lower-case hex digits.
+pub fn valid_host_token(t: &str) -> bool {
+    t.len() == HOST_TOKEN_LEN && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The agent reports a finished attempt.
@@ -383,6 +406,8 @@ pub struct DoneReport {
     pub files: Vec<FileDigest>,
     /// The protections the sandbox applied to this attempt, and those it lacked.
     pub sandbox: SandboxReport,
+    /// The volunteer the agent computes for (agents run by the BOINC wrapper).
+    pub volunteer: Option<Volunteer>,
     /// Whether the agent wants its next job in the ack.
     pub want_more: bool,
 }
@@ -578,8 +603,19 @@ impl Payload {
                             .attr("stage-in", d.timings.stage_in_ms)
                             .attr("run", d.timings.run_ms)
                             .attr("stage-out", d.timings.stage_out_ms)
+                            .opt_attr("cpu", d.timings.cpu_ms)
                             .0,
                     );
+                if let Some(v) = &d.volunteer {
+                    e = e.child(
+                        El::new("volunteer")
+                            .attr("user", v.user_id)
+                            .attr("host", v.host_id)
+                            .attr("team", v.team_id)
+                            .opt_attr("token", v.host_token.as_deref())
+                            .0,
+                    );
+                }
                 if let Some((sha, size)) = &d.archive {
                     e = e.child(El::new("archive").attr("sha256", sha).attr("size", size).0);
                 }
@@ -956,17 +992,35 @@ fn decode_done(e: &Element) -> Result<DoneReport, WireError> {
     let mut archive = None;
     let mut files = Vec::new();
     let mut sandbox = None;
+    let mut volunteer = None;
     for c in child_of(e, "done") {
         let c = c?;
         match c.name() {
             "outcome" if outcome.is_none() => outcome = Some(decode_outcome(c)?),
             "timings" if timings.is_none() => {
-                let ca = Attrs::new(c, "timings", &["stage-in", "run", "stage-out"])?;
+                let ca = Attrs::new(c, "timings", &["stage-in", "run", "stage-out", "cpu"])?;
                 no_children(c, "timings")?;
                 timings = Some(Timings {
                     stage_in_ms: ca.parse("stage-in")?,
                     run_ms: ca.parse("run")?,
                     stage_out_ms: ca.parse("stage-out")?,
+                    cpu_ms: ca.opt_parse("cpu")?,
+                });
+            }
+            "volunteer" if volunteer.is_none() => {
+                let ca = Attrs::new(c, "volunteer", &["user", "host", "team", "token"])?;
+                no_children(c, "volunteer")?;
+                let host_token = ca.opt_str("token").map(str::to_owned);
+                if let Some(t) = &host_token {
+                    if !valid_host_token(t) {
+                        return Err(ca.bad("token", t));
+                    }
+                }
+                volunteer = Some(Volunteer {
+                    user_id: ca.parse("user")?,
+                    host_id: ca.parse("host")?,
+                    team_id: ca.parse("team")?,
+                    host_token,
                 });
             }
             "sandbox" if sandbox.is_none() => sandbox = Some(decode_sandbox(c)?),
@@ -1001,6 +1055,7 @@ fn decode_done(e: &Element) -> Result<DoneReport, WireError> {
         archive,
         files,
         sandbox: sandbox.unwrap_or_default(),
+        volunteer,
         want_more: a.opt_parse("more")?.unwrap_or(false),
     })
 }
@@ -1207,6 +1262,7 @@ mod tests {
                     stage_in_ms: 1,
                     run_ms: 2,
                     stage_out_ms: 3,
+                    cpu_ms: Some(4),
                 },
                 archive: Some((Sha256::of(b"tgz"), 99)),
                 files: vec![FileDigest {
@@ -1218,6 +1274,12 @@ mod tests {
                     active: [Protection::Session, Protection::NoNewPrivs].into(),
                     missing: [Protection::Uid].into(),
                 },
+                volunteer: Some(Volunteer {
+                    user_id: 42,
+                    host_id: 7,
+                    team_id: 0,
+                    host_token: Some("ab".repeat(32)),
+                }),
                 want_more: true,
             })));
         }
@@ -1322,6 +1384,22 @@ mod tests {
             (
                 "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='exited' code='0' limit='cpu'/><timings stage-in='0' run='0' stage-out='0'/></done>",
                 |e| matches!(e, WireError::UnknownAttribute { .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/><volunteer user='1' host='2' team='0' token='0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef'/></done>",
+                |e| matches!(e, WireError::BadAttribute { element: "volunteer", attr: "token", .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/><volunteer user='-1' host='2' team='0'/></done>",
+                |e| matches!(e, WireError::BadAttribute { element: "volunteer", attr: "user", .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/><volunteer user='1' host='2'/></done>",
+                |e| matches!(e, WireError::MissingAttribute { element: "volunteer", attr: "team" }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='timed-out'/><timings stage-in='0' run='0' stage-out='0' cpu='lots'/></done>",
+                |e| matches!(e, WireError::BadAttribute { element: "timings", attr: "cpu", .. }),
             ),
             (
                 "<request xmlns='urn:copilot:1' v='1' agent='a' version='1'><x/></request>",

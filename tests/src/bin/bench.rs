@@ -429,6 +429,7 @@ async fn sim_agent(
             archive: None,
             files: Vec::new(),
             sandbox: Default::default(),
+            volunteer: None,
             want_more: true,
         }));
         c.sent.fetch_add(2, Ordering::Relaxed);
