@@ -57,6 +57,42 @@ pub struct AgentConfig {
     pub transfer: TransferSettings,
     #[serde(default)]
     pub sandbox: SandboxSettings,
+    /// Unix time (seconds) from which the agent takes no new job: it finishes the jobs it
+    /// runs, reports them and exits (see `drain` in `crate::session`). The BOINC wrapper sets
+    /// it from the work unit's deadline; SIGUSR1 drains at once.
+    #[serde(default)]
+    pub drain_at: Option<u64>,
+    /// The BOINC volunteer this agent computes for (set by the BOINC wrapper): carried in every
+    /// done report, so the manager credits the volunteer.
+    #[serde(default)]
+    pub volunteer: Option<VolunteerSettings>,
+}
+
+/// Who the agent computes for, as the BOINC wrapper writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolunteerSettings {
+    /// The BOINC user id on the project.
+    pub user_id: u64,
+    /// The BOINC host id.
+    pub host_id: u64,
+    #[serde(default)]
+    pub team_id: u64,
+    /// 64 lower-case hex digits derived from the account key and the host id.
+    #[serde(default)]
+    pub host_token: Option<String>,
+}
+
+impl VolunteerSettings {
+    /// The wire form, for done reports.
+    pub fn to_wire(&self) -> copilot_protocol::wire::Volunteer {
+        copilot_protocol::wire::Volunteer {
+            user_id: self.user_id,
+            host_id: self.host_id,
+            team_id: self.team_id,
+            host_token: self.host_token.clone(),
+        }
+    }
 }
 
 /// How payloads are sandboxed (see `crate::sandbox`).
@@ -291,6 +327,17 @@ impl AgentConfig {
         if self.slots == 0 {
             return Err(ConfigError::Invalid("slots must be at least 1".into()));
         }
+        if let Some(t) = self
+            .volunteer
+            .as_ref()
+            .and_then(|v| v.host_token.as_deref())
+        {
+            if !copilot_protocol::wire::valid_host_token(t) {
+                return Err(ConfigError::Invalid(
+                    "volunteer.host_token must be 64 lower-case hex digits".into(),
+                ));
+            }
+        }
         if self.sandbox.base_uid == 0 {
             return Err(ConfigError::Invalid(
                 "sandbox.base_uid must not be 0 (root)".into(),
@@ -433,6 +480,31 @@ max_input_size = "1MiB"
         let err =
             AgentConfig::from_toml(&format!("{MINIMAL}[sandbox]\nbase_uid = 0\n")).unwrap_err();
         assert!(err.to_string().contains("base_uid"), "{err}");
+    }
+
+    #[test]
+    fn drain_time_and_volunteer_are_read_and_checked() {
+        let cfg = AgentConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!((cfg.drain_at, cfg.volunteer), (None, None));
+        let token = "4d".repeat(32);
+        let text = format!(
+            "drain_at = 1800000000\n{MINIMAL}[volunteer]\nuser_id = 42\nhost_id = 7\nhost_token = \"{token}\"\n"
+        );
+        let cfg = AgentConfig::from_toml(&text).unwrap();
+        assert_eq!(cfg.drain_at, Some(1_800_000_000));
+        let v = cfg.volunteer.unwrap();
+        assert_eq!((v.user_id, v.host_id, v.team_id), (42, 7, 0));
+        assert_eq!(v.to_wire().host_token.as_deref(), Some(token.as_str()));
+        let err = AgentConfig::from_toml(&format!(
+            "{MINIMAL}[volunteer]\nuser_id = 1\nhost_id = 1\nhost_token = \"secret\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("host_token"), "{err}");
+        let err = AgentConfig::from_toml(&format!(
+            "{MINIMAL}[volunteer]\nuser_id = -1\nhost_id = 1\n"
+        ))
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(_)), "{err}");
     }
 
     #[test]
