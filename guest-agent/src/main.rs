@@ -1,5 +1,6 @@
 //! `copilot-agent`: the guest agent binary. Loads the config, logs in to XMPP and serves jobs
-//! until SIGTERM or Ctrl-C.
+//! until SIGTERM or Ctrl-C (jobs still running are released: the manager requeues them), or
+//! until it has drained after SIGUSR1 or at the config's `drain_at` (exit 0).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,7 +46,25 @@ async fn terminated() {
     }
 }
 
+/// Resolves on SIGUSR1: take no new job, end once the running ones are reported. Registers
+/// the handler at once (not on first poll), so no SIGUSR1 is missed from here on.
+fn drain_requested() -> impl std::future::Future<Output = ()> {
+    let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
+    async move {
+        match usr1 {
+            Ok(mut usr1) => {
+                usr1.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGUSR1 (drain): {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
 async fn agent(args: Args) -> anyhow::Result<()> {
+    let drain = drain_requested();
     let path = args.config.context("--config is required")?;
     // The file holds the XMPP password: payloads (other uids) must not read it.
     match copilot_agent::config::protect_file(&path) {
@@ -56,9 +75,14 @@ async fn agent(args: Args) -> anyhow::Result<()> {
         Err(e) => anyhow::bail!("cannot make {} readable by root only: {e}", path.display()),
     }
     let config = AgentConfig::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    copilot_agent::session::run(config, args.login_timeout.as_duration(), terminated())
-        .await
-        .context("agent session")
+    copilot_agent::session::run(
+        config,
+        args.login_timeout.as_duration(),
+        terminated(),
+        drain,
+    )
+    .await
+    .context("agent session")
 }
 
 /// Prints what the sandbox does on this host; exits 0 even when protections are missing (the
@@ -81,6 +105,19 @@ fn check_sandbox(config: Option<&std::path::Path>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // A drain request that comes before the handler is installed must not kill the agent
+    // (SIGUSR1's default action): ignore it until then. Handlers reset to the default on exec,
+    // so payloads are not affected once the handler is in place.
+    // SAFETY: installing SIG_IGN runs no code of ours in signal context; no other thread
+    // exists yet.
+    if let Err(e) = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGUSR1,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    } {
+        eprintln!("copilot-agent: cannot ignore SIGUSR1 during startup: {e}");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

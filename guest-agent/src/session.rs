@@ -3,10 +3,15 @@
 //! execute it, report it and ask again. Requests and reports are retried with exponential
 //! backoff and jitter; a report is the same bytes every time, so the manager deduplicates it.
 //! Nothing a job does can end the session: a panicking worker is restarted.
+//!
+//! Draining (at the config's `drain_at`, or when `run`'s `drain` future resolves, which `main`
+//! ties to SIGUSR1): workers ask for no new job, finish and report the one they run (asking for
+//! no next one), and the session ends once all are idle. A job that was being assigned just then
+//! is released when the agent goes offline, and the manager requeues it.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use copilot_protocol::wire::{
     Assignment, DoneReport, ErrorCode, Next, Payload, Phase, Progress, WorkRequest,
@@ -67,6 +72,8 @@ struct Link {
     /// Bumped whenever the manager's session ends (the server sends us its unavailable
     /// presence): questions in flight to it will never be answered.
     manager_gone: tokio::sync::watch::Sender<u64>,
+    /// Whom the agent computes for, carried in every done report.
+    volunteer: Option<copilot_protocol::wire::Volunteer>,
 }
 
 impl Link {
@@ -223,28 +230,74 @@ async fn run_job(link: &Link, executor: &Executor, job: &Assignment) -> DoneRepo
     }
 }
 
-async fn worker(link: Arc<Link>, executor: Arc<Executor>) {
+/// CPU milliseconds (user + system) of the payloads reaped since the last call: the agent
+/// reaps every payload process (it is their subreaper), so over all reports this adds up to
+/// exactly the payloads' CPU time; with one slot, each report gets its own job's.
+fn payload_cpu_ms_since_last_report() -> Option<u64> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    static CLAIMED_US: Mutex<u64> = Mutex::new(0);
+    let usage = getrusage(UsageWho::RUSAGE_CHILDREN).ok()?;
+    let us = |t: nix::sys::time::TimeVal| {
+        (t.tv_sec().max(0) as u64) * 1_000_000 + t.tv_usec().max(0) as u64
+    };
+    let total = us(usage.user_time()) + us(usage.system_time());
+    // Plain data behind the lock: a poisoned lock is still consistent.
+    let mut claimed = CLAIMED_US.lock().unwrap_or_else(|p| p.into_inner());
+    let delta = total.saturating_sub(*claimed);
+    *claimed = total.max(*claimed);
+    Some(delta / 1000)
+}
+
+/// A worker: ask for a job, run it, report it, until draining. Returns only once draining.
+async fn worker(
+    link: Arc<Link>,
+    executor: Arc<Executor>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) {
     let mut next: Option<Assignment> = None;
     loop {
         let job = match next.take() {
             Some(j) => j,
-            None => link.request_work().await,
+            None => {
+                if *draining.borrow() {
+                    return;
+                }
+                tokio::select! {
+                    job = link.request_work() => job,
+                    _ = draining.wait_for(|d| *d) => return,
+                }
+            }
         };
         let mut report = run_job(&link, &executor, &job).await;
         info!(job = job.job, outcome = %report.outcome.describe(), "finished");
-        report.want_more = true;
+        report.want_more = !*draining.borrow();
+        report.timings.cpu_ms = payload_cpu_ms_since_last_report();
+        report.volunteer = link.volunteer.clone();
         if let Some(Next::Assign(a)) = link.report(&report).await {
             next = Some(*a);
         }
     }
 }
 
-/// Log in, then serve jobs until `shutdown` resolves. Fails if the first login does not succeed
-/// within `login_timeout`; later disconnects are survived.
+/// Resolves at unix time `at` (seconds); never without one.
+async fn drain_time(at: Option<u64>) {
+    let Some(at) = at else {
+        return std::future::pending().await;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    tokio::time::sleep(Duration::from_secs(at.saturating_sub(now))).await;
+}
+
+/// Log in, then serve jobs until `shutdown` resolves, or until the session has drained (from
+/// the config's `drain_at`, or once `drain` resolves). Fails if the first login does not
+/// succeed within `login_timeout`; later disconnects are survived.
 pub async fn run(
     config: AgentConfig,
     login_timeout: Duration,
     shutdown: impl std::future::Future,
+    drain: impl std::future::Future,
 ) -> Result<(), SessionError> {
     let executor = Arc::new(Executor::new(&config)?);
     let mut conn = Connection::start(XmppConfig {
@@ -259,17 +312,32 @@ pub async fn run(
         manager: copilot_protocol::wire::manager_address(&config.xmpp.manager),
         agent: config.name.clone(),
         manager_gone: tokio::sync::watch::Sender::new(0),
+        volunteer: config.volunteer.as_ref().map(|v| v.to_wire()),
     });
     link.xmpp.presence(Some(&link.manager), true)?;
 
+    let draining = tokio::sync::watch::Sender::new(false);
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..config.slots.max(1) {
-        workers.spawn(worker(link.clone(), executor.clone()));
+        workers.spawn(worker(link.clone(), executor.clone(), draining.subscribe()));
     }
     tokio::pin!(shutdown);
+    let drain_requested = async {
+        tokio::select! {
+            _ = drain => info!("drain requested"),
+            () = drain_time(config.drain_at) => info!("drain time reached"),
+        }
+    };
+    tokio::pin!(drain_requested);
+    let mut drain_pending = true;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            () = &mut drain_requested, if drain_pending => {
+                drain_pending = false;
+                info!("draining: no new jobs; ending once the running ones are reported");
+                draining.send_replace(true);
+            }
             ev = conn.next() => match ev {
                 None => break,
                 Some(Incoming::Online { jid }) => {
@@ -296,9 +364,16 @@ pub async fn run(
                 Some(_) => {}
             },
             Some(done) = workers.join_next() => {
-                // A worker only ends by panicking (a bug); keep the slot alive.
+                if done.is_ok() && *draining.borrow() {
+                    if workers.is_empty() {
+                        info!("drained: every job slot is idle");
+                        break;
+                    }
+                    continue;
+                }
+                // Otherwise a worker only ends by panicking (a bug); keep the slot alive.
                 error!("a job slot stopped ({done:?}); restarting it");
-                workers.spawn(worker(link.clone(), executor.clone()));
+                workers.spawn(worker(link.clone(), executor.clone(), draining.subscribe()));
             }
         }
     }
