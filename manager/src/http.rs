@@ -63,6 +63,7 @@ fn router(app: App) -> Router {
         .route("/api/jobs/{id}", get(show_job))
         .route("/api/jobs/{id}/output", get(job_output))
         .route("/api/agents", get(agents))
+        .route("/api/volunteers", get(volunteers))
         // No token by default (`http.metrics_public`): Prometheus scrapes it, and it reveals
         // only counts (no job names, agent names, addresses or tokens).
         .route("/metrics", get(metrics))
@@ -81,6 +82,7 @@ fn route_class(path: &str) -> &'static str {
         ["api", "jobs", _] => "job",
         ["api", "jobs", _, "output"] => "job_output",
         ["api", "agents"] => "agents",
+        ["api", "volunteers"] => "volunteers",
         ["metrics"] => "metrics",
         _ => "other",
     }
@@ -509,6 +511,11 @@ async fn job_output(
 async fn agents(State(app): State<App>, headers: HeaderMap) -> Answer<Response> {
     require_api(&app, &headers)?;
     Ok(Json(app.shared.fleet.list()).into_response())
+}
+
+async fn volunteers(State(app): State<App>, headers: HeaderMap) -> Answer<Response> {
+    require_api(&app, &headers)?;
+    Ok(Json(db(&app.shared, |q| q.volunteers()).await?).into_response())
 }
 
 /// Test helpers shared with other modules' tests: an in-process [`Server`].
@@ -1032,6 +1039,10 @@ pub(crate) mod tests {
         let list: AgentList = r.json().await.unwrap();
         assert_eq!(list.agents.len(), 1);
         assert_eq!(list.agents[0].name, "vm-1");
+        let r = s.get("/api/volunteers").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let list: copilot_protocol::api::VolunteerList = r.json().await.unwrap();
+        assert!(list.volunteers.is_empty());
         let r = s.get("/nothing/here").await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert!(error_of(r).await.contains("no such endpoint"));

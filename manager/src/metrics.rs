@@ -48,13 +48,14 @@ impl<const N: usize> Family<N> {
 }
 
 /// Route classes of the HTTP service, for `copilot_http_requests_total`.
-pub const ROUTES: [&str; 8] = [
+pub const ROUTES: [&str; 9] = [
     "inputs",
     "outputs",
     "jobs",
     "job",
     "job_output",
     "agents",
+    "volunteers",
     "metrics",
     "other",
 ];
@@ -117,7 +118,7 @@ pub struct Metrics {
     /// Malformed or unexpected stanzas from agents.
     pub bad_stanzas: AtomicU64,
     /// HTTP requests by route class ([`ROUTES`]) and status class.
-    http: [[AtomicU64; 5]; 8],
+    http: [[AtomicU64; 5]; ROUTES.len()],
 }
 
 const REFUSAL_REASONS: [&str; 9] = [
@@ -175,7 +176,7 @@ impl Metrics {
             input_refusals: Family::new(REFUSAL_REASONS),
             output_refusals: Family::new(REFUSAL_REASONS),
             bad_stanzas: AtomicU64::new(0),
-            http: [const { [const { AtomicU64::new(0) }; 5] }; 8],
+            http: [const { [const { AtomicU64::new(0) }; 5] }; ROUTES.len()],
         }
     }
 
@@ -192,7 +193,10 @@ impl Metrics {
 
     /// Count an HTTP request to a route class (one of [`ROUTES`]) answered with `status`.
     pub fn http_request(&self, route: &str, status: u16) {
-        let r = ROUTES.iter().position(|x| *x == route).unwrap_or(7);
+        let r = ROUTES
+            .iter()
+            .position(|x| *x == route)
+            .unwrap_or(ROUTES.len() - 1);
         let s = usize::from(status / 100).clamp(1, 5) - 1;
         self.http[r][s].fetch_add(1, Ordering::Relaxed);
     }

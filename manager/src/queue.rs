@@ -14,10 +14,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use copilot_protocol::api::{FileView, JobList, JobView, OutcomeView, Stored};
+use copilot_protocol::api::{
+    FileView, JobList, JobView, OutcomeView, Stored, VolunteerCredit, VolunteerList,
+};
 use copilot_protocol::job::InputSource;
 use copilot_protocol::state::BadTransition;
-use copilot_protocol::wire::{DoneReport, Outcome, Phase};
+use copilot_protocol::wire::{DoneReport, Outcome, Phase, Volunteer};
 use copilot_protocol::{JobId, JobSpec, JobState, Sha256};
 use rand::RngCore;
 use rusqlite::{
@@ -27,7 +29,7 @@ use rusqlite::{
 use crate::fleet::now_ms;
 
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE jobs (
@@ -70,6 +72,20 @@ CREATE TABLE reports (
     state TEXT NOT NULL,
     at INTEGER NOT NULL,
     PRIMARY KEY (job, attempt)
+);
+";
+
+/// Added in schema version 2: credit per BOINC user and host.
+const CREDIT_SCHEMA: &str = "
+CREATE TABLE credit (
+    user_id INTEGER NOT NULL,
+    host_id INTEGER NOT NULL,
+    team_id INTEGER NOT NULL,
+    host_token TEXT,
+    jobs INTEGER NOT NULL,
+    cpu_ms INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    PRIMARY KEY (user_id, host_id)
 );
 ";
 
@@ -652,6 +668,9 @@ impl Queue {
                 "INSERT INTO reports (job, attempt, agent, state, at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![job, attempt, agent, state.as_str(), now],
             )?;
+            if let (JobState::Done, Some(v)) = (state, &report.volunteer) {
+                credit(tx, v, report.timings.cpu_ms.unwrap_or(0), now)?;
+            }
             tracing::info!(job, attempt, agent, %state, "{}", outcome.describe());
             Ok(Completion::Recorded(state))
         })
@@ -723,6 +742,30 @@ impl Queue {
             .collect::<Result<Vec<_>, QueueError>>()?;
         let counts = counts(&conn)?;
         Ok(JobList { jobs, counts })
+    }
+
+    /// Credit per BOINC user and host, by user then host.
+    pub fn volunteers(&self) -> Result<VolunteerList, QueueError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT user_id, host_id, team_id, host_token, jobs, cpu_ms, updated FROM credit
+             ORDER BY user_id, host_id",
+        )?;
+        let volunteers = stmt
+            .query_map([], |r| {
+                let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                Ok(VolunteerCredit {
+                    user_id: n(0)?,
+                    host_id: n(1)?,
+                    team_id: n(2)?,
+                    host_token: r.get(3)?,
+                    jobs_done: n(4)?,
+                    cpu_seconds: n(5)? as f64 / 1000.0,
+                    updated_ms: n(6)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VolunteerList { volunteers })
     }
 
     /// The number of jobs in every state (0 for states without jobs).
@@ -863,6 +906,32 @@ fn counts(conn: &Connection) -> Result<BTreeMap<JobState, u64>, QueueError> {
     Ok(counts)
 }
 
+/// Credit one done job and its CPU time to the volunteer's user and host. Ids beyond SQLite's
+/// integer range cannot be real BOINC ids: such a report is recorded without credit.
+fn credit(tx: &Transaction<'_>, v: &Volunteer, cpu_ms: u64, now: u64) -> Result<(), QueueError> {
+    let (Ok(user), Ok(host), Ok(team)) = (
+        i64::try_from(v.user_id),
+        i64::try_from(v.host_id),
+        i64::try_from(v.team_id),
+    ) else {
+        tracing::warn!(?v, "volunteer ids out of range; no credit");
+        return Ok(());
+    };
+    let cpu_ms = i64::try_from(cpu_ms).unwrap_or(i64::MAX);
+    tx.execute_cached(
+        "INSERT INTO credit (user_id, host_id, team_id, host_token, jobs, cpu_ms, updated)
+         VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6)
+         ON CONFLICT (user_id, host_id) DO UPDATE SET
+             team_id = excluded.team_id,
+             host_token = COALESCE(excluded.host_token, host_token),
+             jobs = jobs + 1,
+             cpu_ms = MIN(cpu_ms + excluded.cpu_ms, 9223372036854775807),
+             updated = excluded.updated",
+        params![user, host, team, v.host_token, cpu_ms, now],
+    )?;
+    Ok(())
+}
+
 fn checked_outcome(cur: &Current, report: &DoneReport) -> Result<Outcome, QueueError> {
     if !report.outcome.succeeded() {
         return Ok(report.outcome.clone());
@@ -895,6 +964,11 @@ fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
     match version {
         0 => {
             tx.execute_batch(SCHEMA)?;
+            tx.execute_batch(CREDIT_SCHEMA)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        1 => {
+            tx.execute_batch(CREDIT_SCHEMA)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
@@ -1197,6 +1271,83 @@ mod tests {
         );
         assert_eq!(f.q.complete("a", &r2).unwrap(), Completion::Duplicate);
         assert_eq!(f.state(id2), JobState::Queued);
+    }
+
+    #[test]
+    fn done_jobs_are_credited_to_their_volunteer_once() {
+        let f = Fixture::new();
+        f.q.submit(&[spec("a"), spec("b"), spec("c")], 3).unwrap();
+        let v = Volunteer {
+            user_id: 42,
+            host_id: 7,
+            team_id: 3,
+            host_token: Some("ab".repeat(32)),
+        };
+        let with = |c: &Claim, outcome: Outcome, cpu_ms: u64| DoneReport {
+            volunteer: Some(v.clone()),
+            timings: Timings {
+                cpu_ms: Some(cpu_ms),
+                ..Timings::default()
+            },
+            ..report(c, outcome, None)
+        };
+        let c1 = claim(&f, "a", TTL);
+        let r1 = with(&c1, OK, 1500);
+        f.q.complete("a", &r1).unwrap();
+        assert_eq!(f.q.complete("a", &r1).unwrap(), Completion::Duplicate);
+        // A failed job earns nothing.
+        let c2 = claim(&f, "a", TTL);
+        f.q.complete("a", &with(&c2, Outcome::Exited { code: 1 }, 9000))
+            .unwrap();
+        let c3 = claim(&f, "a", TTL);
+        let r3 = DoneReport {
+            volunteer: Some(Volunteer {
+                host_token: None,
+                ..v.clone()
+            }),
+            ..with(&c3, OK, 250)
+        };
+        f.q.complete("a", &r3).unwrap();
+        let list = f.q.volunteers().unwrap().volunteers;
+        assert_eq!(list.len(), 1, "{list:?}");
+        let c = &list[0];
+        assert_eq!((c.user_id, c.host_id, c.team_id), (42, 7, 3));
+        assert_eq!(c.jobs_done, 2);
+        assert!((c.cpu_seconds - 1.75).abs() < 1e-9, "{c:?}");
+        assert_eq!(
+            c.host_token, v.host_token,
+            "a report without a token keeps the last"
+        );
+        // Reports without a volunteer credit nobody.
+        f.q.submit(&[spec("d")], 3).unwrap();
+        let c4 = claim(&f, "a", TTL);
+        f.q.complete("a", &report(&c4, OK, None)).unwrap();
+        assert_eq!(f.q.volunteers().unwrap().volunteers[0].jobs_done, 2);
+    }
+
+    #[test]
+    fn a_version_1_database_gains_the_credit_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO jobs (name, spec, state, max_retries, created, updated)
+                 VALUES ('old', ?1, 'queued', 3, 1, 1)",
+                [to_json(&spec("old")).unwrap()],
+            )
+            .unwrap();
+        }
+        let q = Queue::open(&path).unwrap();
+        assert_eq!(q.list(None).unwrap().jobs.len(), 1, "jobs survive");
+        assert!(q.volunteers().unwrap().volunteers.is_empty());
+        let version: i64 = q
+            .lock()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[test]

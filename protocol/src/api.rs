@@ -10,6 +10,7 @@
 //! | GET | `/api/jobs/{id}` | → [`JobView`] |
 //! | GET | `/api/jobs/{id}/output` | → the stored tar.gz |
 //! | GET | `/api/agents` | → [`AgentList`] |
+//! | GET | `/api/volunteers` | → [`VolunteerList`] |
 //!
 //! Errors come as [`ApiError`] with a fitting HTTP status.
 
@@ -134,6 +135,33 @@ pub struct AgentView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgentList {
     pub agents: Vec<AgentView>,
+}
+
+/// Credit of one BOINC volunteer's host: the jobs its agents completed and their CPU time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolunteerCredit {
+    /// BOINC user id on the project.
+    pub user_id: u64,
+    /// BOINC host id.
+    pub host_id: u64,
+    /// BOINC team id (0: none), as last reported.
+    pub team_id: u64,
+    /// The host token last reported (derived from the account key and the host id), which the
+    /// project can check against its own records before granting credit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_token: Option<String>,
+    /// Jobs done (outputs stored and verified).
+    pub jobs_done: u64,
+    /// CPU seconds of those jobs' payloads.
+    pub cpu_seconds: f64,
+    /// Unix time in milliseconds of the last credited job.
+    pub updated_ms: u64,
+}
+
+/// Credit per BOINC user and host, by user then host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolunteerList {
+    pub volunteers: Vec<VolunteerCredit>,
 }
 
 /// An API error body.
