@@ -1,0 +1,109 @@
+//! Where the agent runs: the [`Backend`] trait the wrapper drives, and its implementations.
+//!
+//! - [`process::ProcessBackend`]: `copilot-agent` as a child process (hosts without
+//!   virtualisation, and the tests);
+//! - a `qemu` backend (the copilot VM image, with QMP `stop`/`cont`, VM state saved to a file at
+//!   checkpoints and restored on the next start) fits the same trait; it is not built yet.
+//!
+//! The trait's verbs are the BOINC client's requests mapped to a session: suspend/resume,
+//! checkpoint, drain (take no new job), stop (quit: graceful, the client restarts the task
+//! later), kill (abort: nothing may be left behind).
+
+pub mod process;
+
+use std::time::Duration;
+
+/// Why a backend operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot start {what}: {error}")]
+    Start { what: String, error: std::io::Error },
+    #[error("cannot signal {what} (pid {pid}): {error}")]
+    Signal {
+        what: &'static str,
+        pid: i32,
+        error: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How the session's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl Exit {
+    /// Exited with code 0.
+    pub fn success(self) -> bool {
+        self == Exit::Code(0)
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit code {c}"),
+            Exit::Signal(s) => write!(f, "signal {s}"),
+        }
+    }
+}
+
+/// A running agent session the wrapper controls. Every method returns quickly except `stop`,
+/// which waits at most its grace period.
+pub trait Backend {
+    /// The process whose CPU and memory the client should count (BOINC's `other_pid`).
+    fn pid(&self) -> Option<u32>;
+
+    /// Stop computing; the session keeps its state. Returns once it is paused.
+    fn suspend(&mut self) -> Result<(), BackendError>;
+
+    /// Continue after [`Backend::suspend`].
+    fn resume(&mut self) -> Result<(), BackendError>;
+
+    /// The client allowed (true) or suspended (false) network use.
+    fn set_network(&mut self, up: bool) -> Result<(), BackendError>;
+
+    /// Save what must survive a quit. Returns whether anything was saved (false: the session
+    /// keeps no state of its own worth saving, e.g. the process backend, whose work lives in
+    /// the manager's queue).
+    fn checkpoint(&mut self) -> Result<bool, BackendError>;
+
+    /// Ask the agent to take no new job and end once its current jobs are done.
+    fn drain(&mut self) -> Result<(), BackendError>;
+
+    /// Graceful stop (quit, end of session, client gone): the agent ends its session (jobs it
+    /// still runs are handed back to the manager, which requeues them); after `grace`
+    /// everything is killed. Returns how the session ended.
+    fn stop(&mut self, grace: Duration) -> Result<Exit, BackendError>;
+
+    /// Abort: kill everything at once and leave nothing behind.
+    fn kill(&mut self) -> Result<(), BackendError>;
+
+    /// Whether the session has ended by itself (non-blocking).
+    fn poll(&mut self) -> Result<Option<Exit>, BackendError>;
+
+    /// CPU seconds the session has used so far (all its processes, including finished ones).
+    fn cpu_seconds(&self) -> f64;
+}
+
+/// Polls `done` every 10 ms until it returns Some or `limit` passes.
+pub(crate) fn wait_until<T>(
+    limit: Duration,
+    mut done: impl FnMut() -> Result<Option<T>, BackendError>,
+) -> Result<Option<T>, BackendError> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = done()? {
+            return Ok(Some(v));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
