@@ -1,0 +1,326 @@
+//! Debian's real BOINC client runs `copilot-boinc-wrapper` (process backend) against a real
+//! Prosody and manager, with no BOINC project server (see `copilot_tests::boinc`): suspend
+//! stops every process of the session and resume continues it; quit and restart lose no
+//! finished job; abort leaves no process behind; a killed client takes the wrapper and the
+//! agent with it; a session drains at its end, finishes its job and credits the volunteer.
+//! Each test prints `skipped:` where the client is not installed.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use copilot_boinc::proctree;
+use copilot_protocol::api::VolunteerList;
+use copilot_protocol::units::Seconds;
+use copilot_protocol::JobState;
+use copilot_stack::XMPP_DOMAIN;
+use copilot_tests::boinc::{self, wait_for, App, BoincClient};
+use copilot_tests::{bin_dir, Harness, Setup};
+
+/// A stack with no agents of its own, and a BOINC client whose task runs the agent.
+struct Rig {
+    client: BoincClient,
+    h: Harness,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- client log:\n{}\n--- task stderr:\n{}\n--- manager log:\n{}",
+                self.client.log(),
+                self.client.stderr(),
+                self.h.log_tail("manager")
+            );
+        }
+    }
+}
+
+/// Start the stack and write the client's data dir; None (after printing why) if the client
+/// is not installed.
+fn rig(test: &str, job_xml: &str) -> Option<Rig> {
+    if !boinc::client_installed() {
+        println!("{test}: skipped: the BOINC client (boinc, boinccmd) is not installed; scripts/install-deps installs it");
+        return None;
+    }
+    let mut h = Harness::start(Setup {
+        agents: 0,
+        lease: Seconds(10),
+        manager_toml: Some("[jobs]\nhold = \"2s\"\nretry_after = \"1s\"\n".into()),
+        ..Setup::default()
+    });
+    let password = "boinc-agent-pw";
+    h.stack
+        .prosody()
+        .register("boinc-agent", password)
+        .expect("registering the agent's account");
+    let agent_toml = format!(
+        "[xmpp]\njid = \"boinc-agent@{XMPP_DOMAIN}\"\npassword = \"{password}\"\nserver = \"{}\"\nmanager = \"manager@{XMPP_DOMAIN}\"\n",
+        h.stack.prosody().server()
+    );
+    let bins = bin_dir();
+    assert!(
+        bins.join(boinc::WRAPPER_BIN).is_file(),
+        "build the binaries first (cargo build --workspace --bins)"
+    );
+    let client = BoincClient::create(
+        &h.path("boinc"),
+        &App {
+            bin_dir: &bins,
+            job_xml,
+            agent_toml: &agent_toml,
+        },
+    );
+    Some(Rig { client, h })
+}
+
+const JOB_XML: &str = "<copilot_job><session>1h</session><drain>10m</drain><stop_grace>10s</stop_grace></copilot_job>";
+
+/// A job file: `count` instances of `script`.
+fn job(name: &str, count: u32, script: &str) -> String {
+    format!(
+        "name = \"{name}\"\ncommand = [\"sh\", \"-c\", {script:?}]\noutputs = [\"out.txt\"]\ncount = {count}\n[limits]\nwall_time = \"5m\"\n"
+    )
+}
+
+/// The wrapper's descendants: the agent and its payloads.
+fn session_tree(wrapper: i32) -> Vec<proctree::Proc> {
+    proctree::descendants(&proctree::scan(), wrapper)
+}
+
+/// Wait until the task's wrapper runs; its pid.
+fn wrapper_started(r: &Rig) -> i32 {
+    let mut pid = None;
+    wait_for(
+        "the client to start the wrapper",
+        Duration::from_secs(30),
+        || {
+            pid = r.client.wrapper_pid();
+            pid.is_some()
+        },
+    );
+    pid.expect("set by the wait")
+}
+
+fn wait_state(r: &Rig, what: &str, ids: &[u64], state: JobState) {
+    r.h.wait_for(what, Duration::from_secs(60), |l| {
+        ids.iter()
+            .all(|id| l.jobs.iter().any(|j| j.id == *id && j.state == state))
+    });
+}
+
+#[test]
+fn suspend_stops_the_whole_session_resume_continues_abort_leaves_nothing() {
+    let Some(mut r) = rig("suspend_resume_abort", JOB_XML) else {
+        return;
+    };
+    let file =
+        r.h.write_job("busy", &job("busy", 1, "while :; do :; done"), &[]);
+    let ids = r.h.submit(&file);
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    wait_state(&r, "the busy job to run", &ids, JobState::Running);
+
+    r.client.task("suspend");
+    wait_for(
+        "every process of the session to stop",
+        Duration::from_secs(30),
+        || {
+            let tree = session_tree(wrapper);
+            tree.len() >= 2 && tree.iter().all(|p| p.stopped())
+        },
+    );
+    // Stopped processes use no CPU: over a second, not one clock tick.
+    let before: BTreeMap<i32, f64> = session_tree(wrapper)
+        .iter()
+        .map(|p| (p.pid, p.cpu_seconds))
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let after: BTreeMap<i32, f64> = session_tree(wrapper)
+        .iter()
+        .map(|p| (p.pid, p.cpu_seconds))
+        .collect();
+    assert_eq!(before, after, "CPU time moved while suspended");
+    assert!(
+        !proctree::scan()
+            .iter()
+            .any(|p| p.pid == wrapper && p.stopped()),
+        "the wrapper itself keeps talking to the client"
+    );
+
+    r.client.task("resume");
+    let total = |t: &[proctree::Proc]| t.iter().map(|p| p.cpu_seconds).sum::<f64>();
+    let suspended_cpu = total(&session_tree(wrapper));
+    wait_for(
+        "the session to compute again",
+        Duration::from_secs(30),
+        || {
+            let tree = session_tree(wrapper);
+            tree.iter().all(|p| !p.stopped()) && total(&tree) > suspended_cpu + 0.2
+        },
+    );
+
+    let pids: Vec<i32> = std::iter::once(wrapper)
+        .chain(session_tree(wrapper).iter().map(|p| p.pid))
+        .collect();
+    r.client.task("abort");
+    wait_for(
+        "the wrapper, the agent and the payload to be gone",
+        Duration::from_secs(30),
+        || pids.iter().all(|p| !proctree::alive(*p)),
+    );
+    wait_for(
+        "the client to record the abort",
+        Duration::from_secs(30),
+        || {
+            r.client
+                .task_info()
+                .get("active_task_state")
+                .is_none_or(|s| s != "EXECUTING")
+        },
+    );
+    // The job the agent held is not lost: the manager requeues it.
+    wait_state(
+        &r,
+        "the aborted session's job to be requeued",
+        &ids,
+        JobState::Queued,
+    );
+}
+
+#[test]
+fn quit_and_restart_keep_every_finished_job() {
+    let Some(mut r) = rig("quit_and_restart", JOB_XML) else {
+        return;
+    };
+    let file = r.h.write_job(
+        "short",
+        &job("short", 6, "sleep 0.5; echo $COPILOT_INSTANCE > out.txt"),
+        &[],
+    );
+    let ids = r.h.submit(&file);
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    r.h.wait_for("two jobs to be done", Duration::from_secs(60), |l| {
+        l.jobs.iter().filter(|j| j.state == JobState::Done).count() >= 2
+    });
+    let tree: Vec<i32> = session_tree(wrapper).iter().map(|p| p.pid).collect();
+    r.client.quit();
+    wait_for(
+        "the wrapper and the agent to exit with the client",
+        Duration::from_secs(30),
+        || !proctree::alive(wrapper) && tree.iter().all(|p| !proctree::alive(*p)),
+    );
+    let done_before: Vec<u64> =
+        r.h.jobs()
+            .jobs
+            .iter()
+            .filter(|j| j.state == JobState::Done)
+            .map(|j| j.id)
+            .collect();
+
+    r.client.start();
+    wrapper_started(&r);
+    let jobs = r.h.wait_final(&ids, Duration::from_secs(90));
+    for j in &jobs {
+        assert_eq!(j.state, JobState::Done, "{j:?}");
+        if done_before.contains(&j.id) {
+            assert_eq!(
+                j.attempt, 1,
+                "job {} was done before the quit and ran again",
+                j.id
+            );
+        }
+    }
+    // Each job credited once to the volunteer.
+    let credit: VolunteerList = r.h.api("/api/volunteers");
+    assert_eq!(credit.volunteers.len(), 1, "{credit:?}");
+    assert_eq!(credit.volunteers[0].jobs_done, 6, "{credit:?}");
+}
+
+#[test]
+fn a_killed_client_takes_the_wrapper_and_the_agent_with_it() {
+    let Some(mut r) = rig("killed_client", JOB_XML) else {
+        return;
+    };
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    r.h.stack
+        .wait_agents_online(1, Duration::from_secs(30))
+        .expect("the agent comes online");
+    let agent = session_tree(wrapper)
+        .first()
+        .map(|p| p.pid)
+        .expect("the wrapper runs the agent");
+    r.client.kill9();
+    let t = Instant::now();
+    wait_for(
+        "the wrapper and the agent to exit by themselves",
+        Duration::from_secs(60),
+        || !proctree::alive(wrapper) && !proctree::alive(agent),
+    );
+    println!(
+        "wrapper and agent gone {:?} after the client's kill",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_session_drains_at_its_end_finishes_its_job_and_credits_the_volunteer() {
+    // Drain after 4 s of run time; the first job takes 6 s and must still complete.
+    let job_xml = "<copilot_job><session>60</session><drain>56</drain><stop_grace>10s</stop_grace></copilot_job>";
+    let Some(mut r) = rig("drain", job_xml) else {
+        return;
+    };
+    let first = r.h.submit(&r.h.write_job(
+        "long",
+        &job(
+            "long",
+            1,
+            "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; sleep 6; echo done > out.txt",
+        ),
+        &[],
+    ));
+    r.client.start();
+    wrapper_started(&r);
+    wait_state(&r, "the first job to run", &first, JobState::Running);
+    let second =
+        r.h.submit(&r.h.write_job("later", &job("later", 1, "echo later > out.txt"), &[]));
+    let jobs = r.h.wait_final(&first, Duration::from_secs(60));
+    assert_eq!(jobs[0].state, JobState::Done, "{:?}", jobs[0]);
+    assert_eq!(jobs[0].attempt, 1);
+    wait_for(
+        "the task to be ready to report",
+        Duration::from_secs(60),
+        || {
+            r.client
+                .task_info()
+                .get("ready to report")
+                .is_some_and(|v| v == "yes")
+        },
+    );
+    let info = r.client.task_info();
+    assert_eq!(
+        info.get("exit_status").map(String::as_str),
+        Some("0"),
+        "{info:?}"
+    );
+    // The drained agent took no new job: the second one waits, it is not lost.
+    assert_eq!(r.h.job(second[0]).state, JobState::Queued);
+    let credit: VolunteerList = r.h.api("/api/volunteers");
+    let c = credit
+        .volunteers
+        .first()
+        .expect("the volunteer was credited");
+    assert_eq!(
+        (c.user_id, c.host_id, c.team_id, c.jobs_done),
+        (boinc::USER_ID, boinc::HOST_ID, boinc::TEAM_ID, 1)
+    );
+    assert!(c.cpu_seconds > 0.0, "{c:?}");
+    assert_eq!(
+        c.host_token.as_deref(),
+        Some(
+            copilot_boinc::volunteer::host_token(boinc::AUTHENTICATOR, boinc::HOST_ID as i64)
+                .as_str()
+        )
+    );
+}
