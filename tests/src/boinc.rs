@@ -47,6 +47,9 @@ pub struct App<'a> {
     pub job_xml: &'a str,
     /// The agent config template (`copilot_agent.toml`), a file of the work unit.
     pub agent_toml: &'a str,
+    /// The app version's `api_version`: from 6.0 on the client shares memory through the
+    /// mmap'ed `boinc_mmap_file`; without one, through a System V segment.
+    pub api_version: Option<&'a str>,
 }
 
 /// A BOINC client data dir and, once started, the client.
@@ -82,6 +85,10 @@ impl BoincClient {
             .expect("after 1970")
             .as_secs();
         let deadline = now + 7 * 86400;
+        let api_version = app
+            .api_version
+            .map(|v| format!("  <api_version>{v}</api_version>\n"))
+            .unwrap_or_default();
         write(
             &dir.join(format!("account_{PROJECT_DIR}.xml")),
             &format!(
@@ -111,8 +118,7 @@ impl BoincClient {
   <app_name>copilot</app_name>
   <version_num>100</version_num>
   <platform>x86_64-pc-linux-gnu</platform>
-  <api_version>7.20.5</api_version>
-  <avg_ncpus>1</avg_ncpus>
+{api_version}  <avg_ncpus>1</avg_ncpus>
   <flops>1e9</flops>
   <file_ref><file_name>copilot-boinc-wrapper_1.00</file_name><main_program/></file_ref>
   <file_ref><file_name>copilot-agent_1.00</file_name><open_name>copilot-agent</open_name></file_ref>

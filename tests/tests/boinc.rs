@@ -38,6 +38,10 @@ impl Drop for Rig {
 /// Start the stack and write the client's data dir; None (after printing why) if the client
 /// is not installed.
 fn rig(test: &str, job_xml: &str) -> Option<Rig> {
+    rig_with(test, job_xml, Some("7.20.5"))
+}
+
+fn rig_with(test: &str, job_xml: &str, api_version: Option<&str>) -> Option<Rig> {
     if !boinc::client_installed() {
         println!("{test}: skipped: the BOINC client (boinc, boinccmd) is not installed; scripts/install-deps installs it");
         return None;
@@ -68,6 +72,7 @@ fn rig(test: &str, job_xml: &str) -> Option<Rig> {
             bin_dir: &bins,
             job_xml,
             agent_toml: &agent_toml,
+            api_version,
         },
     );
     Some(Rig { client, h })
@@ -238,8 +243,9 @@ fn quit_and_restart_keep_every_finished_job() {
 }
 
 #[test]
-fn a_killed_client_takes_the_wrapper_and_the_agent_with_it() {
-    let Some(mut r) = rig("killed_client", JOB_XML) else {
+fn over_system_v_shm_too_and_a_killed_client_takes_wrapper_and_agent_along() {
+    // This app version has no api_version: the client talks over System V shared memory.
+    let Some(mut r) = rig_with("killed_client", JOB_XML, None) else {
         return;
     };
     r.client.start();
@@ -251,6 +257,16 @@ fn a_killed_client_takes_the_wrapper_and_the_agent_with_it() {
         .first()
         .map(|p| p.pid)
         .expect("the wrapper runs the agent");
+    let init = std::fs::read_to_string(r.client.slot().join("init_data.xml")).unwrap();
+    assert!(
+        !init.contains("<shm_key>-1</shm_key>"),
+        "not System V: {init}"
+    );
+    // The wrapper got the client's suspend over that segment.
+    r.client.task("suspend");
+    wait_for("the agent to stop", Duration::from_secs(30), || {
+        session_tree(wrapper).iter().all(|p| p.stopped())
+    });
     r.client.kill9();
     let t = Instant::now();
     wait_for(
