@@ -340,3 +340,46 @@ fn a_session_drains_at_its_end_finishes_its_job_and_credits_the_volunteer() {
         )
     );
 }
+
+#[test]
+fn an_agent_past_its_drain_time_finishes_its_job_and_takes_no_other() {
+    let drain_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 4;
+    let h = Harness::start(Setup {
+        agents: 1,
+        agent_toml: Some(format!("drain_at = {drain_at}\n")),
+        ..Setup::default()
+    });
+    let first =
+        h.submit(&h.write_job("long", &job("long", 1, "sleep 7; echo done > out.txt"), &[]));
+    h.wait_for("the first job to run", Duration::from_secs(30), |l| {
+        l.jobs
+            .iter()
+            .any(|j| j.id == first[0] && j.state == JobState::Running)
+    });
+    let second = h.submit(&h.write_job("later", &job("later", 1, "echo later > out.txt"), &[]));
+    let jobs = h.wait_final(&first, Duration::from_secs(60));
+    assert_eq!(
+        (jobs[0].state, jobs[0].attempt),
+        (JobState::Done, 1),
+        "{:?}",
+        jobs[0]
+    );
+    let pid = h.stack.agent_pid(1).expect("the agent was started") as i32;
+    wait_for("the drained agent to exit", Duration::from_secs(30), || {
+        !proctree::alive(pid)
+    });
+    assert!(
+        h.log_tail("agent-1").contains("drained"),
+        "{}",
+        h.log_tail("agent-1")
+    );
+    assert_eq!(
+        h.job(second[0]).state,
+        JobState::Queued,
+        "the second job waits"
+    );
+}
