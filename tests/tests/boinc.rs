@@ -3,7 +3,8 @@
 //! stops every process of the session and resume continues it; quit and restart lose no
 //! finished job; abort leaves no process behind; a killed client takes the wrapper and the
 //! agent with it; a session drains at its end, finishes its job and credits the volunteer.
-//! Each test prints `skipped:` where the client is not installed.
+//! Each of those prints `skipped:` where the client is not installed. And an agent drains by
+//! itself at its configured drain time.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
