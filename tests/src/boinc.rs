@@ -50,6 +50,11 @@ pub struct App<'a> {
     /// The app version's `api_version`: from 6.0 on the client shares memory through the
     /// mmap'ed `boinc_mmap_file`; without one, through a System V segment.
     pub api_version: Option<&'a str>,
+    /// Install the app as a volunteer on the anonymous platform would: the files and the
+    /// `app_info.xml` of `scripts/package-boinc-app`'s `anonymous/` dir go into the project
+    /// dir, and client_state.xml holds no app version (`bin_dir`, `job_xml` and
+    /// `api_version` are then unused).
+    pub anonymous: Option<&'a Path>,
 }
 
 /// A BOINC client data dir and, once started, the client.
@@ -70,25 +75,68 @@ impl BoincClient {
     pub fn create(dir: &Path, app: &App<'_>) -> BoincClient {
         let project = dir.join("projects").join(PROJECT_DIR);
         std::fs::create_dir_all(&project).expect("project dir");
-        for (bin, name) in [
-            (WRAPPER_BIN, "copilot-boinc-wrapper_1.00"),
-            (copilot_stack::AGENT_BIN, "copilot-agent_1.00"),
-        ] {
-            let from = app.bin_dir.join(bin);
-            std::fs::copy(&from, project.join(name))
-                .unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
-        }
-        write(&project.join("copilot_job_1.00.xml"), app.job_xml);
+        let copy = |from: &Path, to: &Path| {
+            std::fs::copy(from, to).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
+        };
+        let app_version = match app.anonymous {
+            Some(package) => {
+                for f in std::fs::read_dir(package)
+                    .expect("the package dir")
+                    .flatten()
+                {
+                    copy(&f.path(), &project.join(f.file_name()));
+                }
+                String::new()
+            }
+            None => {
+                copy(
+                    &app.bin_dir.join(WRAPPER_BIN),
+                    &project.join("copilot-boinc-wrapper_1.00"),
+                );
+                copy(
+                    &app.bin_dir.join(copilot_stack::AGENT_BIN),
+                    &project.join("copilot-agent_1.00"),
+                );
+                write(&project.join("copilot_job_1.00.xml"), app.job_xml);
+                let api_version = app
+                    .api_version
+                    .map(|v| format!("  <api_version>{v}</api_version>\n"))
+                    .unwrap_or_default();
+                format!(
+                    r#"<app><name>copilot</name><user_friendly_name>copilot</user_friendly_name></app>
+<file_info><name>copilot-boinc-wrapper_1.00</name><status>1</status><executable/></file_info>
+<file_info><name>copilot-agent_1.00</name><status>1</status><executable/></file_info>
+<file_info><name>copilot_job_1.00.xml</name><status>1</status></file_info>
+<app_version>
+  <app_name>copilot</app_name>
+  <version_num>100</version_num>
+  <platform>x86_64-pc-linux-gnu</platform>
+{api_version}  <avg_ncpus>1</avg_ncpus>
+  <flops>1e9</flops>
+  <file_ref><file_name>copilot-boinc-wrapper_1.00</file_name><main_program/></file_ref>
+  <file_ref><file_name>copilot-agent_1.00</file_name><open_name>copilot-agent</open_name></file_ref>
+  <file_ref><file_name>copilot_job_1.00.xml</file_name><open_name>copilot_job.xml</open_name></file_ref>
+</app_version>
+"#
+                )
+            }
+        };
         write(&project.join("copilot_agent_wu_1.toml"), app.agent_toml);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .expect("after 1970")
             .as_secs();
         let deadline = now + 7 * 86400;
-        let api_version = app
-            .api_version
-            .map(|v| format!("  <api_version>{v}</api_version>\n"))
-            .unwrap_or_default();
+        // The packaged app version says <needs_network/>, and the client runs such an app only
+        // while network use is allowed: "auto" (2), and no unsigned_apps_ok (which keeps the
+        // network off; the anonymous platform needs no signatures). Its attempts to reach the
+        // project go to a dead loopback port. Otherwise network use stays "never" (3) and
+        // the hand-made app version's unsigned files are allowed.
+        let (network, unsigned) = if app.anonymous.is_some() {
+            (2, "")
+        } else {
+            (3, "<unsigned_apps_ok>1</unsigned_apps_ok>")
+        };
         write(
             &dir.join(format!("account_{PROJECT_DIR}.xml")),
             &format!(
@@ -110,21 +158,7 @@ impl BoincClient {
   <hostid>{HOST_ID}</hostid>
   <dont_request_more_work/>
 </project>
-<app><name>copilot</name><user_friendly_name>copilot</user_friendly_name></app>
-<file_info><name>copilot-boinc-wrapper_1.00</name><status>1</status><executable/></file_info>
-<file_info><name>copilot-agent_1.00</name><status>1</status><executable/></file_info>
-<file_info><name>copilot_job_1.00.xml</name><status>1</status></file_info>
-<app_version>
-  <app_name>copilot</app_name>
-  <version_num>100</version_num>
-  <platform>x86_64-pc-linux-gnu</platform>
-{api_version}  <avg_ncpus>1</avg_ncpus>
-  <flops>1e9</flops>
-  <file_ref><file_name>copilot-boinc-wrapper_1.00</file_name><main_program/></file_ref>
-  <file_ref><file_name>copilot-agent_1.00</file_name><open_name>copilot-agent</open_name></file_ref>
-  <file_ref><file_name>copilot_job_1.00.xml</file_name><open_name>copilot_job.xml</open_name></file_ref>
-</app_version>
-<file_info><name>copilot_agent_wu_1.toml</name><status>1</status></file_info>
+{app_version}<file_info><name>copilot_agent_wu_1.toml</name><status>1</status></file_info>
 <workunit>
   <name>copilot_wu_1</name>
   <app_name>copilot</app_name>
@@ -144,7 +178,7 @@ impl BoincClient {
   <received_time>{now}</received_time>
   <report_deadline>{deadline}</report_deadline>
 </result>
-<user_network_request>3</user_network_request>
+<user_network_request>{network}</user_network_request>
 </client_state>
 "#
             ),
@@ -153,7 +187,7 @@ impl BoincClient {
         write(&dir.join("gui_rpc_auth.cfg"), &password);
         write(
             &dir.join("cc_config.xml"),
-            "<cc_config>\n<log_flags><task>1</task><task_debug>1</task_debug><cpu_sched>1</cpu_sched></log_flags>\n<options><unsigned_apps_ok>1</unsigned_apps_ok><skip_cpu_benchmarks>1</skip_cpu_benchmarks><no_info_fetch>1</no_info_fetch></options>\n</cc_config>\n",
+            &format!("<cc_config>\n<log_flags><task>1</task><task_debug>1</task_debug><cpu_sched>1</cpu_sched></log_flags>\n<options>{unsigned}<skip_cpu_benchmarks>1</skip_cpu_benchmarks><no_info_fetch>1</no_info_fetch></options>\n</cc_config>\n"),
         );
         write(
             &dir.join("global_prefs_override.xml"),

@@ -39,10 +39,15 @@ impl Drop for Rig {
 /// Start the stack and write the client's data dir; None (after printing why) if the client
 /// is not installed.
 fn rig(test: &str, job_xml: &str) -> Option<Rig> {
-    rig_with(test, job_xml, Some("7.20.5"))
+    rig_with(test, job_xml, Some("7.20.5"), None)
 }
 
-fn rig_with(test: &str, job_xml: &str, api_version: Option<&str>) -> Option<Rig> {
+fn rig_with(
+    test: &str,
+    job_xml: &str,
+    api_version: Option<&str>,
+    anonymous: Option<&std::path::Path>,
+) -> Option<Rig> {
     if !boinc::client_installed() {
         println!("{test}: skipped: the BOINC client (boinc, boinccmd) is not installed; scripts/install-deps installs it");
         return None;
@@ -74,6 +79,7 @@ fn rig_with(test: &str, job_xml: &str, api_version: Option<&str>) -> Option<Rig>
             job_xml,
             agent_toml: &agent_toml,
             api_version,
+            anonymous,
         },
     );
     Some(Rig { client, h })
@@ -246,7 +252,7 @@ fn quit_and_restart_keep_every_finished_job() {
 #[test]
 fn over_system_v_shm_too_and_a_killed_client_takes_wrapper_and_agent_along() {
     // This app version has no api_version: the client talks over System V shared memory.
-    let Some(mut r) = rig_with("killed_client", JOB_XML, None) else {
+    let Some(mut r) = rig_with("killed_client", JOB_XML, None, None) else {
         return;
     };
     r.client.start();
@@ -383,4 +389,41 @@ fn an_agent_past_its_drain_time_finishes_its_job_and_takes_no_other() {
         JobState::Queued,
         "the second job waits"
     );
+}
+
+#[test]
+fn the_packaged_app_installs_and_runs_on_the_anonymous_platform() {
+    if !boinc::client_installed() {
+        println!("anonymous_platform: skipped: the BOINC client is not installed");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package-boinc-app");
+    let bins = bin_dir();
+    let status = std::process::Command::new(script)
+        .args([
+            "--bin-dir",
+            bins.to_str().unwrap(),
+            "--out",
+            out.path().to_str().unwrap(),
+        ])
+        .status()
+        .expect("running scripts/package-boinc-app");
+    assert!(status.success());
+    let anonymous = out.path().join("anonymous");
+    let Some(mut r) = rig_with("anonymous_platform", JOB_XML, None, Some(&anonymous)) else {
+        return;
+    };
+    let ids =
+        r.h.submit(&r.h.write_job("one", &job("one", 1, "echo 1 > out.txt"), &[]));
+    r.client.start();
+    let jobs = r.h.wait_final(&ids, Duration::from_secs(60));
+    assert_eq!(jobs[0].state, JobState::Done, "{:?}", jobs[0]);
+    assert!(
+        r.client.log().contains("anonymous platform"),
+        "the client did not use app_info.xml:\n{}",
+        r.client.log()
+    );
+    r.client.quit();
 }
