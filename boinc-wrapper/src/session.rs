@@ -12,7 +12,9 @@
 //!
 //! Once a second it reports the status (CPU time of the whole session, fraction done =
 //! run time / session, monotonic; the agent's pid as `other_pid`); every checkpoint period it
-//! checkpoints the backend. [`Session::run`] returns how the task ended; `main` turns that into
+//! checkpoints the backend, and while the backend is busy (a stop would lose a running job's
+//! progress) it tries again every tick until it can: so the client preempts a task in the
+//! middle of a job by suspending it, not by quitting it. [`Session::run`] returns how the task ended; `main` turns that into
 //! the finish file and the exit code.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::api::client::{Client, Event, Gone};
 use crate::api::init_data::InitData;
 use crate::api::msg::{AppStatus, Control};
-use crate::backend::{Backend, BackendError, Exit};
+use crate::backend::{Backend, BackendError, Checkpoint, Exit};
 use crate::job::JobFile;
 
 /// How often the loop runs.
@@ -319,10 +321,12 @@ impl<B: Backend> Session<B> {
     }
 
     fn checkpoint(&mut self, now: Instant) -> Result<(), BackendError> {
-        let saved = self.backend.checkpoint()?;
-        tracing::debug!(saved, "checkpoint");
-        self.checkpoint_cpu = self.cpu_now();
-        self.last_checkpoint = now;
+        let c = self.backend.checkpoint()?;
+        if c != Checkpoint::Busy {
+            tracing::debug!(?c, "checkpoint");
+            self.checkpoint_cpu = self.cpu_now();
+            self.last_checkpoint = now;
+        }
         Ok(())
     }
 
@@ -376,6 +380,7 @@ mod tests {
     struct Recorder {
         calls: Vec<&'static str>,
         exit: Option<Exit>,
+        busy: bool,
     }
 
     impl Backend for Recorder {
@@ -394,9 +399,13 @@ mod tests {
             self.calls.push(if up { "net-up" } else { "net-down" });
             Ok(())
         }
-        fn checkpoint(&mut self) -> Result<bool, BackendError> {
+        fn checkpoint(&mut self) -> Result<Checkpoint, BackendError> {
             self.calls.push("checkpoint");
-            Ok(false)
+            Ok(if self.busy {
+                Checkpoint::Busy
+            } else {
+                Checkpoint::NothingToLose
+            })
         }
         fn drain(&mut self) -> Result<(), BackendError> {
             self.calls.push("drain");
@@ -522,6 +531,35 @@ mod tests {
         let (mut s, _c, t0) = session("<copilot_job/>", InitData::default());
         s.backend.exit = Some(Exit::Signal(9));
         assert!(matches!(s.step(t0).unwrap(), Some(Ending::Failed(m)) if m.contains("signal 9")));
+    }
+
+    #[test]
+    fn checkpoints_wait_until_nothing_would_be_lost() {
+        let init = InitData {
+            checkpoint_period: 10.0,
+            wu_cpu_time: 1.0,
+            ..InitData::default()
+        };
+        let (mut s, client, t0) = session("<copilot_job/>", init);
+        let hb = || client.send(Channel::Heartbeat, "<heartbeat/>").unwrap();
+        s.backend.busy = true;
+        s.step(t0 + secs(5)).unwrap();
+        assert!(!s.backend.calls.contains(&"checkpoint"), "not due yet");
+        hb();
+        s.step(t0 + secs(11)).unwrap();
+        s.step(t0 + secs(12)).unwrap();
+        assert_eq!(
+            s.status(t0 + secs(12)).checkpoint_cpu_time,
+            1.0,
+            "busy: no checkpoint"
+        );
+        assert_eq!(s.backend.calls, ["checkpoint", "checkpoint"], "asked again");
+        s.backend.busy = false;
+        s.step(t0 + secs(13)).unwrap();
+        let cp = s.status(t0 + secs(13)).checkpoint_cpu_time;
+        assert!(cp > 1.0, "a checkpoint once idle: {cp}");
+        s.step(t0 + secs(14)).unwrap();
+        assert_eq!(s.backend.calls.len(), 3, "the next one is a period later");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use copilot_boinc::backend::process::{become_subreaper, ProcessBackend};
-use copilot_boinc::backend::{Backend, Exit};
+use copilot_boinc::backend::{Backend, Checkpoint, Exit};
 use copilot_boinc::proctree;
 
 fn wait(what: &str, mut done: impl FnMut() -> bool) {
@@ -56,6 +56,7 @@ fn the_process_backend_controls_the_whole_tree() {
     assert!(b.pid().is_some());
     // agent + busy loop + orphaned sleeper (reparented to us) + the agent's sleep.
     wait("the tree to form", || tree().len() >= 4);
+    assert_eq!(b.checkpoint().unwrap(), Checkpoint::Busy, "a payload runs");
     b.suspend().unwrap();
     let stopped = tree();
     assert!(
@@ -95,6 +96,15 @@ fn the_process_backend_controls_the_whole_tree() {
     b.kill().unwrap();
     wait("everything to be gone", || tree().is_empty());
     assert_eq!(b.poll().unwrap(), Some(Exit::Signal(9)));
+
+    // An agent with no payload below it loses nothing when stopped.
+    let idle = dir.path().join("idle-agent");
+    std::fs::write(&idle, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&idle, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut b = ProcessBackend::start(&idle, &config, dir.path()).unwrap();
+    assert_eq!(b.checkpoint().unwrap(), Checkpoint::NothingToLose);
+    b.kill().unwrap();
 
     // A program that cannot start is an error, not a panic.
     assert!(ProcessBackend::start(&dir.path().join("nope"), &config, dir.path()).is_err());

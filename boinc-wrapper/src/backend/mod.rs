@@ -53,6 +53,19 @@ impl std::fmt::Display for Exit {
     }
 }
 
+/// What a checkpoint request achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// The session's state was saved (e.g. a VM's state to a file).
+    Saved,
+    /// Nothing would be lost by a stop now: the session keeps no state of its own and runs no
+    /// job (the process backend between jobs; its work lives in the manager's queue).
+    NothingToLose,
+    /// A stop now would lose work (a job runs) and it cannot be saved: not a checkpoint. The
+    /// caller asks again later.
+    Busy,
+}
+
 /// A running agent session the wrapper controls. Every method returns quickly except `stop`,
 /// which waits at most its grace period.
 pub trait Backend {
@@ -68,10 +81,10 @@ pub trait Backend {
     /// The client allowed (true) or suspended (false) network use.
     fn set_network(&mut self, up: bool) -> Result<(), BackendError>;
 
-    /// Save what must survive a quit. Returns whether anything was saved (false: the session
-    /// keeps no state of its own worth saving, e.g. the process backend, whose work lives in
-    /// the manager's queue).
-    fn checkpoint(&mut self) -> Result<bool, BackendError>;
+    /// Save what must survive a quit, if it can be saved now. Only `Saved` and
+    /// `NothingToLose` count as a checkpoint for the client, which may then preempt the task
+    /// by quitting it rather than suspending it in memory.
+    fn checkpoint(&mut self) -> Result<Checkpoint, BackendError>;
 
     /// Ask the agent to take no new job and end once its current jobs are done.
     fn drain(&mut self) -> Result<(), BackendError>;

@@ -7,14 +7,17 @@
 //!   repeated until `/proc` shows all of them stopped; resume = SIGCONT to all;
 //! - drain = SIGUSR1 to the agent; stop = SIGTERM to the agent, SIGKILL to the tree after the
 //!   grace period; kill = SIGKILL to the tree until nothing is left;
-//! - CPU time = the wrapper's reaped children plus every live process of the tree.
+//! - CPU time = the wrapper's reaped children plus every live process of the tree;
+//! - checkpoint: the agent keeps no state worth saving (its work lives in the manager's queue),
+//!   so between jobs (no process below the agent) a stop loses nothing; while a payload runs it
+//!   would lose that job's progress, so that is no checkpoint.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::{wait_until, Backend, BackendError, Exit};
+use super::{wait_until, Backend, BackendError, Checkpoint, Exit};
 use crate::proctree;
 
 /// Longest time `suspend` spends making sure every process has stopped.
@@ -208,8 +211,18 @@ impl Backend for ProcessBackend {
         Ok(())
     }
 
-    fn checkpoint(&mut self) -> Result<bool, BackendError> {
-        Ok(false)
+    fn checkpoint(&mut self) -> Result<Checkpoint, BackendError> {
+        // The agent's children are its payloads: while one runs, a quit would cost its job's
+        // progress (the job is requeued and starts over elsewhere).
+        let procs = proctree::scan();
+        let busy = proctree::descendants(&procs, self.agent)
+            .iter()
+            .any(|p| !p.dead());
+        Ok(if busy {
+            Checkpoint::Busy
+        } else {
+            Checkpoint::NothingToLose
+        })
     }
 
     fn drain(&mut self) -> Result<(), BackendError> {
