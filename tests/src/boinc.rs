@@ -271,10 +271,15 @@ impl BoincClient {
             .collect()
     }
 
-    /// `boinccmd --quit`, then wait (up to 60 s) for the client to exit.
+    /// `boinccmd --quit`, then [`BoincClient::wait_exit`].
     pub fn quit(&mut self) {
         let out = self.boinccmd(&["--quit"]);
         assert!(out.status.success(), "boinccmd --quit: {out:?}");
+        self.wait_exit();
+    }
+
+    /// Wait (up to 60 s) for the client to exit, and reap it.
+    pub fn wait_exit(&mut self) {
         let mut p = self.process.take().expect("the client runs");
         wait_for("the client to exit", Duration::from_secs(60), || {
             p.exited().expect("checking the client").is_some()

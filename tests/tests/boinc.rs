@@ -427,3 +427,89 @@ fn the_packaged_app_installs_and_runs_on_the_anonymous_platform() {
     );
     r.client.quit();
 }
+
+/// Poll every millisecond until `done`; the time it took (at most 60 s, then panic).
+fn time_until(what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !done() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    t.elapsed()
+}
+
+fn summary(name: &str, mut d: Vec<Duration>) {
+    d.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "{name}: n={} min {:.0} ms, median {:.0} ms, max {:.0} ms",
+        d.len(),
+        ms(d[0]),
+        ms(d[d.len() / 2]),
+        ms(d[d.len() - 1])
+    );
+}
+
+/// Latencies under the real client, by hand (docs/BENCHMARKS.md):
+/// `cargo test --release -p copilot-tests --test boinc -- --ignored --nocapture bench`
+#[test]
+#[ignore = "a benchmark: run by hand"]
+fn bench_boinc_latencies() {
+    let Some(mut r) = rig("bench", JOB_XML) else {
+        return;
+    };
+    // Requeued at every quit: enough retries for the rounds below.
+    let busy =
+        job("busy", 1, "while :; do :; done").replacen("[limits]", "max_retries = 10\n[limits]", 1);
+    let ids = r.h.submit(&r.h.write_job("busy", &busy, &[]));
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    wait_state(&r, "the busy job to run", &ids, JobState::Running);
+    let (mut suspend, mut resume) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let t = Instant::now();
+        r.client.task("suspend");
+        time_until("the session to stop", || {
+            let tree = session_tree(wrapper);
+            tree.len() >= 2 && tree.iter().all(|p| p.stopped())
+        });
+        suspend.push(t.elapsed());
+        let t = Instant::now();
+        r.client.task("resume");
+        time_until("the session to continue", || {
+            session_tree(wrapper).iter().all(|p| !p.stopped())
+        });
+        resume.push(t.elapsed());
+    }
+    summary(
+        "boinccmd suspend -> every process of the session stopped",
+        suspend,
+    );
+    summary(
+        "boinccmd resume -> every process of the session running",
+        resume,
+    );
+
+    // The client's quit sends <quit/>; the task comes back when the client restarts.
+    let mut quit = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            r.client.start();
+        }
+        let wrapper = wrapper_started(&r);
+        wait_state(&r, "the busy job to run", &ids, JobState::Running);
+        let tree: Vec<i32> = session_tree(wrapper).iter().map(|p| p.pid).collect();
+        let t = Instant::now();
+        let out = r.client.boinccmd(&["--quit"]);
+        assert!(out.status.success());
+        time_until("the wrapper, the agent and the payload to exit", || {
+            !proctree::alive(wrapper) && tree.iter().all(|p| !proctree::alive(*p))
+        });
+        quit.push(t.elapsed());
+        r.client.wait_exit();
+    }
+    summary("boinccmd --quit -> wrapper, agent and payload gone", quit);
+}
