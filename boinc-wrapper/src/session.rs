@@ -95,18 +95,6 @@ pub fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// CPU seconds of this process itself.
-fn own_cpu() -> f64 {
-    // SAFETY: rusage is plain data that getrusage fills.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid, writable rusage; the result is checked.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
-        return 0.0;
-    }
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
-}
-
 /// The session's timeline, from the job file and init_data.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Timeline {
@@ -331,7 +319,9 @@ impl<B: Backend> Session<B> {
     }
 
     fn cpu_now(&mut self) -> f64 {
-        let cpu = self.cpu_before + own_cpu() + self.backend.cpu_seconds();
+        let cpu = self.cpu_before
+            + crate::proctree::rusage_cpu(libc::RUSAGE_SELF)
+            + self.backend.cpu_seconds();
         self.cpu = self.cpu.max(cpu);
         self.cpu
     }
@@ -361,19 +351,10 @@ impl<B: Backend> Session<B> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
     use crate::api::channel::{Channel, Channels};
-    use crate::api::shm::{LocalSegment, Segment, SEGMENT_SIZE};
-
-    #[derive(Clone)]
-    struct Shared(Arc<LocalSegment>);
-    impl Segment for Shared {
-        fn bytes(&self) -> &[std::sync::atomic::AtomicU8; SEGMENT_SIZE] {
-            self.0.bytes()
-        }
-    }
+    use crate::api::shm::LocalSegment;
 
     /// Records what the session asked of it.
     #[derive(Debug, Default)]
@@ -428,7 +409,7 @@ mod tests {
     }
 
     fn session(job: &str, init: InitData) -> (Session<Recorder>, Channels, Instant) {
-        let seg = Shared(Arc::new(LocalSegment::new()));
+        let seg = LocalSegment::new();
         let t0 = Instant::now();
         let client = Client::new(Channels::new(Box::new(seg.clone())), None, t0);
         let job = JobFile::parse(job).unwrap();

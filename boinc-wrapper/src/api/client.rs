@@ -131,22 +131,12 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
-    use super::super::shm::{LocalSegment, Segment};
+    use super::super::shm::LocalSegment;
     use super::*;
-    use std::sync::Arc;
 
-    /// A segment both "processes" of a test see.
-    #[derive(Clone)]
-    struct Shared(Arc<LocalSegment>);
-
-    impl Segment for Shared {
-        fn bytes(&self) -> &[std::sync::atomic::AtomicU8; super::super::shm::SEGMENT_SIZE] {
-            self.0.bytes()
-        }
-    }
-
+    /// The application's and the client's ends of one shared segment.
     fn pair() -> (Client, Channels) {
-        let seg = Shared(Arc::new(LocalSegment::new()));
+        let seg = LocalSegment::new();
         let app = Channels::new(Box::new(seg.clone()));
         let client = Channels::new(Box::new(seg));
         (Client::new(app, None, Instant::now()), client)

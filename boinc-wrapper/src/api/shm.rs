@@ -5,9 +5,9 @@
 //! Where the segment comes from depends on the platform and the app version's `api_version`,
 //! so it is behind the [`Segment`] trait:
 //! - Unix, api_version ≥ 6 (init_data's `shm_key` is -1): the file `boinc_mmap_file` in the
-//!   slot dir, mapped shared ([`MmapFile`]);
+//!   slot dir, mapped shared ([`SharedSegment::mmap_file`]);
 //! - Unix, older app versions: a System V segment whose key is init_data's `shm_key`
-//!   ([`SysvSegment`]);
+//!   ([`SharedSegment::sysv`]);
 //! - Windows (named file mapping `comm_obj_name`): not implemented yet; it would be one more
 //!   `Segment`.
 //!
@@ -56,37 +56,44 @@ pub trait Segment: Send {
     fn bytes(&self) -> &[AtomicU8; SEGMENT_SIZE];
 }
 
-/// The segment as an mmap'ed file (`boinc_mmap_file`; api_version ≥ 6 on Unix).
+/// How a [`SharedSegment`] is let go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// `munmap` (an mmap'ed file).
+    Unmap,
+    /// `shmdt` (a System V segment; the client removes the segment itself).
+    Detach,
+}
+
+/// The client's segment, mapped into this process: the mmap'ed `boinc_mmap_file`
+/// (api_version ≥ 6 on Unix) or a System V segment (older app versions).
 #[derive(Debug)]
-pub struct MmapFile {
+pub struct SharedSegment {
+    /// At least SEGMENT_SIZE bytes, mapped read-write until `drop`.
     ptr: std::ptr::NonNull<libc::c_void>,
+    release: Release,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; every access goes through
 // atomics, so moving the owner to another thread is fine.
-unsafe impl Send for MmapFile {}
+unsafe impl Send for SharedSegment {}
 
-impl MmapFile {
+impl SharedSegment {
     /// Map the first [`SEGMENT_SIZE`] bytes of `path` shared, read-write. The client creates
     /// the file with that size; a shorter file is refused (touching its missing pages would
     /// raise SIGBUS).
-    pub fn open(path: &Path) -> Result<MmapFile, ShmError> {
+    pub fn mmap_file(path: &Path) -> Result<SharedSegment, ShmError> {
         use std::os::fd::AsRawFd;
+        let open_err = |error| ShmError::Open {
+            path: path.to_owned(),
+            error,
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|error| ShmError::Open {
-                path: path.to_owned(),
-                error,
-            })?;
-        let len = file
-            .metadata()
-            .map_err(|error| ShmError::Open {
-                path: path.to_owned(),
-                error,
-            })?
-            .len();
+            .map_err(open_err)?;
+        let len = file.metadata().map_err(open_err)?.len();
         if len < SEGMENT_SIZE as u64 {
             return Err(ShmError::TooSmall {
                 path: path.to_owned(),
@@ -106,66 +113,34 @@ impl MmapFile {
                 0,
             )
         };
-        if ptr == libc::MAP_FAILED {
-            return Err(ShmError::Map {
-                path: path.to_owned(),
-                error: std::io::Error::last_os_error(),
-            });
-        }
-        let ptr = std::ptr::NonNull::new(ptr).ok_or_else(|| ShmError::Map {
+        let map_err = |error| ShmError::Map {
             path: path.to_owned(),
-            error: std::io::Error::other("mmap returned a null pointer"),
-        })?;
-        Ok(MmapFile { ptr })
-    }
-}
-
-impl Segment for MmapFile {
-    fn bytes(&self) -> &[AtomicU8; SEGMENT_SIZE] {
-        // SAFETY: `ptr` is a live read-write mapping of SEGMENT_SIZE bytes (see `open`) until
-        // `drop` unmaps it; AtomicU8 has the size and alignment of u8.
-        unsafe { &*self.ptr.as_ptr().cast::<[AtomicU8; SEGMENT_SIZE]>() }
-    }
-}
-
-impl Drop for MmapFile {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `open`; no reference into it outlives
-        // `self` (they borrow it).
-        unsafe {
-            libc::munmap(self.ptr.as_ptr(), SEGMENT_SIZE);
+            error,
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(map_err(std::io::Error::last_os_error()));
         }
+        let ptr = std::ptr::NonNull::new(ptr)
+            .ok_or_else(|| map_err(std::io::Error::other("mmap returned a null pointer")))?;
+        Ok(SharedSegment {
+            ptr,
+            release: Release::Unmap,
+        })
     }
-}
 
-/// The segment as a System V shared memory segment (app versions with api_version < 6).
-#[derive(Debug)]
-pub struct SysvSegment {
-    ptr: std::ptr::NonNull<libc::c_void>,
-}
-
-// SAFETY: as for MmapFile: shared memory owned by this value, accessed through atomics only.
-unsafe impl Send for SysvSegment {}
-
-impl SysvSegment {
-    /// Attach the existing segment with `key` (init_data's `shm_key`), read-write.
-    pub fn attach(key: i32) -> Result<SysvSegment, ShmError> {
+    /// Attach the existing System V segment with `key` (init_data's `shm_key`), read-write.
+    pub fn sysv(key: i32) -> Result<SharedSegment, ShmError> {
+        let get_err = |error| ShmError::SysvGet { key, error };
         // SAFETY: shmget only looks up an existing segment (no IPC_CREAT); the result is checked.
         let id = unsafe { libc::shmget(key, 0, 0) };
         if id < 0 {
-            return Err(ShmError::SysvGet {
-                key,
-                error: std::io::Error::last_os_error(),
-            });
+            return Err(get_err(std::io::Error::last_os_error()));
         }
-        // SAFETY: shmid_ds is plain data; IPC_STAT fills it and the result is checked.
+        // SAFETY: shmid_ds is plain data; all-zero is a valid value for IPC_STAT to overwrite.
         let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
         // SAFETY: `ds` is a valid, writable shmid_ds for IPC_STAT to fill.
         if unsafe { libc::shmctl(id, libc::IPC_STAT, &mut ds) } < 0 {
-            return Err(ShmError::SysvGet {
-                key,
-                error: std::io::Error::last_os_error(),
-            });
+            return Err(get_err(std::io::Error::last_os_error()));
         }
         if ds.shm_segsz < SEGMENT_SIZE {
             return Err(ShmError::SysvTooSmall {
@@ -176,46 +151,51 @@ impl SysvSegment {
         // SAFETY: attaching an existing segment of at least SEGMENT_SIZE bytes at a
         // kernel-chosen address, read-write; (void*)-1 signals failure and is checked.
         let ptr = unsafe { libc::shmat(id, std::ptr::null(), 0) };
+        let attach_err = |error| ShmError::SysvAttach { key, error };
         if ptr as isize == -1 {
-            return Err(ShmError::SysvAttach {
-                key,
-                error: std::io::Error::last_os_error(),
-            });
+            return Err(attach_err(std::io::Error::last_os_error()));
         }
-        let ptr = std::ptr::NonNull::new(ptr).ok_or_else(|| ShmError::SysvAttach {
-            key,
-            error: std::io::Error::other("shmat returned a null pointer"),
-        })?;
-        Ok(SysvSegment { ptr })
+        let ptr = std::ptr::NonNull::new(ptr)
+            .ok_or_else(|| attach_err(std::io::Error::other("shmat returned a null pointer")))?;
+        Ok(SharedSegment {
+            ptr,
+            release: Release::Detach,
+        })
     }
 }
 
-impl Segment for SysvSegment {
+impl Segment for SharedSegment {
     fn bytes(&self) -> &[AtomicU8; SEGMENT_SIZE] {
-        // SAFETY: `ptr` is an attached segment of at least SEGMENT_SIZE bytes (checked in
-        // `attach`) until `drop` detaches it; AtomicU8 has the layout of u8.
+        // SAFETY: `ptr` is a live read-write mapping of at least SEGMENT_SIZE bytes (checked by
+        // both constructors) until `drop` releases it; AtomicU8 has the layout of u8.
         unsafe { &*self.ptr.as_ptr().cast::<[AtomicU8; SEGMENT_SIZE]>() }
     }
 }
 
-impl Drop for SysvSegment {
+impl Drop for SharedSegment {
     fn drop(&mut self) {
-        // SAFETY: detaching exactly the attachment made in `attach`; borrows of it end with
-        // `self`. The segment itself belongs to the client, which removes it.
+        // SAFETY: releasing exactly the mapping the constructor made, the way it was made; no
+        // reference into it outlives `self` (they borrow it).
         unsafe {
-            libc::shmdt(self.ptr.as_ptr());
+            match self.release {
+                Release::Unmap => libc::munmap(self.ptr.as_ptr(), SEGMENT_SIZE),
+                Release::Detach => libc::shmdt(self.ptr.as_ptr()),
+            };
         }
     }
 }
 
-/// A segment in this process's own memory: for tests, and for running without a client.
-#[derive(Debug)]
-pub struct LocalSegment(Box<[AtomicU8; SEGMENT_SIZE]>);
+/// A segment in this process's own memory, for tests: clones share the memory, so one clone
+/// can play the client and another the application.
+#[derive(Debug, Clone)]
+pub struct LocalSegment(std::sync::Arc<[AtomicU8; SEGMENT_SIZE]>);
 
 impl LocalSegment {
     /// A zeroed segment.
     pub fn new() -> LocalSegment {
-        LocalSegment(Box::new(std::array::from_fn(|_| AtomicU8::new(0))))
+        LocalSegment(std::sync::Arc::new(std::array::from_fn(|_| {
+            AtomicU8::new(0)
+        })))
     }
 }
 
@@ -235,8 +215,10 @@ impl Segment for LocalSegment {
 /// mmap'ed file in `slot_dir`, anything else a System V key.
 pub fn attach(slot_dir: &Path, shm_key: Option<i32>) -> Result<Box<dyn Segment>, ShmError> {
     match shm_key {
-        None | Some(-1) => Ok(Box::new(MmapFile::open(&slot_dir.join(MMAP_FILE))?)),
-        Some(key) => Ok(Box::new(SysvSegment::attach(key)?)),
+        None | Some(-1) => Ok(Box::new(SharedSegment::mmap_file(
+            &slot_dir.join(MMAP_FILE),
+        )?)),
+        Some(key) => Ok(Box::new(SharedSegment::sysv(key)?)),
     }
 }
 
@@ -252,7 +234,7 @@ mod tests {
         let path = dir.path().join(MMAP_FILE);
         std::fs::write(&path, vec![0u8; SEGMENT_SIZE]).unwrap();
         let a = attach(dir.path(), Some(-1)).unwrap();
-        let b = MmapFile::open(&path).unwrap();
+        let b = SharedSegment::mmap_file(&path).unwrap();
         a.bytes()[4 * CHANNEL_SIZE].store(1, Ordering::Release);
         assert_eq!(b.bytes()[4 * CHANNEL_SIZE].load(Ordering::Acquire), 1);
         drop(a);
@@ -263,11 +245,11 @@ mod tests {
     #[test]
     fn short_or_missing_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let err = MmapFile::open(&dir.path().join("nope")).unwrap_err();
+        let err = SharedSegment::mmap_file(&dir.path().join("nope")).unwrap_err();
         assert!(matches!(err, ShmError::Open { .. }), "{err}");
         let path = dir.path().join("short");
         std::fs::write(&path, [0u8; 100]).unwrap();
-        let err = MmapFile::open(&path).unwrap_err();
+        let err = SharedSegment::mmap_file(&path).unwrap_err();
         assert!(matches!(err, ShmError::TooSmall { len: 100, .. }), "{err}");
     }
 
@@ -285,15 +267,15 @@ mod tests {
             );
             return;
         }
-        let seg = SysvSegment::attach(key).unwrap();
+        let seg = SharedSegment::sysv(key).unwrap();
         seg.bytes()[0].store(7, Ordering::Release);
-        let again = SysvSegment::attach(key).unwrap();
+        let again = SharedSegment::sysv(key).unwrap();
         assert_eq!(again.bytes()[0].load(Ordering::Acquire), 7);
         drop((seg, again));
         // SAFETY: removing the segment this test created.
         unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
         assert!(matches!(
-            SysvSegment::attach(key).unwrap_err(),
+            SharedSegment::sysv(key).unwrap_err(),
             ShmError::SysvGet { .. }
         ));
     }

@@ -53,18 +53,6 @@ fn signal(pid: i32, sig: libc::c_int) -> std::io::Result<()> {
     }
 }
 
-/// CPU seconds of this process's reaped children (and theirs).
-fn reaped_children_cpu() -> f64 {
-    // SAFETY: rusage is plain data that getrusage fills; the result is checked.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid, writable rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
-        return 0.0;
-    }
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
-}
-
 /// copilot-agent as a child process.
 #[derive(Debug)]
 pub struct ProcessBackend {
@@ -266,6 +254,7 @@ impl Backend for ProcessBackend {
     }
 
     fn cpu_seconds(&self) -> f64 {
-        reaped_children_cpu() + proctree::mine().iter().map(|p| p.cpu_seconds).sum::<f64>()
+        proctree::rusage_cpu(libc::RUSAGE_CHILDREN)
+            + proctree::mine().iter().map(|p| p.cpu_seconds).sum::<f64>()
     }
 }
