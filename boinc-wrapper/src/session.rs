@@ -266,24 +266,28 @@ impl<B: Backend> Session<B> {
         match ev {
             Event::Control(Control::Suspend) => {
                 if self.run == Run::Running {
-                    tracing::info!("suspend");
+                    let t = Instant::now();
                     self.backend.suspend()?;
+                    tracing::info!(took_ms = t.elapsed().as_millis() as u64, "suspended");
                     self.run = Run::Suspended;
                     self.clock.pause(now);
                 }
             }
             Event::Control(Control::Resume) => {
                 if self.run == Run::Suspended {
-                    tracing::info!("resume");
+                    let t = Instant::now();
                     self.backend.resume()?;
+                    tracing::info!(took_ms = t.elapsed().as_millis() as u64, "resumed");
                     self.run = Run::Running;
                     self.clock.go(now);
                 }
             }
             Event::Control(Control::Quit) => {
                 tracing::info!("quit: stopping the agent; the client restarts the task later");
+                let t = Instant::now();
                 let exit = self.backend.stop(self.stop_grace)?;
-                tracing::info!("agent stopped ({exit})");
+                let took_ms = t.elapsed().as_millis() as u64;
+                tracing::info!(took_ms, "agent stopped ({exit})");
                 return Ok(Some(Ending::Quit));
             }
             Event::Control(Control::Abort) => {
