@@ -512,4 +512,33 @@ fn bench_boinc_latencies() {
         r.client.wait_exit();
     }
     summary("boinccmd --quit -> wrapper, agent and payload gone", quit);
+
+    // The wrapper's own share, from its log: message received -> backend done.
+    let log = std::fs::read_to_string(r.client.slot().join("stderr.txt")).unwrap();
+    let took = |what: &str| -> Vec<Duration> {
+        log.lines()
+            .filter(|l| l.contains(what))
+            .filter_map(|l| {
+                l.split("took_ms=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .map(Duration::from_millis)
+            .collect()
+    };
+    summary(
+        "wrapper: <suspend/> received -> every process stopped",
+        took(" suspended "),
+    );
+    summary(
+        "wrapper: <resume/> received -> every process continued",
+        took(" resumed "),
+    );
+    summary(
+        "wrapper: <quit/> received -> agent stopped, tree gone",
+        took("agent stopped"),
+    );
 }
