@@ -15,3 +15,17 @@ pub use local::{default_bin_dir, LocalStack, StackOptions, AGENT_BIN, CLI_BIN};
 pub use port::free_port;
 pub use prosody::{Prosody, XMPP_DOMAIN};
 pub use supervised::Supervised;
+
+/// The path of `tool` on PATH, or [`StackError::ToolMissing`] naming the Debian `package`.
+pub fn require_tool(
+    tool: &'static str,
+    package: &'static str,
+) -> Result<std::path::PathBuf, StackError> {
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(tool))
+                .find(|p| p.is_file())
+        })
+        .ok_or(StackError::ToolMissing { tool, package })
+}

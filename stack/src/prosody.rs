@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::io;
 use crate::supervised::tail;
-use crate::{free_port, StackError, Supervised};
+use crate::{free_port, require_tool, StackError, Supervised};
 
 /// The XMPP domain of the stack's virtual host.
 pub const XMPP_DOMAIN: &str = "localhost";
@@ -34,9 +34,7 @@ impl Prosody {
     /// Write a config into `dir` (created if missing) and start the server on a free port.
     pub fn start(dir: &Path) -> Result<Prosody, StackError> {
         for tool in ["prosody", "prosodyctl"] {
-            if find_on_path(tool).is_none() {
-                return Err(StackError::ProsodyMissing(tool));
-            }
+            require_tool(tool, "prosody")?;
         }
         for sub in ["data", "certs"] {
             std::fs::create_dir_all(dir.join(sub))
@@ -214,13 +212,6 @@ fn with_server_log(e: StackError, dir: &Path) -> StackError {
         }
         other => other,
     }
-}
-
-fn find_on_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
 }
 
 /// A Lua string literal for a path (escapes backslashes and quotes).
