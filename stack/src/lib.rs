@@ -1,8 +1,9 @@
-//! A local copilot stack built from real processes: a private Prosody, the manager and agents,
-//! each a supervised child in its own process group. Used by `copilot up` and by the end-to-end
-//! tests. Everything is blocking (std::process, std::net); call it from `spawn_blocking` inside
+//! A local copilot stack built from real processes: a private Prosody, the manager, agents and
+//! a private Chirp server, each a supervised child in its own process group. Used by `copilot up`
+//! and by the end-to-end tests. Everything is blocking (std::process, std::net); call it from `spawn_blocking` inside
 //! an async runtime if blocking matters there.
 
+mod chirp;
 mod error;
 mod http;
 mod local;
@@ -10,6 +11,7 @@ mod port;
 mod prosody;
 mod supervised;
 
+pub use chirp::ChirpServer;
 pub use error::StackError;
 pub use local::{default_bin_dir, LocalStack, StackOptions, AGENT_BIN, CLI_BIN};
 pub use port::free_port;
