@@ -13,14 +13,13 @@ use copilot_protocol::sandbox::SandboxReport;
 use copilot_protocol::units::Seconds;
 use copilot_protocol::wire::{Assignment, DoneReport, Outcome, Phase, Timings};
 use copilot_protocol::Limits;
-use reqwest::Url;
+use copilot_storage::Url;
 
 use crate::config::{AgentConfig, DEFAULT_OUTPUT, DEFAULT_WALL_TIME};
 use crate::pack::{pack, Packed};
 use crate::sandbox::{PayloadRunner, RunRequest, SandboxRunner};
 use crate::stage::stage_inputs;
-use crate::transfer::{ScopedToken, Transfer};
-use crate::upload::upload;
+use crate::transfer::JobCredentials;
 
 /// Why an executor could not be set up (job failures never surface as errors).
 #[derive(Debug, thiserror::Error)]
@@ -30,8 +29,8 @@ pub enum ExecError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot set up the HTTP client: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error("cannot set up transfers: {0}")]
+    Transfers(#[from] copilot_storage::StorageError),
 }
 
 /// Runs assignments; shareable between concurrent jobs (`&self`).
@@ -43,7 +42,7 @@ pub struct Executor<R = SandboxRunner> {
     /// Limits for jobs that do not set them; `wall_time` and `output` are always set.
     defaults: Limits,
     max_input_size: u64,
-    transfer: Transfer,
+    transfers: copilot_storage::Transfers,
     runner: R,
 }
 
@@ -100,7 +99,7 @@ impl<R: PayloadRunner> Executor<R> {
             work_dir: cfg.work_dir.clone(),
             defaults,
             max_input_size: cfg.transfer.max_input_size.0,
-            transfer: Transfer::new(&cfg.transfer)?,
+            transfers: crate::transfer::transfers(&cfg.transfer)?,
             runner,
         })
     }
@@ -155,19 +154,18 @@ impl<R: PayloadRunner> Executor<R> {
             packed: None,
             sandbox: SandboxReport::default(),
         };
-        let upload_url = match self.prepare(a, dirs).await {
-            Ok(url) => url,
+        let (upload_url, creds) = match self.prepare(a, dirs).await {
+            Ok(ready) => ready,
             Err(msg) => {
                 timings.stage_in_ms = millis(started.elapsed());
                 return early_end(Outcome::SetupFailed(msg), timings);
             }
         };
-        let token = ScopedToken::new(&upload_url, &a.upload_token);
         let staged = stage_inputs(
-            &self.transfer,
+            &self.transfers,
             &a.inputs,
             &dirs.work,
-            &token,
+            &creds,
             self.max_input_size,
         )
         .await;
@@ -191,7 +189,7 @@ impl<R: PayloadRunner> Executor<R> {
 
         on_phase(Phase::Uploading);
         let started = Instant::now();
-        let stored = self.stage_out(a, dirs, &req, &upload_url).await;
+        let stored = self.stage_out(a, dirs, &req, &upload_url, &creds).await;
         timings.stage_out_ms = millis(started.elapsed());
         match stored {
             Ok(packed) => Ended {
@@ -216,8 +214,13 @@ impl<R: PayloadRunner> Executor<R> {
         }
     }
 
-    /// Checks what the agent relies on and creates fresh dirs; returns the upload URL.
-    async fn prepare(&self, a: &Assignment, dirs: &JobDirs) -> Result<Url, String> {
+    /// Checks what the agent relies on and creates fresh dirs; returns the upload URL and the
+    /// attempt's credentials.
+    async fn prepare(
+        &self,
+        a: &Assignment,
+        dirs: &JobDirs,
+    ) -> Result<(Url, JobCredentials), String> {
         copilot_protocol::job::validate_command(&a.command).map_err(|e| e.to_string())?;
         copilot_protocol::job::validate_outputs(&a.outputs).map_err(|e| e.to_string())?;
         let url: Url = a
@@ -234,7 +237,8 @@ impl<R: PayloadRunner> Executor<R> {
                 .await
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
-        Ok(url)
+        let creds = JobCredentials::new(&url, &a.upload_token)?;
+        Ok((url, creds))
     }
 
     fn run_request(&self, a: &Assignment, dirs: &JobDirs) -> RunRequest {
@@ -265,6 +269,7 @@ impl<R: PayloadRunner> Executor<R> {
         dirs: &JobDirs,
         req: &RunRequest,
         url: &Url,
+        creds: &JobCredentials,
     ) -> Result<Packed, String> {
         let work = dirs.work.clone();
         let outputs = a.outputs.clone();
@@ -275,16 +280,20 @@ impl<R: PayloadRunner> Executor<R> {
                 .await
                 .map_err(|e| format!("packing outputs stopped: {e}"))?
                 .map_err(|e| e.to_string())?;
-        upload(
-            &self.transfer,
-            &packed.path,
-            packed.sha256,
-            packed.size,
-            url,
-            &a.upload_token,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let upload = copilot_storage::Upload {
+            sha256: packed.sha256,
+            size: packed.size,
+        };
+        self.transfers
+            .put(
+                &packed.path,
+                url,
+                upload,
+                &creds.for_url(url),
+                &copilot_storage::no_progress(),
+            )
+            .await
+            .map_err(|e| format!("upload: {e}"))?;
         Ok(packed)
     }
 }
@@ -380,7 +389,8 @@ mod tests {
 
     use super::*;
     use crate::pack::{STDERR_ENTRY, STDOUT_ENTRY};
-    use crate::testserver::{settings, unpack, TestServer};
+    use crate::testutil::{settings, unpack};
+    use copilot_storage::testserver::TestServer;
 
     struct Setup {
         _root: tempfile::TempDir,

@@ -10,7 +10,6 @@ pub mod sandbox;
 pub mod session;
 pub mod stage;
 pub mod transfer;
-pub mod upload;
 
 #[cfg(test)]
-mod testserver;
+mod testutil;
