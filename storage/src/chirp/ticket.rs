@@ -4,6 +4,7 @@
 //! manager makes one per job attempt, so that attempt's agent can write to its output directory
 //! and nowhere else.
 
+use base64ct::Encoding;
 use md5::{Digest, Md5};
 use rsa::pkcs1::DecodeRsaPrivateKey;
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
@@ -45,15 +46,24 @@ impl Ticket {
 
     /// A ticket from its private key in PEM (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE
     /// KEY`). Lines starting with `#` are skipped, so the ticket files the `chirp` tool writes
-    /// load too.
+    /// load too; white space inside the base64 body does not matter, so a PEM whose newlines
+    /// became spaces (as in an XML attribute) loads as well.
     pub fn from_pem(text: &str) -> Result<Ticket, ChirpError> {
-        let pem: String = text
+        let not_pem = || bad("not an RSA private key in PEM");
+        let kept: String = text
             .lines()
             .filter(|l| !l.trim_start().starts_with('#'))
-            .map(|l| format!("{}\n", l.trim_end()))
-            .collect();
-        let key = RsaPrivateKey::from_pkcs8_pem(&pem)
-            .or_else(|_| RsaPrivateKey::from_pkcs1_pem(&pem))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let body = kept
+            .split_once("PRIVATE KEY-----")
+            .and_then(|(_, rest)| rest.split_once("-----END"))
+            .map(|(body, _)| body)
+            .ok_or_else(not_pem)?;
+        let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+        let der = base64ct::Base64::decode_vec(&b64).map_err(|_| not_pem())?;
+        let key = RsaPrivateKey::from_pkcs8_der(&der)
+            .or_else(|_| RsaPrivateKey::from_pkcs1_der(&der))
             .map_err(|e| bad(format!("not an RSA private key in PEM: {e}")))?;
         Ticket::from_key(key)
     }
@@ -116,6 +126,9 @@ mod tests {
         let file = format!("# Chirp Ticket\n# made by a test\n{}", t.to_pem().unwrap());
         let back = Ticket::from_pem(&file).unwrap();
         assert_eq!(back.digest(), t.digest());
+        // As an XML attribute value normalises it: newlines become spaces.
+        let flat = t.to_pem().unwrap().replace('\n', " ");
+        assert_eq!(Ticket::from_pem(&flat).unwrap().digest(), t.digest());
         assert_eq!(back.subject(), format!("ticket:{}", t.digest()));
         assert!(!format!("{t:?}").contains("PRIVATE"));
         let sig = t.sign(&[7u8; 64]).unwrap();
