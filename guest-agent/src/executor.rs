@@ -289,7 +289,7 @@ impl<R: PayloadRunner> Executor<R> {
                 &packed.path,
                 url,
                 upload,
-                &creds.for_url(url),
+                &creds.for_upload(url),
                 &copilot_storage::no_progress(),
             )
             .await

@@ -70,7 +70,7 @@ pub async fn stage_input(
             &url,
             &dir.join(name),
             &spec,
-            &creds.for_url(&url),
+            &creds.for_input(&url),
             &copilot_storage::no_progress(),
         )
         .await

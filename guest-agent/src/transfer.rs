@@ -1,7 +1,8 @@
 //! The credentials of one job attempt and where they may go. The manager gives each attempt
 //! one secret with its upload URL: for `http(s)://` a bearer token, sent only to the origin of
-//! the upload URL (never to other input servers); for `chirp://` a ticket (its private key in
-//! PEM), offered only to the Chirp server of the upload URL.
+//! the upload URL (never to other input servers; the manager's storage serves inputs to it);
+//! for `chirp://` a ticket (its private key in PEM) that may only write the upload, offered for
+//! the upload alone: inputs on Chirp are read with the host's own identity.
 
 use copilot_storage::chirp::Ticket;
 use copilot_storage::chirp_store::parse_url;
@@ -86,18 +87,26 @@ impl JobCredentials {
         Ok(JobCredentials { secret })
     }
 
-    /// What to show the server of `url`: the secret if it is the upload's server, else nothing.
-    pub fn for_url(&self, url: &Url) -> Credential {
+    /// What to show the server of input `url`: the bearer token if it is the upload's
+    /// origin, else nothing.
+    pub fn for_input(&self, url: &Url) -> Credential {
         match &self.secret {
             Secret::Bearer { origin: o, token } if origin(url).as_ref() == Some(o) => {
                 Credential::Bearer(token.clone())
             }
+            _ => Credential::None,
+        }
+    }
+
+    /// What to show the server of the upload URL `url`.
+    pub fn for_upload(&self, url: &Url) -> Credential {
+        match &self.secret {
             Secret::Ticket { server, ticket }
                 if parse_url(url).is_ok_and(|(s, _)| &s == server) =>
             {
                 Credential::Ticket(ticket.clone())
             }
-            _ => Credential::None,
+            _ => self.for_input(url),
         }
     }
 }
@@ -114,7 +123,7 @@ mod tests {
     fn a_token_goes_only_to_its_origin() {
         let t = JobCredentials::new(&url("http://127.0.0.1:8080/outputs/1/1"), "s3cret").unwrap();
         assert!(
-            matches!(t.for_url(&url("http://127.0.0.1:8080/inputs/abc")), Credential::Bearer(s) if s == "s3cret")
+            matches!(t.for_input(&url("http://127.0.0.1:8080/inputs/abc")), Credential::Bearer(s) if s == "s3cret")
         );
         for other in [
             "http://127.0.0.1:8081/inputs/abc",
@@ -124,35 +133,38 @@ mod tests {
             "chirp://127.0.0.1:8080/x",
         ] {
             assert!(
-                matches!(t.for_url(&url(other)), Credential::None),
+                matches!(t.for_input(&url(other)), Credential::None),
                 "{other}"
             );
         }
         assert!(JobCredentials::new(&url("ftp://127.0.0.1:8080/x"), "s3cret").is_err());
         let t = JobCredentials::new(&url("https://example.org/x"), "s3cret").unwrap();
         assert!(matches!(
-            t.for_url(&url("https://example.org:443/y")),
+            t.for_input(&url("https://example.org:443/y")),
             Credential::Bearer(_)
         ));
         assert!(!format!("{t:?}").contains("s3cret"));
     }
 
     #[test]
-    fn a_ticket_goes_only_to_its_chirp_server() {
+    fn a_ticket_goes_only_to_its_chirp_server_and_only_for_the_upload() {
         let ticket = Ticket::generate().unwrap();
         let pem = ticket.to_pem().unwrap();
         let t = JobCredentials::new(&url("chirp://127.0.0.1:9094/out/job-1/output.tar.gz"), &pem)
             .unwrap();
+        let upload = url("chirp://127.0.0.1/out/job-1/output.tar.gz");
+        assert!(matches!(t.for_upload(&upload), Credential::Ticket(_)));
+        // Inputs are read as the host, never with the upload ticket.
         assert!(matches!(
-            t.for_url(&url("chirp://127.0.0.1/in/data")),
-            Credential::Ticket(_)
-        ));
-        assert!(matches!(
-            t.for_url(&url("chirp://127.0.0.2/in/data")),
+            t.for_input(&url("chirp://127.0.0.1/in/data")),
             Credential::None
         ));
         assert!(matches!(
-            t.for_url(&url("http://127.0.0.1:9094/x")),
+            t.for_upload(&url("chirp://127.0.0.2/out/x")),
+            Credential::None
+        ));
+        assert!(matches!(
+            t.for_input(&url("http://127.0.0.1:9094/x")),
             Credential::None
         ));
         assert!(!format!("{t:?}").contains("PRIVATE"));
