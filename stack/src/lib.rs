@@ -18,6 +18,15 @@ pub use port::free_port;
 pub use prosody::{Prosody, XMPP_DOMAIN};
 pub use supervised::Supervised;
 
+/// The name of the user this process runs as (what a Chirp server calls `unix:<name>`).
+pub fn unix_user() -> String {
+    let uid = nix::unistd::getuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => u.name,
+        _ => uid.to_string(),
+    }
+}
+
 /// The path of `tool` on PATH, or [`StackError::ToolMissing`] naming the Debian `package`.
 pub fn require_tool(
     tool: &'static str,

@@ -17,7 +17,7 @@ const T: Duration = Duration::from_secs(10);
 /// `None` (said on stdout) when chirp_server is not installed.
 fn server() -> Option<(tempfile::TempDir, ChirpServer)> {
     let dir = tempfile::tempdir().unwrap();
-    let me = nix_user();
+    let me = copilot_stack::unix_user();
     let acl = format!("address:127.0.0.1 rwldav\nunix:{me} rwldav\n");
     match ChirpServer::start(dir.path(), &acl) {
         Ok(s) => Some((dir, s)),
@@ -27,23 +27,6 @@ fn server() -> Option<(tempfile::TempDir, ChirpServer)> {
         }
         Err(e) => panic!("{e}"),
     }
-}
-
-fn nix_user() -> String {
-    std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| {
-            if std::fs::read_to_string("/proc/self/status")
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.starts_with("Uid:\t0\t"))
-            {
-                "root".into()
-            } else {
-                "nobody".into()
-            }
-        })
 }
 
 async fn client(s: &ChirpServer) -> ChirpClient {
@@ -78,7 +61,7 @@ async fn chirp_authenticates_by_address_and_unix_and_falls_back() {
     let c = ChirpClient::connect(&s.address(), &[Auth::Unix], T)
         .await
         .unwrap();
-    assert_eq!(c.subject(), format!("unix:{}", nix_user()));
+    assert_eq!(c.subject(), format!("unix:{}", copilot_stack::unix_user()));
 
     // A ticket the server never saw is refused; the next method is tried on the same
     // connection.
