@@ -2,6 +2,7 @@
 //! API over HTTP, and a dispatcher that hands jobs to agents over XMPP.
 
 pub mod blobs;
+pub mod chirp_outputs;
 pub mod config;
 pub mod dispatch;
 pub mod fleet;
@@ -21,6 +22,8 @@ pub struct Shared {
     pub work_available: tokio::sync::Notify,
     /// Counters and gauges served at `GET /metrics`.
     pub metrics: metrics::Metrics,
+    /// The Chirp output store, when `[outputs] chirp` is set.
+    pub outputs: Option<std::sync::Arc<chirp_outputs::ChirpOutputs>>,
 }
 
 /// Why the manager stopped.
@@ -42,6 +45,8 @@ pub enum ManagerError {
     Http(std::io::Error),
     #[error("XMPP: {0}")]
     Xmpp(#[from] copilot_xmpp::XmppError),
+    #[error(transparent)]
+    Outputs(#[from] chirp_outputs::OutputStoreError),
 }
 
 /// Run the manager until `shutdown` resolves: open the queue, serve HTTP, log in to XMPP,
@@ -59,6 +64,20 @@ pub async fn run(
         source,
     })?;
     let queue = queue::Queue::open(&config.db_path())?;
+    let outputs = match &config.outputs.chirp {
+        None => None,
+        Some(url) => Some(Arc::new(
+            chirp_outputs::ChirpOutputs::open(
+                url,
+                // Checked when the config was loaded.
+                config.outputs.auths().unwrap_or_default(),
+                Duration::from_secs(60),
+                config.jobs.upload_token_ttl.as_duration(),
+                config.jobs.max_output_size.0,
+            )
+            .await?,
+        )),
+    };
     let addr = config.http.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -74,6 +93,7 @@ pub async fn run(
         fleet: Fleet::new(),
         work_available: tokio::sync::Notify::new(),
         metrics: metrics::Metrics::new(),
+        outputs: outputs.clone(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -83,6 +103,11 @@ pub async fn run(
         }
     };
     let http = tokio::spawn(http::serve(listener, shared.clone(), stopped()));
+    let slots = outputs.map(|o| {
+        let stop = stopped();
+        let shared = shared.clone();
+        tokio::spawn(async move { o.run(|| shared.work_available.notify_waiters(), stop).await })
+    });
     info!(%addr, "storage and API listening");
     conn.wait_online(Duration::from_secs(30)).await?;
     // The first Online event was consumed above; announce ourselves.
@@ -100,6 +125,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     let _ = dispatching.await;
+    if let Some(slots) = slots {
+        let _ = slots.await;
+    }
     match http.await {
         Ok(r) => r.map_err(ManagerError::Http),
         Err(_) => Ok(()),

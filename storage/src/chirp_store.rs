@@ -21,7 +21,7 @@ pub const DEFAULT_PORT: u16 = 9094;
 pub struct ChirpStore {
     timeout: Duration,
     /// Methods tried after a ticket.
-    pub auths: Vec<Auth>,
+    auths: Vec<Auth>,
 }
 
 /// The server address and the decoded path of a `chirp://` URL.
@@ -76,6 +76,11 @@ impl ChirpStore {
             timeout,
             auths: vec![Auth::Address, Auth::Hostname, Auth::Unix],
         }
+    }
+
+    /// The same store proving who it is with `auths` (after any ticket).
+    pub fn with_auths(self, auths: Vec<Auth>) -> ChirpStore {
+        ChirpStore { auths, ..self }
     }
 
     /// Connects to the server of `url` and returns the client and the path.
