@@ -15,10 +15,11 @@ use copilot_protocol::wire::{Assignment, DoneReport, Outcome, Phase, Timings};
 use copilot_protocol::Limits;
 use copilot_storage::Url;
 
+use crate::cache::InputCache;
 use crate::config::{AgentConfig, DEFAULT_OUTPUT, DEFAULT_WALL_TIME};
 use crate::pack::{pack, Packed};
 use crate::sandbox::{PayloadRunner, RunRequest, SandboxRunner};
-use crate::stage::stage_inputs;
+use crate::stage::{stage_inputs, Sources};
 use crate::transfer::JobCredentials;
 
 /// Why an executor could not be set up (job failures never surface as errors).
@@ -33,6 +34,9 @@ pub enum ExecError {
     Transfers(#[from] copilot_storage::StorageError),
 }
 
+/// The input cache's dir inside the work dir.
+const CACHE_DIR: &str = "input-cache";
+
 /// Runs assignments; shareable between concurrent jobs (`&self`).
 #[derive(Debug)]
 pub struct Executor<R = SandboxRunner> {
@@ -43,6 +47,8 @@ pub struct Executor<R = SandboxRunner> {
     defaults: Limits,
     max_input_size: u64,
     transfers: copilot_storage::Transfers,
+    /// Inputs kept by digest for later jobs (none when its size is 0).
+    cache: Option<InputCache>,
     runner: R,
 }
 
@@ -94,12 +100,23 @@ impl<R: PayloadRunner> Executor<R> {
         defaults.wall_time.get_or_insert(DEFAULT_WALL_TIME);
         defaults.output.get_or_insert(DEFAULT_OUTPUT);
         remove_leftovers(&cfg.work_dir);
+        let cache = match cfg.transfer.cache_size.0 {
+            0 => None,
+            size => {
+                let dir = cfg.work_dir.join(CACHE_DIR);
+                Some(
+                    InputCache::new(&dir, size)
+                        .map_err(|source| ExecError::WorkDir { path: dir, source })?,
+                )
+            }
+        };
         Ok(Executor {
             agent: cfg.name.clone(),
             work_dir: cfg.work_dir.clone(),
             defaults,
             max_input_size: cfg.transfer.max_input_size.0,
             transfers: crate::transfer::transfers(&cfg.transfer)?,
+            cache,
             runner,
         })
     }
@@ -161,14 +178,13 @@ impl<R: PayloadRunner> Executor<R> {
                 return early_end(Outcome::SetupFailed(msg), timings);
             }
         };
-        let staged = stage_inputs(
-            &self.transfers,
-            &a.inputs,
-            &dirs.work,
-            &creds,
-            self.max_input_size,
-        )
-        .await;
+        let sources = Sources {
+            transfers: &self.transfers,
+            creds: &creds,
+            cache: self.cache.as_ref(),
+            max_size: self.max_input_size,
+        };
+        let staged = stage_inputs(sources, &a.inputs, &dirs.work).await;
         timings.stage_in_ms = millis(started.elapsed());
         if let Err(e) = staged {
             tracing::warn!(job = a.job, attempt = a.attempt, "stage-in failed: {e}");
@@ -439,8 +455,11 @@ mod tests {
         (report, phases.into_inner().unwrap())
     }
 
+    /// No job dir is left (the input cache stays).
     fn work_dir_is_empty(s: &Setup) -> bool {
-        std::fs::read_dir(&s.work_dir).unwrap().next().is_none()
+        std::fs::read_dir(&s.work_dir)
+            .unwrap()
+            .all(|e| e.unwrap().file_name() == CACHE_DIR)
     }
 
     #[tokio::test]
@@ -458,7 +477,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["job-3-1.old", "job-x-1", "keep"]);
+        assert_eq!(left, [CACHE_DIR, "job-3-1.old", "job-x-1", "keep"]);
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 //!
 //! The binary (`main.rs`) and the XMPP session drive it.
 
+pub mod cache;
 pub mod config;
 pub mod executor;
 pub mod pack;

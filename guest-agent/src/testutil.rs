@@ -6,6 +6,7 @@ pub fn settings() -> crate::config::TransferSettings {
         timeout: copilot_protocol::units::Seconds(30),
         retries: 2,
         max_input_size: copilot_protocol::units::Bytes(1 << 20),
+        cache_size: copilot_protocol::units::Bytes(1 << 20),
     }
 }
 
