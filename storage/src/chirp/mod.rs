@@ -456,49 +456,43 @@ impl ChirpClient {
         .await
     }
 
-    /// The names in a directory (without `.` and `..`).
-    pub async fn getdir(&mut self, path: &str) -> Result<Vec<String>, ChirpError> {
+    /// A request on `path` answered by lines up to an empty one (a listing).
+    async fn listing(&mut self, op: &'static str, path: &str) -> Result<Vec<String>, ChirpError> {
         let enc = encode_path(path)?;
         self.guarded(async |c| {
-            c.request("getdir", path, format!("getdir {enc}\n")).await?;
-            let mut names = Vec::new();
+            c.request(op, path, format!("{op} {enc}\n")).await?;
+            let mut lines = Vec::new();
             loop {
-                let name = c.line("getdir").await?;
-                if name.is_empty() {
-                    break;
+                let line = c.line(op).await?;
+                if line.is_empty() {
+                    return Ok(lines);
                 }
-                if names.len() == MAX_ENTRIES {
-                    return Err(c.protocol("getdir", "too many entries".into()));
+                if lines.len() == MAX_ENTRIES {
+                    return Err(c.protocol(op, "too many entries".into()));
                 }
-                if name != "." && name != ".." {
-                    names.push(name);
-                }
+                lines.push(line);
             }
-            Ok(names)
         })
         .await
     }
 
+    /// The names in a directory (without `.` and `..`).
+    pub async fn getdir(&mut self, path: &str) -> Result<Vec<String>, ChirpError> {
+        let mut names = self.listing("getdir", path).await?;
+        names.retain(|n| n != "." && n != "..");
+        Ok(names)
+    }
+
     /// The ACL of a directory: `(subject, rights)` pairs.
     pub async fn getacl(&mut self, path: &str) -> Result<Vec<(String, String)>, ChirpError> {
-        let enc = encode_path(path)?;
-        self.guarded(async |c| {
-            c.request("getacl", path, format!("getacl {enc}\n")).await?;
-            let mut acl = Vec::new();
-            loop {
-                let line = c.line("getacl").await?;
-                if line.is_empty() {
-                    break;
-                }
-                if acl.len() == MAX_ENTRIES {
-                    return Err(c.protocol("getacl", "too many entries".into()));
-                }
+        let lines = self.listing("getacl", path).await?;
+        Ok(lines
+            .iter()
+            .map(|line| {
                 let (subject, rights) = line.split_once(' ').unwrap_or((line.as_str(), ""));
-                acl.push((subject.to_owned(), rights.trim().to_owned()));
-            }
-            Ok(acl)
-        })
-        .await
+                (subject.to_owned(), rights.trim().to_owned())
+            })
+            .collect())
     }
 
     /// Gives `subject` these `rights` (letters from `rwldpavx`; empty removes the entry) on a
