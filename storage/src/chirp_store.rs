@@ -134,12 +134,7 @@ impl Storage for ChirpStore {
         progress: &Progress,
     ) -> Result<(), StorageError> {
         let (mut client, path) = self.connect(url, cred).await?;
-        let mut file = tokio::fs::File::open(src)
-            .await
-            .map_err(|source| StorageError::Local {
-                path: src.to_owned(),
-                source,
-            })?;
+        let mut file = crate::open_local(src).await?;
         let mut sent = 0u64;
         let mut on_chunk = |b: &[u8]| {
             sent += b.len() as u64;

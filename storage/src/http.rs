@@ -121,12 +121,7 @@ impl Storage for HttpStore {
         cred: &Credential,
         progress: &Progress,
     ) -> Result<(), StorageError> {
-        let file = tokio::fs::File::open(src)
-            .await
-            .map_err(|source| StorageError::Local {
-                path: src.to_owned(),
-                source,
-            })?;
+        let file = crate::open_local(src).await?;
         let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let progress = progress.clone();
         let stream =

@@ -230,6 +230,16 @@ impl Download {
     }
 }
 
+/// Opens a local file to upload.
+pub(crate) async fn open_local(src: &Path) -> Result<tokio::fs::File, StorageError> {
+    tokio::fs::File::open(src)
+        .await
+        .map_err(|source| StorageError::Local {
+            path: src.to_owned(),
+            source,
+        })
+}
+
 /// An upload: the file and what it must arrive as.
 #[derive(Clone, Copy, Debug)]
 pub struct Upload {
@@ -344,18 +354,10 @@ impl Transfers {
             };
             match r {
                 Ok(()) => break into.finish().await.and_then(|got| check(url, spec, got)),
-                Err(e) if e.is_retryable() => match self.retry.delay(retry) {
-                    Some(delay) => {
-                        retry += 1;
-                        tracing::warn!(
-                            "download of {} failed ({e}); retry {retry} of {} in {delay:?}",
-                            shown_url(url),
-                            self.retry.retries
-                        );
-                        tokio::time::sleep(delay).await;
-                    }
-                    None => break Err(e),
-                },
+                Err(e)
+                    if self
+                        .pause_to_retry(&e, &mut retry, "download of", url)
+                        .await => {}
                 Err(e) => break Err(e),
             }
         };
@@ -386,21 +388,35 @@ impl Transfers {
                 Scheme::Chirp => self.chirp.put_once(src, url, upload, cred, progress).await,
             };
             match r {
-                Err(e) if e.is_retryable() => match self.retry.delay(retry) {
-                    Some(delay) => {
-                        retry += 1;
-                        tracing::warn!(
-                            "upload to {} failed ({e}); retry {retry} of {} in {delay:?}",
-                            shown_url(url),
-                            self.retry.retries
-                        );
-                        tokio::time::sleep(delay).await;
-                    }
-                    None => return Err(e),
-                },
+                Err(e) if self.pause_to_retry(&e, &mut retry, "upload to", url).await => {}
                 other => return other,
             }
         }
+    }
+
+    /// After a failed try: if `e` is worth another and retries are left, logs, waits the
+    /// backoff and returns true.
+    async fn pause_to_retry(
+        &self,
+        e: &StorageError,
+        retry: &mut u32,
+        what: &str,
+        url: &Url,
+    ) -> bool {
+        if !e.is_retryable() {
+            return false;
+        }
+        let Some(delay) = self.retry.delay(*retry) else {
+            return false;
+        };
+        *retry += 1;
+        tracing::warn!(
+            "{what} {} failed ({e}); retry {retry} of {} in {delay:?}",
+            shown_url(url),
+            self.retry.retries
+        );
+        tokio::time::sleep(delay).await;
+        true
     }
 }
 
