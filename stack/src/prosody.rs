@@ -7,8 +7,7 @@ use std::io::{Read, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::io;
 use crate::supervised::tail;
@@ -131,24 +130,13 @@ impl Prosody {
         let log = self.dir.join("prosody.out");
         let mut p = Supervised::spawn("prosody", cmd, &log)?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Err(e) = p.check_alive() {
-                return Err(with_server_log(e, &self.dir));
-            }
-            if serves_xmpp(addr) {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(StackError::NotReady {
-                    what: format!("prosody on {addr}"),
-                    secs: START_TIMEOUT.as_secs(),
-                    log: self.dir.join("prosody.log"),
-                    tail: tail(&self.dir.join("prosody.log")),
-                });
-            }
-            sleep(Duration::from_millis(20));
-        }
+        p.wait_ready(
+            &format!("prosody on {addr}"),
+            START_TIMEOUT,
+            &self.dir.join("prosody.log"),
+            || serves_xmpp(addr),
+        )
+        .map_err(|e| with_server_log(e, &self.dir))?;
         tracing::info!(port = self.port, pid = p.pid(), "prosody is up");
         self.process = Some(p);
         Ok(())
