@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use copilot_stack::{ChirpServer, StackError};
+use copilot_stack::ChirpServer;
 use md5::Digest as _;
 use tokio::io::AsyncReadExt;
 
@@ -19,14 +19,7 @@ fn server() -> Option<(tempfile::TempDir, ChirpServer)> {
     let dir = tempfile::tempdir().unwrap();
     let me = copilot_stack::unix_user();
     let acl = format!("address:127.0.0.1 rwldav\nunix:{me} rwldav\n");
-    match ChirpServer::start(dir.path(), &acl) {
-        Ok(s) => Some((dir, s)),
-        Err(e @ StackError::ToolMissing { .. }) => {
-            println!("skipped: {e}");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
+    ChirpServer::start_or_skip(dir.path(), &acl).map(|s| (dir, s))
 }
 
 async fn client(s: &ChirpServer) -> ChirpClient {
