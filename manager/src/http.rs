@@ -567,8 +567,7 @@ pub(crate) mod tests {
     use reqwest::{Client, RequestBuilder};
 
     use super::*;
-    use crate::config::{HttpConfig, JobsConfig, ManagerConfig, XmppConfig};
-    use crate::fleet::Fleet;
+    use crate::config::{HttpConfig, ManagerConfig};
     use crate::queue::Claim;
 
     const TOKEN: &str = "api-token-for-tests";
@@ -591,35 +590,15 @@ pub(crate) mod tests {
             let dir = tempfile::tempdir().unwrap();
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let config = ManagerConfig {
-                data_dir: dir.path().to_owned(),
-                api_token: TOKEN.into(),
-                xmpp: XmppConfig {
-                    jid: "m@localhost".into(),
-                    password: "pw".into(),
-                    server: "127.0.0.1:5222".into(),
-                },
-                http: HttpConfig {
-                    listen: addr,
-                    public_url: format!("http://{addr}"),
-                    ..http
-                },
-                jobs: JobsConfig {
-                    max_output_size: Bytes(1000),
-                    max_input_size: Bytes(1000),
-                    ..JobsConfig::default()
-                },
-                outputs: Default::default(),
+            let mut config = ManagerConfig::loopback(dir.path(), TOKEN, addr);
+            config.http = HttpConfig {
+                listen: addr,
+                public_url: format!("http://{addr}"),
+                ..http
             };
-            let queue = Queue::open(&config.db_path()).unwrap();
-            let shared = Arc::new(Shared {
-                config,
-                queue,
-                fleet: Fleet::new(),
-                work_available: tokio::sync::Notify::new(),
-                outputs: None,
-                metrics: crate::metrics::Metrics::new(),
-            });
+            config.jobs.max_output_size = Bytes(1000);
+            config.jobs.max_input_size = Bytes(1000);
+            let shared = Arc::new(Shared::open(config, None).unwrap());
             tokio::spawn(serve(listener, shared.clone(), std::future::pending()));
             Server {
                 _dir: dir,

@@ -26,6 +26,23 @@ pub struct Shared {
     pub outputs: Option<std::sync::Arc<chirp_outputs::ChirpOutputs>>,
 }
 
+impl Shared {
+    /// The state of a manager with `config`: its queue opened, no agent known yet.
+    pub fn open(
+        config: config::ManagerConfig,
+        outputs: Option<std::sync::Arc<chirp_outputs::ChirpOutputs>>,
+    ) -> Result<Shared, queue::QueueError> {
+        Ok(Shared {
+            queue: queue::Queue::open(&config.db_path())?,
+            config,
+            fleet: Fleet::new(),
+            work_available: tokio::sync::Notify::new(),
+            metrics: metrics::Metrics::new(),
+            outputs,
+        })
+    }
+}
+
 /// Why the manager stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -63,7 +80,6 @@ pub async fn run(
         path: config.data_dir.clone(),
         source,
     })?;
-    let queue = queue::Queue::open(&config.db_path())?;
     let outputs = match &config.outputs.chirp {
         None => None,
         Some(url) => Some(Arc::new(
@@ -87,14 +103,7 @@ pub async fn run(
         password: config.xmpp.password.clone(),
         server: config.xmpp.server.clone(),
     })?;
-    let shared = Arc::new(Shared {
-        config,
-        queue,
-        fleet: Fleet::new(),
-        work_available: tokio::sync::Notify::new(),
-        metrics: metrics::Metrics::new(),
-        outputs: outputs.clone(),
-    });
+    let shared = Arc::new(Shared::open(config, outputs.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
