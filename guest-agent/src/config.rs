@@ -181,6 +181,10 @@ pub struct TransferSettings {
     /// Largest input file accepted.
     #[serde(default = "default_max_input_size")]
     pub max_input_size: Bytes,
+    /// Size of the input cache (`<work_dir>/input-cache`), which keeps inputs with a declared
+    /// sha256 for later jobs; 0 turns it off.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: Bytes,
 }
 
 fn host_name() -> String {
@@ -216,6 +220,10 @@ fn default_retries() -> u32 {
     3
 }
 
+fn default_cache_size() -> Bytes {
+    Bytes(2 << 30)
+}
+
 fn default_max_input_size() -> Bytes {
     Bytes(4 << 30)
 }
@@ -248,6 +256,7 @@ impl Default for TransferSettings {
             timeout: default_timeout(),
             retries: default_retries(),
             max_input_size: default_max_input_size(),
+            cache_size: default_cache_size(),
         }
     }
 }

@@ -93,7 +93,7 @@ pub struct InputEntry {
     /// A local file, relative to the job file.
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// An http(s) URL the agent fetches itself.
+    /// An `http(s)://` or `chirp://host:port/path` URL the agent fetches itself.
     #[serde(default)]
     pub url: Option<String>,
     /// Expected digest of a URL input (checked by the agent while it downloads).
@@ -517,11 +517,13 @@ pub fn validate_output_path(p: &str) -> Result<(), JobError> {
 }
 
 fn validate_url(name: &str, url: &str) -> Result<(), JobError> {
-    let ok_scheme = url.starts_with("http://") || url.starts_with("https://");
+    let ok_scheme = ["http://", "https://", "chirp://"]
+        .iter()
+        .any(|s| url.starts_with(s));
     if !ok_scheme || url.len() > MAX_WORD_BYTES || url.chars().any(|c| c.is_whitespace()) {
         return Err(JobError::Input {
             name: name.to_owned(),
-            reason: "url must be http:// or https://, without spaces".into(),
+            reason: "url must be http://, https:// or chirp://, without spaces (write a space in a chirp path as %20)".into(),
         });
     }
     Ok(())
@@ -571,6 +573,17 @@ output = "1MiB"
             InputSource::Stored { size: 1, .. }
         ));
         specs[0].validate().unwrap();
+    }
+
+    #[test]
+    fn chirp_urls_are_inputs_too() {
+        let f = JobFile::parse(
+            "command = [\"true\"]\n[[inputs]]\nurl = \"chirp://127.0.0.1:9094/data/calib%20v2.dat\"",
+        )
+        .unwrap();
+        let spec = &f.into_specs(Path::new("."), |_| None).unwrap()[0];
+        assert_eq!(spec.inputs[0].name, "calib%20v2.dat");
+        spec.validate().unwrap();
     }
 
     #[test]

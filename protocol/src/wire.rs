@@ -873,7 +873,8 @@ fn decode_assign(e: &Element) -> Result<Assignment, WireError> {
                 let ca = Attrs::new(c, "upload", &["url", "token"])?;
                 no_children(c, "upload")?;
                 out.upload_url = ca.bounded("url", crate::job::MAX_WORD_BYTES)?;
-                out.upload_token = ca.bounded("token", 256)?;
+                // A bearer token, or a Chirp ticket's private key in PEM.
+                out.upload_token = ca.bounded("token", 4096)?;
             }
             other => {
                 return Err(WireError::UnexpectedChild {

@@ -225,7 +225,7 @@ impl<R: Read> Read for HashingReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testserver::unpack;
+    use crate::testutil::unpack;
 
     struct Job {
         _root: tempfile::TempDir,

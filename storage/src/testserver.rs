@@ -1,5 +1,6 @@
-//! Test support: a tiny HTTP server on 127.0.0.1 that serves files at `/files/{name}`, accepts
-//! PUTs anywhere (answering like the manager's storage service), and records every request.
+//! Test support: a tiny HTTP server on 127.0.0.1 that serves files at `/files/{name}` (with
+//! `Range` support, and on request a body cut off part-way), accepts PUTs anywhere (answering
+//! like the manager's storage service), and records every request.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ pub struct Seen {
     pub method: Method,
     pub path: String,
     pub authorization: Option<String>,
+    pub range: Option<String>,
     pub content_sha256: Option<String>,
     pub body: Vec<u8>,
 }
@@ -25,6 +27,9 @@ pub struct Seen {
 pub struct Inner {
     files: Mutex<HashMap<String, Vec<u8>>>,
     put_answers: Mutex<VecDeque<StatusCode>>,
+    /// For each of the next GETs of a file: send this many bytes, then break the connection.
+    cuts: Mutex<VecDeque<usize>>,
+    ignore_ranges: std::sync::atomic::AtomicBool,
     seen: Mutex<Vec<Seen>>,
 }
 
@@ -56,6 +61,18 @@ impl TestServer {
             .unwrap()
             .insert(name.to_owned(), data.to_vec());
         format!("{}/files/{name}", self.base)
+    }
+
+    /// Cut the bodies of the next GETs of files after these many bytes each.
+    pub fn cut_gets_after(&self, bytes: &[usize]) {
+        self.inner.cuts.lock().unwrap().extend(bytes);
+    }
+
+    /// Answer every GET with the whole file, as servers without range support do.
+    pub fn ignore_ranges(&self) {
+        self.inner
+            .ignore_ranges
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Answer the next PUTs with these statuses (then 201 again).
@@ -93,15 +110,55 @@ async fn handle(
         method: method.clone(),
         path: uri.path().to_owned(),
         authorization: header("authorization"),
+        range: header("range"),
         content_sha256: header(CONTENT_SHA256_HEADER),
         body: body.to_vec(),
     });
     if method == Method::GET {
         let name = uri.path().strip_prefix("/files/").unwrap_or_default();
-        return match inner.files.lock().unwrap().get(name) {
-            Some(data) => data.clone().into_response(),
-            None => StatusCode::NOT_FOUND.into_response(),
+        let Some(data) = inner.files.lock().unwrap().get(name).cloned() else {
+            return StatusCode::NOT_FOUND.into_response();
         };
+        let from = header("range")
+            .filter(|_| {
+                !inner
+                    .ignore_ranges
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .and_then(|r| {
+                r.strip_prefix("bytes=")?
+                    .strip_suffix('-')?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .filter(|&n| n < data.len());
+        let (status, body) = match from {
+            Some(n) => (StatusCode::PARTIAL_CONTENT, data[n..].to_vec()),
+            None => (StatusCode::OK, data.clone()),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("content-length", body.len().into());
+        if let Some(n) = from {
+            let range = format!("bytes {n}-{}/{}", data.len() - 1, data.len());
+            headers.insert("content-range", range.parse().unwrap());
+        }
+        let cut = inner.cuts.lock().unwrap().pop_front();
+        let body = match cut {
+            None => axum::body::Body::from(body),
+            Some(keep) => {
+                use futures::StreamExt;
+                let first: Result<Vec<u8>, std::io::Error> =
+                    Ok(body[..keep.min(body.len())].to_vec());
+                // A pause first, so the part sent reaches the client before the connection
+                // is torn down.
+                let broken = futures::stream::once(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    Err::<Vec<u8>, _>(std::io::Error::other("cut by the test server"))
+                });
+                axum::body::Body::from_stream(futures::stream::iter([first]).chain(broken))
+            }
+        };
+        return (status, headers, body).into_response();
     }
     let answer = inner
         .put_answers
@@ -121,28 +178,4 @@ async fn handle(
         };
         (answer, Json(error)).into_response()
     }
-}
-
-/// Transfer settings for tests: two retries, 1 MiB input limit.
-pub fn settings() -> crate::config::TransferSettings {
-    crate::config::TransferSettings {
-        timeout: copilot_protocol::units::Seconds(30),
-        retries: 2,
-        max_input_size: copilot_protocol::units::Bytes(1 << 20),
-    }
-}
-
-/// Unpacks a tar.gz into path → content.
-pub fn unpack(bytes: &[u8]) -> std::collections::BTreeMap<String, Vec<u8>> {
-    use std::io::Read;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
-    let mut out = std::collections::BTreeMap::new();
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let path = entry.path().unwrap().to_string_lossy().into_owned();
-        let mut data = Vec::new();
-        entry.read_to_end(&mut data).unwrap();
-        assert!(out.insert(path, data).is_none(), "duplicate entry");
-    }
-    out
 }
