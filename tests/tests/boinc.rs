@@ -2,7 +2,8 @@
 //! Prosody and manager, with no BOINC project server (see `copilot_tests::boinc`): suspend
 //! stops every process of the session and resume continues it; quit and restart lose no
 //! finished job; abort leaves no process behind; a killed client takes the wrapper and the
-//! agent with it; a session drains at its end, finishes its job and credits the volunteer.
+//! agent with it; a session drains at its end, finishes its job and credits the volunteer; a
+//! broken job file fails the task with BOINC's init-failure code and the reason.
 //! Each of those prints `skipped:` where the client is not installed. And an agent drains by
 //! itself at its configured drain time.
 
@@ -426,6 +427,42 @@ fn the_packaged_app_installs_and_runs_on_the_anonymous_platform() {
         r.client.log()
     );
     r.client.quit();
+}
+
+#[test]
+fn a_broken_job_file_fails_the_task_with_init_failure_and_says_why() {
+    let Some(mut r) = rig(
+        "broken_job_file",
+        "<copilot_job><sesion>1h</sesion></copilot_job>",
+    ) else {
+        return;
+    };
+    r.client.start();
+    wait_for("the task to end", Duration::from_secs(60), || {
+        r.client
+            .task_info()
+            .get("ready to report")
+            .is_some_and(|v| v == "yes")
+    });
+    let info = r.client.task_info();
+    assert_eq!(
+        info.get("exit_status").map(String::as_str),
+        Some("206"),
+        "{info:?}"
+    );
+    // The task's stderr, which names the bad element, goes back with the result.
+    wait_for(
+        "the result's stderr to name the element",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(r.client.dir().join("client_state.xml"))
+                .is_ok_and(|s| s.contains("<stderr_out>") && s.contains("sesion"))
+        },
+    );
+    assert!(
+        r.h.stack.agents().unwrap().agents.is_empty(),
+        "no agent ever started"
+    );
 }
 
 /// Poll every millisecond until `done`; the time it took (at most 60 s, then panic).
