@@ -187,9 +187,16 @@ fn suspend_stops_the_whole_session_resume_continues_abort_leaves_nothing() {
         || {
             r.client
                 .task_info()
-                .get("active_task_state")
-                .is_none_or(|s| s != "EXECUTING")
+                .get("ready to report")
+                .is_some_and(|v| v == "yes")
         },
+    );
+    // The result records the abort as the client does for any user abort (203).
+    let info = r.client.task_info();
+    assert_eq!(
+        info.get("exit_status").map(String::as_str),
+        Some("203"),
+        "{info:?}"
     );
     // The job the agent held is not lost: the manager requeues it.
     wait_state(
