@@ -430,14 +430,20 @@ pub fn validate_command(command: &[String]) -> Result<(), JobError> {
         return Err(JobError::TooManyArgs(command.len()));
     }
     for (i, w) in command.iter().enumerate() {
-        if w.len() > MAX_WORD_BYTES || w.contains('\0') {
+        if w.len() > MAX_WORD_BYTES || !wire_safe_text(w) {
             return Err(field(
                 &format!("command[{i}]"),
-                format!("must be at most {MAX_WORD_BYTES} bytes without NUL"),
+                format!("must be at most {MAX_WORD_BYTES} bytes without control characters (tab and newline are fine)"),
             ));
         }
     }
     Ok(())
+}
+
+/// Whether `s` can travel in XML element text unchanged: no control characters but tab and
+/// newline (XML forbids most of them and turns a carriage return into a newline).
+pub fn wire_safe_text(s: &str) -> bool {
+    !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
 }
 
 /// Environment: names like shell variables, values without NUL, bounded.
@@ -454,10 +460,10 @@ pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), JobError> {
                 "names are letters, digits and _, not starting with a digit",
             ));
         }
-        if v.len() > MAX_WORD_BYTES || v.contains('\0') {
+        if v.len() > MAX_WORD_BYTES || !wire_safe_text(v) {
             return Err(field(
                 &format!("env.{k}"),
-                format!("value must be at most {MAX_WORD_BYTES} bytes without NUL"),
+                format!("value must be at most {MAX_WORD_BYTES} bytes without control characters (tab and newline are fine)"),
             ));
         }
     }
