@@ -1252,7 +1252,8 @@ mod tests {
     #[test]
     fn free_text_travels_in_element_text_and_attributes_carry_no_control_characters() {
         let mut a = assignment();
-        a.env.insert("MULTI".into(), "line one\nline two\twith tab".into());
+        a.env
+            .insert("MULTI".into(), "line one\nline two\twith tab".into());
         a.command.push("arg\nwith\tnewline".into());
         // What a server that turns whitespace in attribute values into spaces passes on.
         let mut el = Payload::Assign(Box::new(a.clone())).to_element();

@@ -93,7 +93,11 @@ impl Ticket {
     /// The private key as one line (the PEM with its newlines turned into spaces), for places
     /// that carry no newlines, such as an XML attribute; [`Ticket::from_pem`] reads it back.
     pub fn to_token(&self) -> Result<String, ChirpError> {
-        Ok(self.to_pem()?.split_whitespace().collect::<Vec<_>>().join(" "))
+        Ok(self
+            .to_pem()?
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "))
     }
 
     /// The public key text sent to `ticket_register`.
