@@ -2,6 +2,7 @@
 //! deterministic tar.gz, hashing every file ([`pack`]); the CLI unpacks a downloaded archive,
 //! refusing anything but plain files and directories at relative paths ([`unpack`]).
 
+pub mod fuzzing;
 pub mod pack;
 pub mod unpack;
 

@@ -41,12 +41,17 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    axum::serve(listener, app(shared).await?)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The HTTP service of `shared` as a router (its blob store opened).
+pub async fn app(shared: Arc<Shared>) -> std::io::Result<Router> {
     let blobs = Blobs::open(&shared.config.data_dir)
         .await
         .map_err(std::io::Error::other)?;
-    axum::serve(listener, router(App { shared, blobs }))
-        .with_graceful_shutdown(shutdown)
-        .await
+    Ok(router(App { shared, blobs }))
 }
 
 #[derive(Clone)]

@@ -6,6 +6,8 @@ pub mod chirp_outputs;
 pub mod config;
 pub mod dispatch;
 pub mod fleet;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod queue;
