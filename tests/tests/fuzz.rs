@@ -58,3 +58,13 @@ fn fuzz_unpack_inputs_pass() {
 fn fuzz_http_request_inputs_pass() {
     replay("http_request", copilot_manager::fuzzing::http_request);
 }
+
+#[test]
+fn fuzz_boinc_message_inputs_pass() {
+    replay("boinc_message", copilot_boinc::fuzzing::boinc_message);
+}
+
+#[test]
+fn fuzz_boinc_init_data_inputs_pass() {
+    replay("boinc_init_data", copilot_boinc::fuzzing::boinc_init_data);
+}
