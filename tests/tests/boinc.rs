@@ -114,6 +114,22 @@ fn wrapper_started(r: &Rig) -> i32 {
     pid.expect("set by the wait")
 }
 
+/// Wait until the client has the task's result ready to report; check its exit status.
+fn task_ended_with(r: &Rig, exit_status: &str) {
+    wait_for("the task to end", Duration::from_secs(60), || {
+        r.client
+            .task_info()
+            .get("ready to report")
+            .is_some_and(|v| v == "yes")
+    });
+    let info = r.client.task_info();
+    assert_eq!(
+        info.get("exit_status").map(String::as_str),
+        Some(exit_status),
+        "{info:?}"
+    );
+}
+
 fn wait_state(r: &Rig, what: &str, ids: &[u64], state: JobState) {
     r.h.wait_for(what, Duration::from_secs(60), |l| {
         ids.iter()
@@ -181,23 +197,8 @@ fn suspend_stops_the_whole_session_resume_continues_abort_leaves_nothing() {
         Duration::from_secs(30),
         || pids.iter().all(|p| !proctree::alive(*p)),
     );
-    wait_for(
-        "the client to record the abort",
-        Duration::from_secs(30),
-        || {
-            r.client
-                .task_info()
-                .get("ready to report")
-                .is_some_and(|v| v == "yes")
-        },
-    );
     // The result records the abort as the client does for any user abort (203).
-    let info = r.client.task_info();
-    assert_eq!(
-        info.get("exit_status").map(String::as_str),
-        Some("203"),
-        "{info:?}"
-    );
+    task_ended_with(&r, "203");
     // The job the agent held is not lost: the manager requeues it.
     wait_state(
         &r,
@@ -319,22 +320,7 @@ fn a_session_drains_at_its_end_finishes_its_job_and_credits_the_volunteer() {
     let jobs = r.h.wait_final(&first, Duration::from_secs(60));
     assert_eq!(jobs[0].state, JobState::Done, "{:?}", jobs[0]);
     assert_eq!(jobs[0].attempt, 1);
-    wait_for(
-        "the task to be ready to report",
-        Duration::from_secs(60),
-        || {
-            r.client
-                .task_info()
-                .get("ready to report")
-                .is_some_and(|v| v == "yes")
-        },
-    );
-    let info = r.client.task_info();
-    assert_eq!(
-        info.get("exit_status").map(String::as_str),
-        Some("0"),
-        "{info:?}"
-    );
+    task_ended_with(&r, "0");
     // The drained agent took no new job: the second one waits, it is not lost.
     assert_eq!(r.h.job(second[0]).state, JobState::Queued);
     let credit: VolunteerList = r.h.api("/api/volunteers");
@@ -445,18 +431,7 @@ fn a_broken_job_file_fails_the_task_with_init_failure_and_says_why() {
         return;
     };
     r.client.start();
-    wait_for("the task to end", Duration::from_secs(60), || {
-        r.client
-            .task_info()
-            .get("ready to report")
-            .is_some_and(|v| v == "yes")
-    });
-    let info = r.client.task_info();
-    assert_eq!(
-        info.get("exit_status").map(String::as_str),
-        Some("206"),
-        "{info:?}"
-    );
+    task_ended_with(&r, "206");
     // The task's stderr, which names the bad element, goes back with the result.
     wait_for(
         "the result's stderr to name the element",
