@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use copilot_protocol::api::{AgentView, JobView, OutcomeView};
 use copilot_protocol::sandbox::SandboxReport;
+use copilot_protocol::units::ago;
 use copilot_protocol::JobState;
 
 /// Columns left-aligned, separated by two spaces, trailing spaces trimmed.
@@ -34,18 +35,7 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// A short outcome for a table cell.
 pub fn outcome_cell(o: Option<&OutcomeView>) -> String {
-    match o {
-        None => "-".into(),
-        Some(o) => match (o.kind.as_str(), o.exit_code, o.signal) {
-            ("exited", Some(code), _) => format!("exit {code}"),
-            ("killed", _, Some(sig)) => format!("signal {sig}"),
-            ("limit-exceeded", _, _) => match &o.limit {
-                Some(limit) => format!("{limit} limit"),
-                None => "limit exceeded".into(),
-            },
-            (kind, _, _) => kind.to_owned(),
-        },
-    }
+    o.map_or_else(|| "-".into(), OutcomeView::short)
 }
 
 /// The jobs table: id, name, state, attempt, agent, outcome.
@@ -89,17 +79,6 @@ pub fn counts(counts: &BTreeMap<JobState, u64>) -> String {
         parts.join(", "),
         if total == 1 { "" } else { "s" }
     )
-}
-
-/// `12s ago`, `5m ago`, `3h ago`, `2d ago`.
-pub fn ago(now_ms: u64, then_ms: u64) -> String {
-    let s = now_ms.saturating_sub(then_ms) / 1000;
-    match s {
-        0..60 => format!("{s}s ago"),
-        60..3600 => format!("{}m ago", s / 60),
-        3600..86400 => format!("{}h ago", s / 3600),
-        _ => format!("{}d ago", s / 86400),
-    }
 }
 
 /// `full`, or what the host lacks (`missing uid,nproc`); `-` before the first report.
@@ -225,7 +204,7 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
     }
 
     #[test]
-    fn agents_table_and_ages() {
+    fn agents_table_shows_sandbox_and_age() {
         let a = AgentView {
             name: "agent-1".into(),
             jid: Some("agent-1@localhost/x".into()),
@@ -260,8 +239,5 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
              agent-2  online  0.1.0    4,5      9     2m ago     full\n\
              agent-3  online  0.1.0    4,5      9     2m ago     -\n"
         );
-        assert_eq!(ago(5_000, 1_000), "4s ago");
-        assert_eq!(ago(0, 1_000), "0s ago");
-        assert_eq!(ago(2 * 86_400_000, 0), "2d ago");
     }
 }

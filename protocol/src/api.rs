@@ -70,6 +70,21 @@ pub struct OutcomeView {
     pub text: String,
 }
 
+impl OutcomeView {
+    /// A few words for a table cell: `exit 3`, `signal 9`, `cpu limit`, `timed-out`, …
+    pub fn short(&self) -> String {
+        match (self.kind.as_str(), self.exit_code, self.signal) {
+            ("exited", Some(code), _) => format!("exit {code}"),
+            ("killed", _, Some(sig)) => format!("signal {sig}"),
+            ("limit-exceeded", _, _) => match &self.limit {
+                Some(limit) => format!("{limit} limit"),
+                None => "limit exceeded".into(),
+            },
+            (kind, _, _) => kind.to_owned(),
+        }
+    }
+}
+
 /// One job as the API shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobView {
