@@ -1,10 +1,12 @@
 //! Shared types of copilot: job files, job states, the XMPP wire payloads, the manager's JSON
-//! API and histograms returned by jobs. This crate does no I/O; every parser in it is strict, bounded and never panics on input.
+//! API, histograms returned by jobs, and dashboard login codes. This crate does no I/O; every
+//! parser in it is strict, bounded and never panics on input.
 
 pub mod api;
 pub mod digest;
 pub mod histogram;
 pub mod job;
+pub mod login;
 pub mod sandbox;
 pub mod state;
 pub mod units;
