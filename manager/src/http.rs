@@ -24,6 +24,7 @@ use copilot_protocol::api::{
 };
 use copilot_protocol::job::InputSource;
 use copilot_protocol::{JobId, JobState, Sha256};
+use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio_util::io::ReaderStream;
 
@@ -233,11 +234,22 @@ fn stored(created: bool, st: Stored) -> Response {
     (status, Json(st)).into_response()
 }
 
+/// Which counter of bytes sent a download adds to.
+#[derive(Clone, Copy, Debug)]
+enum Served {
+    Input,
+    Output,
+}
+
+/// A response streaming `body` (`size` bytes, its digest in `x-content-sha256` when known),
+/// counting the bytes sent.
 fn download(
-    body: impl tokio::io::AsyncRead + Send + 'static,
+    app: &App,
+    body: impl Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
     size: u64,
     sha256: Option<Sha256>,
     kind: &'static str,
+    served: Served,
 ) -> Response {
     let mut headers = vec![
         (header::CONTENT_TYPE, kind.to_owned()),
@@ -249,9 +261,20 @@ fn download(
             sha.to_string(),
         ));
     }
-    let mut resp = Body::from_stream(ReaderStream::new(body)).into_response();
+    let shared = app.shared.clone();
+    let body = body.inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            let m = &shared.metrics;
+            let counter = match served {
+                Served::Input => &m.input_bytes_served,
+                Served::Output => &m.output_bytes_served,
+            };
+            Metrics::add(counter, c.len() as u64);
+        }
+    });
+    let mut resp = Body::from_stream(body).into_response();
     for (name, value) in headers {
-        // Both values are decimal or hex digits, which are valid header values.
+        // The values are MIME types, decimal or hex digits: valid header values.
         if let Ok(v) = value.parse() {
             resp.headers_mut().insert(name, v);
         }
@@ -315,10 +338,12 @@ async fn get_input(
     }
     match app.blobs.open_input(&sha).await? {
         Some(blob) => Ok(download(
-            blob.file,
+            &app,
+            ReaderStream::new(blob.file),
             blob.size,
             Some(sha),
             "application/octet-stream",
+            Served::Input,
         )),
         None => Err(fail(
             StatusCode::NOT_FOUND,
@@ -517,10 +542,12 @@ async fn job_output(
     }
     let blob = app.blobs.open_output(id, attempt).await?.ok_or_else(none)?;
     Ok(download(
-        blob.file,
+        &app,
+        ReaderStream::new(blob.file),
         blob.size,
         Some(st.sha256),
         "application/gzip",
+        Served::Output,
     ))
 }
 
@@ -542,10 +569,12 @@ fn chirp_output(app: &App, url: String, st: Stored) -> Answer<Response> {
         }
     });
     Ok(download(
-        reader,
+        app,
+        ReaderStream::new(reader),
         st.size,
         Some(st.sha256),
         "application/gzip",
+        Served::Output,
     ))
 }
 
