@@ -25,6 +25,11 @@ use crate::{JobId, Sha256};
 /// Header carrying the sha256 the uploader computed; the server refuses a body that differs.
 pub const CONTENT_SHA256_HEADER: &str = "x-content-sha256";
 
+/// Path of the payload's stdout in a job's output archive.
+pub const STDOUT_ENTRY: &str = "_copilot/stdout.txt";
+/// Path of the payload's stderr in a job's output archive.
+pub const STDERR_ENTRY: &str = "_copilot/stderr.txt";
+
 /// A request to queue jobs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
