@@ -217,6 +217,7 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
                 missing: [Protection::Uid, Protection::Nproc].into(),
                 ..SandboxReport::default()
             }),
+            volunteer: None,
         };
         let full = AgentView {
             name: "agent-2".into(),

@@ -11,7 +11,9 @@
 //! | GET | `/api/jobs/{id}/output` | → the stored tar.gz |
 //! | GET | `/api/agents` | → [`AgentList`] |
 //!
-//! Errors come as [`ApiError`] with a fitting HTTP status.
+//! The aggregated views for people (summary, job events and files, batches, contributions) are
+//! in [`crate::summary`]; docs/API.md describes every route. Errors come as [`ApiError`] with a
+//! fitting HTTP status.
 
 use std::collections::BTreeMap;
 
@@ -152,6 +154,19 @@ pub struct AgentView {
     /// Its sandbox as of its last report of a job it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxReport>,
+    /// The BOINC volunteer it computes for, when it runs under BOINC and has said so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volunteer: Option<BoincVolunteer>,
+}
+
+/// Whom an agent running under BOINC computes for: ids on the BOINC project.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BoincVolunteer {
+    pub user_id: u64,
+    pub host_id: u64,
+    /// 0: no team.
+    #[serde(default)]
+    pub team_id: u64,
 }
 
 /// All agents the manager has heard from.
