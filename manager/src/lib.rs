@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod queue;
+pub mod stats;
 
 use fleet::Fleet;
 
