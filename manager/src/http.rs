@@ -1,6 +1,7 @@
-//! The manager's HTTP side: the storage service (inputs in, output archives in, both out) and the
-//! JSON API (submit, list, show, results, agents), as in `copilot_protocol::api`, and the
-//! Prometheus metrics (`GET /metrics`, see [`crate::metrics`]).
+//! The manager's HTTP side: the storage service (inputs in, output archives in, both out), the
+//! JSON API (submit, list, show, results, agents), as in `copilot_protocol::api`, its
+//! aggregated views for people (`views`, as in `copilot_protocol::summary`), the web dashboard
+//! under `/ui` (`web`), and the Prometheus metrics (`GET /metrics`, see [`crate::metrics`]).
 //!
 //! Authorization is a bearer token: the API token for everything people do, an attempt's upload
 //! token for its output upload and its stored inputs. Bodies stream to disk through
@@ -36,7 +37,10 @@ use crate::Shared;
 /// Largest submit request body.
 const MAX_SUBMIT_BYTES: usize = 32 << 20;
 
-/// Serve the storage service and API on `listener` until `shutdown` resolves.
+mod views;
+mod web;
+
+/// Serve the storage service, API and dashboard on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
@@ -45,8 +49,25 @@ pub async fn serve(
     let blobs = Blobs::open(&shared.config.data_dir)
         .await
         .map_err(std::io::Error::other)?;
-    axum::serve(listener, router(App { shared, blobs }))
-        .with_graceful_shutdown(shutdown)
+    let (stamp_tx, stamps) = tokio::sync::watch::channel(String::new());
+    let app = App {
+        shared,
+        blobs,
+        views: Arc::new(views::Views::new()),
+        stamps,
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    // Ends at shutdown, which ends the pages' event streams, so the server can stop.
+    tokio::spawn(web::watch_stamps(app.clone(), stamp_tx, stop.clone()));
+    let mut stopped = stop;
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
         .await
 }
 
@@ -54,6 +75,23 @@ pub async fn serve(
 struct App {
     shared: Arc<Shared>,
     blobs: Blobs,
+    views: Arc<views::Views>,
+    /// The latest stamp of jobs and agents (see [`App::stamp`]), for the dashboard's events.
+    stamps: tokio::sync::watch::Receiver<String>,
+}
+
+impl App {
+    /// A stamp of the state of jobs and agents: it changes whenever a job changes state or an
+    /// agent comes, goes, takes or finishes a job.
+    async fn stamp(&self) -> Answer<String> {
+        use std::hash::{Hash, Hasher};
+        let last = db(&self.shared, |q| q.last_event_id()).await?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for a in self.shared.fleet.list().agents {
+            (a.name, a.online, a.running, a.version, a.jobs_done).hash(&mut h);
+        }
+        Ok(format!("{last}-{:x}", h.finish()))
+    }
 }
 
 fn router(app: App) -> Router {
@@ -63,10 +101,16 @@ fn router(app: App) -> Router {
         .route("/api/jobs", get(list_jobs).post(submit))
         .route("/api/jobs/{id}", get(show_job))
         .route("/api/jobs/{id}/output", get(job_output))
+        .route("/api/jobs/{id}/events", get(views::job_events))
+        .route("/api/jobs/{id}/files/{*path}", get(views::job_file))
         .route("/api/agents", get(agents))
+        .route("/api/summary", get(views::summary))
+        .route("/api/batches/{name}", get(views::batch))
+        .route("/api/contributions", get(views::contributions))
         // No token by default (`http.metrics_public`): Prometheus scrapes it, and it reveals
         // only counts (no job names, agent names, addresses or tokens).
         .route("/metrics", get(metrics))
+        .merge(web::routes())
         .fallback(|| async { fail(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app)
@@ -81,8 +125,13 @@ fn route_class(path: &str) -> &'static str {
         ["api", "jobs"] => "jobs",
         ["api", "jobs", _] => "job",
         ["api", "jobs", _, "output"] => "job_output",
+        ["api", "jobs", _, "events"] | ["api", "jobs", _, "files", ..] => "job_files",
         ["api", "agents"] => "agents",
+        ["api", "summary"] => "summary",
+        ["api", "batches", _] => "batch",
+        ["api", "contributions"] => "contributions",
         ["metrics"] => "metrics",
+        [""] | ["ui", ..] => "ui",
         _ => "other",
     }
 }
@@ -527,7 +576,11 @@ async fn job_output(
     headers: HeaderMap,
 ) -> Answer<Response> {
     require_api(&app, &headers)?;
-    let id = job_id(id)?;
+    serve_output(&app, job_id(id)?).await
+}
+
+/// The stored output archive of job `id`, from the storage service or the Chirp output store.
+async fn serve_output(app: &App, id: JobId) -> Answer<Response> {
     let none = || {
         fail(
             StatusCode::NOT_FOUND,
@@ -538,11 +591,11 @@ async fn job_output(
         .await?
         .ok_or_else(none)?;
     if let Some(url) = db(&app.shared, move |q| q.archive_url_of(id)).await? {
-        return chirp_output(&app, url, st);
+        return chirp_output(app, url, st);
     }
     let blob = app.blobs.open_output(id, attempt).await?.ok_or_else(none)?;
     Ok(download(
-        &app,
+        app,
         ReaderStream::new(blob.file),
         blob.size,
         Some(st.sha256),
@@ -717,17 +770,18 @@ pub(crate) mod tests {
                 .unwrap()
         }
 
-        fn upload(
+        pub(crate) fn upload(
             &self,
             c: &Claim,
             attempt: u32,
             token: &str,
-            body: &'static [u8],
+            body: impl Into<reqwest::Body> + AsRef<[u8]>,
         ) -> RequestBuilder {
+            let sha = Sha256::of(body.as_ref());
             self.http
                 .put(format!("{}/outputs/{}/{attempt}", self.base, c.job))
                 .bearer_auth(token)
-                .header(CONTENT_SHA256_HEADER, Sha256::of(body).to_string())
+                .header(CONTENT_SHA256_HEADER, sha.to_string())
                 .body(body)
         }
     }
@@ -1016,7 +1070,7 @@ pub(crate) mod tests {
             .claim("agent", HOUR, Duration::ZERO)
             .unwrap()
             .unwrap();
-        let r = s.upload(&c, 1, &c.upload_token, b"x").send().await.unwrap();
+        let r = s.upload(&c, 1, &c.upload_token, &b"x"[..]).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert!(error_of(r).await.contains("expired"));
         assert_eq!(s.shared.queue.archive_of(c.job).unwrap(), None);

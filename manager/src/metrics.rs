@@ -82,14 +82,19 @@ impl Seconds {
 }
 
 /// Route classes of the HTTP service, for `copilot_http_requests_total`; `other` last.
-pub const ROUTES: [&str; 8] = [
+pub const ROUTES: [&str; 13] = [
     "inputs",
     "outputs",
     "jobs",
     "job",
     "job_output",
+    "job_files",
     "agents",
+    "summary",
+    "batch",
+    "contributions",
     "metrics",
+    "ui",
     "other",
 ];
 /// Status classes for `copilot_http_requests_total`.
