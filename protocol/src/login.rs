@@ -87,6 +87,13 @@ pub fn verify(api_token: &str, purpose: Purpose, value: &str, now: u64) -> Resul
     Ok(expiry)
 }
 
+/// A link that logs a browser in to the dashboard of the manager at `manager_url` for
+/// [`LOGIN_CODE_TTL_SECS`] from `now` (unix seconds), then shows its work page.
+pub fn login_link(manager_url: &str, api_token: &str, now: u64) -> String {
+    let code = mint(api_token, Purpose::Login, now + LOGIN_CODE_TTL_SECS);
+    format!("{}/ui/login?code={code}", manager_url.trim_end_matches('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +127,18 @@ mod tests {
         assert_eq!(
             verify("tok", Purpose::Session, &far, NOW),
             Err(LoginError::TooLong)
+        );
+    }
+
+    #[test]
+    fn login_links_carry_a_code_for_the_manager() {
+        let link = login_link("http://127.0.0.1:8080/", "tok", NOW);
+        let code = link
+            .strip_prefix("http://127.0.0.1:8080/ui/login?code=")
+            .unwrap();
+        assert_eq!(
+            verify("tok", Purpose::Login, code, NOW + 60),
+            Ok(NOW + LOGIN_CODE_TTL_SECS)
         );
     }
 
