@@ -54,6 +54,16 @@ pub fn nice_step(range: f64, max: usize) -> f64 {
     nice * mag
 }
 
+/// [`nice_step`] for counts: a whole number, so no tick falls between two counts.
+fn count_step(range: f64, max: usize) -> f64 {
+    let step = nice_step(range, max).max(1.0);
+    if step.fract() == 0.0 {
+        step
+    } else {
+        step.floor()
+    }
+}
+
 /// Tick values: the multiples of `step` within `lo..=hi` (at most 100).
 pub fn ticks(lo: f64, hi: f64, step: f64) -> Vec<f64> {
     let mut out = Vec::new();
@@ -75,7 +85,13 @@ pub fn tick_label(v: f64, step: f64) -> String {
     if a != 0.0 && !(1e-3..1e6).contains(&a) {
         return format!("{v:.1e}");
     }
-    let decimals = (-step.log10().floor()).clamp(0.0, 6.0) as usize;
+    // The fewest decimals that show multiples of the step exactly (2.5 needs one).
+    let decimals = (0..6)
+        .find(|d| {
+            let scaled = step * 10f64.powi(*d);
+            (scaled - scaled.round()).abs() < 1e-6 * scaled.max(1.0)
+        })
+        .unwrap_or(6) as usize;
     let s = format!("{v:.decimals$}");
     if s.trim_start_matches('-').chars().all(|c| c == '0' || c == '.') {
         "0".into()
@@ -336,7 +352,7 @@ pub fn throughput(a: &Activity) -> String {
         .max()
         .unwrap_or(0)
         .max(1) as f64;
-    let y_step = nice_step(peak, 5).max(1.0);
+    let y_step = count_step(peak, 5);
     let y = Axis {
         lo: 0.0,
         hi: (peak / y_step).ceil() * y_step,
@@ -401,7 +417,7 @@ pub fn queue_depth(a: &Activity) -> String {
     let end_ms = a.start_ms + a.bucket_ms * n as u64;
     let (x, x_ticks) = time_axis(a, end_ms);
     let peak = a.queued.iter().copied().max().unwrap_or(0).max(1) as f64;
-    let y_step = nice_step(peak, 5).max(1.0);
+    let y_step = count_step(peak, 5);
     let y = Axis {
         lo: 0.0,
         hi: (peak / y_step).ceil() * y_step,
@@ -458,6 +474,10 @@ mod tests {
         assert!(ticks(0.0, 1e12, 1e-3).len() <= 100);
         assert!(ticks(0.0, 1.0, 0.0).is_empty());
         assert_eq!(tick_label(0.2, 0.2), "0.2");
+        assert_eq!(tick_label(7.5, 2.5), "7.5");
+        assert_eq!(tick_label(5.0, 2.5), "5.0");
+        assert_eq!(tick_label(0.25, 0.05), "0.25");
+        assert_eq!((count_step(12.0, 5), count_step(1.0, 5), count_step(300.0, 5)), (2.0, 1.0, 100.0));
         assert_eq!(tick_label(1500.0, 500.0), "1500");
         assert_eq!(tick_label(-0.0, 0.1), "0");
         assert_eq!(tick_label(2.5e7, 5e6), "2.5e7");
