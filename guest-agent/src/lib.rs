@@ -10,6 +10,7 @@ pub mod pack;
 pub mod sandbox;
 pub mod session;
 pub mod stage;
+pub mod status;
 pub mod transfer;
 
 #[cfg(test)]
