@@ -6,7 +6,7 @@ use std::path::Path;
 use copilot_protocol::api::{
     AgentList, ApiError, JobList, JobView, Stored, SubmitRequest, SubmitResponse,
 };
-use copilot_protocol::summary::Summary;
+use copilot_protocol::summary::{BatchView, Summary};
 use copilot_protocol::{JobId, JobState, Sha256};
 use futures::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -209,6 +209,18 @@ impl Client {
             req = req.query(&[("window", w.to_string())]);
         }
         self.json("the summary", req).await
+    }
+
+    /// GET /api/batches/{name}.
+    pub async fn batch(&self, name: &str) -> Result<BatchView, ClientError> {
+        let mut url =
+            reqwest::Url::parse(&self.base).map_err(|_| ClientError::BadUrl(self.base.clone()))?;
+        url.path_segments_mut()
+            .map_err(|()| ClientError::BadUrl(self.base.clone()))?
+            .pop_if_empty()
+            .extend(["api", "batches", name]);
+        let req = self.http.get(url).bearer_auth(&self.token);
+        self.json(&format!("batch {name}"), req).await
     }
 
     /// The manager's base URL.

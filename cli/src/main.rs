@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use copilot_protocol::login::login_link;
-use copilot_protocol::summary::Summary;
+use copilot_protocol::summary::{BatchView, Summary};
 use copilot_protocol::units::{Bytes, Seconds};
 use copilot_protocol::{JobId, JobState};
 
@@ -110,6 +110,12 @@ enum Command {
         /// last day]
         #[arg(long)]
         window: Option<Seconds>,
+    },
+    /// One batch (the jobs of a job file with `count`): its jobs and the histograms its replicas
+    /// returned, summed
+    Batch {
+        /// The batch's name: the job file's `name` (its jobs are NAME#0, NAME#1, …)
+        name: String,
     },
     /// Wait until jobs are final; exits non-zero if any failed or time ran out
     Wait {
@@ -230,6 +236,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 write!(std::io::stdout().lock(), "{}", summary_text(&s))?;
             }
         }
+        Command::Batch { name } => {
+            let b = client()?.batch(name).await?;
+            if json {
+                print_json(&b)?;
+            } else {
+                write!(std::io::stdout().lock(), "{}", batch_text(&b, colour))?;
+            }
+        }
         Command::Wait { jobs, timeout } => {
             let waited = watch::wait(&client()?, jobs, timeout.map(Seconds::as_duration)).await?;
             if json {
@@ -307,6 +321,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     out!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
+}
+
+/// `copilot batch` for people: its jobs, then one line per histogram.
+fn batch_text(b: &BatchView, colour: bool) -> String {
+    let mut t = table::jobs(&b.jobs, colour);
+    t.push_str(&format!("batch {}: {}\n", b.name, table::counts(&b.counts)));
+    for p in &b.plots {
+        let what = if p.name.is_empty() {
+            p.path.clone()
+        } else {
+            format!("{} {}", p.path, p.name)
+        };
+        match &p.sum {
+            Some(sum) => {
+                let total: f64 = sum.iter().map(|b| b.value).sum();
+                let (lo, hi) = (
+                    sum.first().map_or(0.0, |b| b.lo),
+                    sum.last().map_or(0.0, |b| b.hi),
+                );
+                t.push_str(&format!(
+                    "{what}: {} replicas, {} bins from {lo} to {hi}, summed: {total}\n",
+                    p.replicas.len(),
+                    sum.len()
+                ));
+            }
+            None => t.push_str(&format!("{what}: {} replicas, not summed\n", p.replicas.len())),
+        }
+        for problem in &p.problems {
+            t.push_str(&format!("  {problem}\n"));
+        }
+    }
+    t
 }
 
 /// `copilot summary` for people.
@@ -502,6 +548,56 @@ mod tests {
         assert!(t.contains("last 2m: 9 done, 1 failed, 10 attempts started (4.5 jobs done a minute)"), "{t}");
         assert!(t.contains("failed jobs by cause:\nCOUNT  CAUSE\n1      exit 3\n"), "{t}");
         assert!(!t.contains("lost attempts"));
+    }
+
+    #[test]
+    fn a_batch_reads_as_its_jobs_and_one_line_per_histogram() {
+        use copilot_protocol::histogram::Bin;
+        use copilot_protocol::summary::{BatchPlot, Replica};
+        let bins = |v: f64| {
+            vec![
+                Bin {
+                    lo: 0.0,
+                    hi: 0.5,
+                    value: v,
+                },
+                Bin {
+                    lo: 0.5,
+                    hi: 1.0,
+                    value: 2.0 * v,
+                },
+            ]
+        };
+        let b = BatchView {
+            name: "mc".into(),
+            counts: [(JobState::Done, 2)].into(),
+            jobs: vec![],
+            plots: vec![BatchPlot {
+                path: "h.yoda".into(),
+                name: "/A/d01".into(),
+                title: String::new(),
+                replicas: vec![
+                    Replica {
+                        job: 1,
+                        label: "mc#0".into(),
+                        bins: bins(1.0),
+                    },
+                    Replica {
+                        job: 2,
+                        label: "mc#1".into(),
+                        bins: bins(2.0),
+                    },
+                ],
+                sum: Some(bins(3.0)),
+                problems: vec!["mc#2: binning differs".into()],
+            }],
+        };
+        let t = batch_text(&b, false);
+        assert!(t.contains("batch mc: 2 done (2 jobs)\n"), "{t}");
+        assert!(
+            t.contains("h.yoda /A/d01: 2 replicas, 2 bins from 0 to 1, summed: 9\n  mc#2: binning differs\n"),
+            "{t}"
+        );
     }
 
     #[test]
