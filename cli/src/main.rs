@@ -305,7 +305,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&serde_json::json!({ "url": link }))?;
             } else {
                 out!("{link}")?;
-                eprintln!("open it in a browser: it logs you in for a week (the link works for 12 hours)");
+                eprintln!(
+                    "open it in a browser: it logs you in for a week (the link works for 12 hours)"
+                );
             }
         }
         Command::Up { dir, agents, lease } => {
@@ -346,7 +348,10 @@ fn batch_text(b: &BatchView, colour: bool) -> String {
                     sum.len()
                 ));
             }
-            None => t.push_str(&format!("{what}: {} replicas, not summed\n", p.replicas.len())),
+            None => t.push_str(&format!(
+                "{what}: {} replicas, not summed\n",
+                p.replicas.len()
+            )),
         }
         for problem in &p.problems {
             t.push_str(&format!("  {problem}\n"));
@@ -544,9 +549,18 @@ mod tests {
             batches: vec![],
         };
         let t = summary_text(&s);
-        assert!(t.starts_with("jobs: 9 done, 1 failed (10 jobs)\nagents: 2 online of 3\n"), "{t}");
-        assert!(t.contains("last 2m: 9 done, 1 failed, 10 attempts started (4.5 jobs done a minute)"), "{t}");
-        assert!(t.contains("failed jobs by cause:\nCOUNT  CAUSE\n1      exit 3\n"), "{t}");
+        assert!(
+            t.starts_with("jobs: 9 done, 1 failed (10 jobs)\nagents: 2 online of 3\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("last 2m: 9 done, 1 failed, 10 attempts started (4.5 jobs done a minute)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("failed jobs by cause:\nCOUNT  CAUSE\n1      exit 3\n"),
+            "{t}"
+        );
         assert!(!t.contains("lost attempts"));
     }
 
@@ -622,8 +636,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["copilot", "submit"]).is_err());
-        let cli = Cli::try_parse_from(["copilot", "status", "3", "--json", "--color", "never"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["copilot", "status", "3", "--json", "--color", "never"]).unwrap();
         assert!(cli.json && !cli.color.enabled());
         assert!(matches!(cli.command, Command::Status { job: Some(3), .. }));
         let cli = Cli::try_parse_from(["copilot", "--color=always", "summary", "--window", "1h"])

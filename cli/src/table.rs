@@ -249,11 +249,19 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
         assert_eq!(t, want);
         // In colour the codes wrap the state, and the columns stay where they were.
         let c = jobs(&list, true);
-        assert!(c.contains("7   mc-pi#0  \x1b[32mdone\x1b[0m    1/4"), "{c:?}");
+        assert!(
+            c.contains("7   mc-pi#0  \x1b[32mdone\x1b[0m    1/4"),
+            "{c:?}"
+        );
         assert!(c.contains("\x1b[31mfailed\x1b[0m  1/4"));
         assert!(c.contains("hello    queued  1/4"), "queued is not coloured");
         assert!(c.starts_with("ID  NAME"), "the header is plain");
-        assert_eq!(c.replace("\x1b[32m", "").replace("\x1b[31m", "").replace("\x1b[0m", ""), want);
+        assert_eq!(
+            c.replace("\x1b[32m", "")
+                .replace("\x1b[31m", "")
+                .replace("\x1b[0m", ""),
+            want
+        );
     }
 
     #[test]
@@ -330,10 +338,7 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
              agent-2  online  0.1.0    4,5      9     2m ago     full\n\
              agent-3  online  0.1.0    4,5      9     2m ago     -\n"
         );
-        let off = AgentView {
-            online: false,
-            ..a
-        };
+        let off = AgentView { online: false, ..a };
         assert!(agents(&[off], 126_000, true).contains("\x1b[2moffline\x1b[0m"));
     }
 }

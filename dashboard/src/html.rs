@@ -92,7 +92,11 @@ pub fn document(page: &Page, stamp: &str) -> String {
             (Nav::Fleet, "/fleet", "Fleet"),
             (Nav::Contributions, "/contributions", "Contributions"),
         ] {
-            let class = if nav == page.nav { " class=\"active\"" } else { "" };
+            let class = if nav == page.nav {
+                " class=\"active\""
+            } else {
+                ""
+            };
             let _ = write!(s, "<a href=\"{BASE}{href}\"{class}>{label}</a>");
         }
         s.push_str(

@@ -469,7 +469,11 @@ pub fn job(d: &JobDetail) -> Page {
         "attempts",
         &format!("{} of at most {}", j.attempt, j.max_retries + 1),
     );
-    definition(&mut b, "agent", &esc(j.agent.as_deref().unwrap_or("-")).to_string());
+    definition(
+        &mut b,
+        "agent",
+        &esc(j.agent.as_deref().unwrap_or("-")).to_string(),
+    );
     definition(&mut b, "submitted", &html::utc(j.created_ms));
     definition(&mut b, "updated", &ago(d.now_ms, j.updated_ms));
     b.push_str("</dl></div>");
@@ -482,7 +486,11 @@ pub fn job(d: &JobDetail) -> Page {
             "outcome",
             &format!(
                 "<span id=\"outcome\" class=\"outcome {}\">{}</span>",
-                if j.state == JobState::Done { "ok" } else { "bad" },
+                if j.state == JobState::Done {
+                    "ok"
+                } else {
+                    "bad"
+                },
                 esc(&o.text)
             ),
         ),
@@ -612,7 +620,13 @@ pub fn job(d: &JobDetail) -> Page {
         if let Some(p) = &f.preview {
             if path != STDOUT_ENTRY && path != STDERR_ENTRY {
                 let id = format!("preview-{}", url_part(path));
-                excerpt(&mut b, &id, &format!("<code>{}</code>", esc(path)), p, false);
+                excerpt(
+                    &mut b,
+                    &id,
+                    &format!("<code>{}</code>", esc(path)),
+                    p,
+                    false,
+                );
             }
         }
     }
@@ -633,7 +647,11 @@ pub fn job(d: &JobDetail) -> Page {
             ]
         })
         .collect();
-    b.push_str(&table("events", &["Time", "Attempt", "Change", "Why"], &rows));
+    b.push_str(&table(
+        "events",
+        &["Time", "Attempt", "Change", "Why"],
+        &rows,
+    ));
     b.push_str("</section>");
     Page {
         title: format!("Job {}", j.id),
@@ -808,7 +826,9 @@ pub fn contributions(c: &Contributions) -> Page {
         }
         b.push_str("</tbody></table>");
     }
-    b.push_str("</section><section class=\"panel\"><h2>Per volunteer <small>BOINC users</small></h2>");
+    b.push_str(
+        "</section><section class=\"panel\"><h2>Per volunteer <small>BOINC users</small></h2>",
+    );
     if c.volunteers.is_empty() {
         b.push_str(&empty(
             "No agent runs under BOINC (or none has said whom it computes for): volunteers appear \

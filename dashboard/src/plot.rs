@@ -93,7 +93,10 @@ pub fn tick_label(v: f64, step: f64) -> String {
         })
         .unwrap_or(6) as usize;
     let s = format!("{v:.decimals$}");
-    if s.trim_start_matches('-').chars().all(|c| c == '0' || c == '.') {
+    if s.trim_start_matches('-')
+        .chars()
+        .all(|c| c == '0' || c == '.')
+    {
         "0".into()
     } else {
         s
@@ -341,7 +344,12 @@ pub fn throughput(a: &Activity) -> String {
         a.bucket_ms
     );
     let mut s = String::with_capacity(4096 + n * 160);
-    open_svg(&mut s, "activity", "jobs finished and attempts started over time", &data);
+    open_svg(
+        &mut s,
+        "activity",
+        "jobs finished and attempts started over time",
+        &data,
+    );
     let end_ms = a.start_ms + a.bucket_ms * n as u64;
     let (x, x_ticks) = time_axis(a, end_ms);
     let peak = (0..n)
@@ -390,12 +398,7 @@ pub fn throughput(a: &Activity) -> String {
     if !a.assigned.is_empty() {
         s.push_str("<polyline class=\"rate\" points=\"");
         for (i, v) in a.assigned.iter().enumerate() {
-            let _ = write!(
-                s,
-                "{:.1},{:.1} ",
-                x.px(secs(i)) + w / 2.0,
-                y.px(*v as f64)
-            );
+            let _ = write!(s, "{:.1},{:.1} ", x.px(secs(i)) + w / 2.0, y.px(*v as f64));
         }
         s.push_str("\"><title>attempts started</title></polyline>");
     }
@@ -477,7 +480,14 @@ mod tests {
         assert_eq!(tick_label(7.5, 2.5), "7.5");
         assert_eq!(tick_label(5.0, 2.5), "5.0");
         assert_eq!(tick_label(0.25, 0.05), "0.25");
-        assert_eq!((count_step(12.0, 5), count_step(1.0, 5), count_step(300.0, 5)), (2.0, 1.0, 100.0));
+        assert_eq!(
+            (
+                count_step(12.0, 5),
+                count_step(1.0, 5),
+                count_step(300.0, 5)
+            ),
+            (2.0, 1.0, 100.0)
+        );
         assert_eq!(tick_label(1500.0, 500.0), "1500");
         assert_eq!(tick_label(-0.0, 0.1), "0");
         assert_eq!(tick_label(2.5e7, 5e6), "2.5e7");
@@ -509,7 +519,9 @@ mod tests {
         assert!(svg.contains("aria-label=\"h &lt;1&gt;\""));
         assert!(svg.contains("data-series=\"2\" data-bins=\"3\""));
         assert_eq!(svg.matches("<path class=\"series").count(), 2);
-        assert!(svg.contains("class=\"series s1 bold\" data-label=\"mean &amp; co\" data-total=\"6\""));
+        assert!(
+            svg.contains("class=\"series s1 bold\" data-label=\"mean &amp; co\" data-total=\"6\"")
+        );
         // x from 0 to 3 over 60..626 px; y from 0 to 3 (ticks of 1) over 246..14 px.
         assert!(
             svg.contains("d=\"M60.0,168.7H248.7V14.0H437.3V91.3H626.0\""),
@@ -567,7 +579,10 @@ mod tests {
         assert!(svg.contains("data-done=\"3\" data-failed=\"1\" data-assigned=\"5\""));
         assert_eq!(svg.matches("class=\"bar done\"").count(), 2);
         assert_eq!(svg.matches("class=\"bar failed\"").count(), 1);
-        assert!(svg.contains(">now</text>") && svg.contains(">-30s</text>"), "{svg}");
+        assert!(
+            svg.contains(">now</text>") && svg.contains(">-30s</text>"),
+            "{svg}"
+        );
         let depth = queue_depth(&a);
         assert!(depth.contains("data-queued-now=\"0\""));
         assert!(depth.contains("class=\"depth-line\""));

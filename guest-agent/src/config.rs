@@ -341,13 +341,18 @@ mod tests {
     fn the_status_page_listens_on_loopback_only() {
         let cfg = AgentConfig::from_toml(MINIMAL).unwrap();
         assert_eq!(cfg.status.listen, None);
-        let on = AgentConfig::from_toml(&format!("{MINIMAL}[status]\nlisten = \"127.0.0.1:8090\"\n"))
-            .unwrap();
+        let on =
+            AgentConfig::from_toml(&format!("{MINIMAL}[status]\nlisten = \"127.0.0.1:8090\"\n"))
+                .unwrap();
         assert_eq!(on.status.listen, Some("127.0.0.1:8090".parse().unwrap()));
-        let err = AgentConfig::from_toml(&format!("{MINIMAL}[status]\nlisten = \"0.0.0.0:8090\"\n"))
-            .unwrap_err();
+        let err =
+            AgentConfig::from_toml(&format!("{MINIMAL}[status]\nlisten = \"0.0.0.0:8090\"\n"))
+                .unwrap_err();
         assert!(err.to_string().contains("loopback"), "{err}");
-        assert!(AgentConfig::from_toml(&format!("{MINIMAL}[status]\nlisten = \"localhost\"\n")).is_err());
+        assert!(
+            AgentConfig::from_toml(&format!("{MINIMAL}[status]\nlisten = \"localhost\"\n"))
+                .is_err()
+        );
     }
 
     #[test]

@@ -329,7 +329,10 @@ mod tests {
         let v = b.snapshot();
         assert_eq!(v.slots[0], None);
         let s = v.slots[1].as_ref().unwrap();
-        assert_eq!((s.job, s.name.as_str(), s.phase.as_str()), (7, "mc-pi#3", "running"));
+        assert_eq!(
+            (s.job, s.name.as_str(), s.phase.as_str()),
+            (7, "mc-pi#3", "running")
+        );
         let html = page(&v);
         assert!(html.contains("job 7 <b>mc-pi#3</b> (attempt 1)</td><td>running for"));
         assert!(html.contains("<b>vm-&lt;1&gt;</b>"), "escaped");

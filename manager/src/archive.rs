@@ -287,7 +287,10 @@ pub(crate) mod tests {
 
     #[test]
     fn broken_archives_are_errors() {
-        assert!(matches!(scan(&b"not gzip"[..]), Err(ArchiveError::Broken(_))));
+        assert!(matches!(
+            scan(&b"not gzip"[..]),
+            Err(ArchiveError::Broken(_))
+        ));
         let t = targz(&[("a.txt", b"0123456789")]);
         let cut = &t[..t.len() / 2];
         assert!(matches!(scan(cut), Err(ArchiveError::Broken(_))));
@@ -340,7 +343,10 @@ pub(crate) mod tests {
         cache.put(3, 1, sha, scan_of(40));
         assert!(cache.get(2, 1, sha).is_none(), "2 was used least recently");
         assert!(cache.get(1, 1, sha).is_some() && cache.get(3, 1, sha).is_some());
-        assert!(cache.get(1, 2, sha).is_none(), "another attempt is another archive");
+        assert!(
+            cache.get(1, 2, sha).is_none(),
+            "another attempt is another archive"
+        );
         cache.put(4, 1, sha, scan_of(101));
         assert!(cache.get(4, 1, sha).is_none(), "larger than the budget");
     }

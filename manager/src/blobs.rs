@@ -165,7 +165,9 @@ impl Blobs {
     pub async fn scratch_file(&self) -> Result<tokio::fs::File, BlobError> {
         let mut name = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut name);
-        let path = self.tmp_dir().join(format!("{}.scratch", hex::encode(name)));
+        let path = self
+            .tmp_dir()
+            .join(format!("{}.scratch", hex::encode(name)));
         let file = tokio::fs::OpenOptions::new()
             .read(true)
             .write(true)

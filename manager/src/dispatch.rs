@@ -779,7 +779,10 @@ mod tests {
         };
         assert_eq!(sandbox("session", "active"), 1.0);
         assert_eq!(sandbox("uid", "missing"), 1.0);
-        assert_eq!((sandbox("uid", "active"), sandbox("netns", "missing")), (0.0, 0.0));
+        assert_eq!(
+            (sandbox("uid", "active"), sandbox("netns", "missing")),
+            (0.0, 0.0)
+        );
         assert_eq!(at(&m, "copilot_reports_duplicate_total", &[]), 1.0);
         let refused_reports =
             |reason| at(&m, "copilot_reports_refused_total", &[("reason", reason)]);

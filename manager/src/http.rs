@@ -1070,7 +1070,11 @@ pub(crate) mod tests {
             .claim("agent", HOUR, Duration::ZERO)
             .unwrap()
             .unwrap();
-        let r = s.upload(&c, 1, &c.upload_token, &b"x"[..]).send().await.unwrap();
+        let r = s
+            .upload(&c, 1, &c.upload_token, &b"x"[..])
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert!(error_of(r).await.contains("expired"));
         assert_eq!(s.shared.queue.archive_of(c.job).unwrap(), None);

@@ -704,13 +704,21 @@ pub(crate) mod tests {
                         .parse::<f64>()
                         .unwrap_or_else(|_| panic!("bad le: {line}")),
                 };
-                let (prev_bound, prev) = last_bucket.insert(family.to_owned(), (bound, value)).unwrap_or((f64::NEG_INFINITY, 0.0));
+                let (prev_bound, prev) = last_bucket
+                    .insert(family.to_owned(), (bound, value))
+                    .unwrap_or((f64::NEG_INFINITY, 0.0));
                 assert!(bound > prev_bound, "buckets not in order: {line}");
                 assert!(value >= prev, "buckets not cumulative: {line}");
             }
             if kind == "histogram" && name.ends_with("_count") {
-                let (bound, inf) = last_bucket.get(family).copied().unwrap_or_else(|| panic!("count before buckets: {line}"));
-                assert!(bound == f64::INFINITY && inf == value, "the +Inf bucket is not the count: {line}");
+                let (bound, inf) = last_bucket
+                    .get(family)
+                    .copied()
+                    .unwrap_or_else(|| panic!("count before buckets: {line}"));
+                assert!(
+                    bound == f64::INFINITY && inf == value,
+                    "the +Inf bucket is not the count: {line}"
+                );
             }
             let labels: Vec<(&str, &str)> = labels
                 .iter()

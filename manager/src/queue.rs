@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use copilot_protocol::api::{FileView, JobList, JobView, OutcomeView, Stored};
-use copilot_protocol::summary::{batch_of, BatchSummary, CauseCount, HostContribution};
 use copilot_protocol::job::InputSource;
 use copilot_protocol::state::BadTransition;
+use copilot_protocol::summary::{batch_of, BatchSummary, CauseCount, HostContribution};
 use copilot_protocol::wire::{DoneReport, Outcome, Phase};
 use copilot_protocol::{JobId, JobSpec, JobState, Sha256};
 use rand::RngCore;
@@ -955,9 +955,7 @@ impl Queue {
     /// The id of the latest event (0 before the first): it changes whenever a job does.
     pub fn last_event_id(&self) -> Result<i64, QueueError> {
         let conn = self.lock();
-        Ok(conn.query_row_cached("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| {
-            r.get(0)
-        })?)
+        Ok(conn.query_row_cached("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
     }
 
     /// The newest `limit` jobs, newest first.
@@ -1003,14 +1001,16 @@ impl Queue {
         for row in rows {
             let (name, state, n, first, last, updated) = row?;
             let batch = batch_of(&name).to_owned();
-            let b = by_name.entry(batch.clone()).or_insert_with(|| BatchSummary {
-                name: batch,
-                jobs: 0,
-                counts: JobState::ALL.iter().map(|s| (*s, 0)).collect(),
-                first_id: first,
-                last_id: last,
-                updated_ms: updated,
-            });
+            let b = by_name
+                .entry(batch.clone())
+                .or_insert_with(|| BatchSummary {
+                    name: batch,
+                    jobs: 0,
+                    counts: JobState::ALL.iter().map(|s| (*s, 0)).collect(),
+                    first_id: first,
+                    last_id: last,
+                    updated_ms: updated,
+                });
             b.jobs += n;
             *b.counts.entry(parse_state(&state)?).or_default() += n;
             b.first_id = b.first_id.min(first);
@@ -1029,7 +1029,10 @@ impl Queue {
             conn.prepare_cached("SELECT outcome, note FROM jobs WHERE state = 'failed'")?;
         let mut causes: BTreeMap<String, u64> = BTreeMap::new();
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?))
+            Ok((
+                r.get::<_, Option<String>>(0)?,
+                r.get::<_, Option<String>>(1)?,
+            ))
         })?;
         for row in rows {
             let (outcome, note) = row?;
@@ -1046,10 +1049,14 @@ impl Queue {
     pub fn host_contributions(&self) -> Result<Vec<HostContribution>, QueueError> {
         let conn = self.lock();
         let mut hosts: BTreeMap<String, HostContribution> = BTreeMap::new();
-        let mut stmt =
-            conn.prepare_cached("SELECT agent, state, COUNT(*) FROM reports GROUP BY agent, state")?;
+        let mut stmt = conn
+            .prepare_cached("SELECT agent, state, COUNT(*) FROM reports GROUP BY agent, state")?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u64>(2)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u64>(2)?,
+            ))
         })?;
         let mut counted = Vec::new();
         for row in rows {
@@ -1067,7 +1074,9 @@ impl Queue {
             run.push(row?);
         }
         for (agent, state, n) in counted {
-            let h = hosts.entry(agent.clone()).or_insert_with(|| new_host(agent));
+            let h = hosts
+                .entry(agent.clone())
+                .or_insert_with(|| new_host(agent));
             match parse_state(&state)? {
                 JobState::Done => h.jobs_done += n,
                 JobState::Failed => h.jobs_failed += n,
@@ -1075,11 +1084,17 @@ impl Queue {
             }
         }
         for (agent, ms) in run {
-            let h = hosts.entry(agent.clone()).or_insert_with(|| new_host(agent));
+            let h = hosts
+                .entry(agent.clone())
+                .or_insert_with(|| new_host(agent));
             h.run_seconds += ms.unwrap_or(0.0) / 1000.0;
         }
         let mut list: Vec<HostContribution> = hosts.into_values().collect();
-        list.sort_by(|a, b| b.jobs_done.cmp(&a.jobs_done).then_with(|| a.agent.cmp(&b.agent)));
+        list.sort_by(|a, b| {
+            b.jobs_done
+                .cmp(&a.jobs_done)
+                .then_with(|| a.agent.cmp(&b.agent))
+        });
         Ok(list)
     }
 }
@@ -1151,7 +1166,10 @@ pub fn failure_cause(outcome: Option<&OutcomeView>, note: Option<&str>) -> Strin
     if let Some(why) = note
         .filter(|n| n.contains("; no retries left of "))
         .and_then(|n| n.split_once(" lost (").map(|(_, rest)| rest))
-        .and_then(|rest| rest.rsplit_once("); no retries left of ").map(|(why, _)| why))
+        .and_then(|rest| {
+            rest.rsplit_once("); no retries left of ")
+                .map(|(why, _)| why)
+        })
     {
         return format!("retries used up ({})", lost_cause(why));
     }
@@ -1650,7 +1668,11 @@ mod tests {
         let specs: Vec<JobSpec> = names.iter().map(|n| spec(n)).collect();
         let ids = f.q.submit(&specs, 0).unwrap();
         let batch: Vec<JobId> = f.q.batch_jobs("mc").unwrap().iter().map(|j| j.id).collect();
-        assert_eq!(batch, [ids[0], ids[1], ids[2], ids[4]], "mc#x and mcx#1 are not in mc");
+        assert_eq!(
+            batch,
+            [ids[0], ids[1], ids[2], ids[4]],
+            "mc#x and mcx#1 are not in mc"
+        );
         assert_eq!(f.q.batch_jobs("mc#x").unwrap().len(), 1);
         assert!(f.q.batch_jobs("m").unwrap().is_empty());
         // Four jobs end: done on a, exit 3 on b, a lease lost with no retry left, a host failure.
@@ -1689,7 +1711,12 @@ mod tests {
         assert_eq!(hosts.len(), 2);
         let a = &hosts[0];
         assert_eq!(
-            (a.agent.as_str(), a.jobs_done, a.jobs_failed, a.host_failures),
+            (
+                a.agent.as_str(),
+                a.jobs_done,
+                a.jobs_failed,
+                a.host_failures
+            ),
             ("a", 1, 1, 0),
             "the host failure failed the job for good: no retries were left"
         );
@@ -1701,7 +1728,10 @@ mod tests {
         assert_eq!(f.q.events_after(all[2].id, 2).unwrap(), all[3..5]);
         let one = f.q.job_events(ids[0]).unwrap();
         let states: Vec<JobState> = one.iter().map(|e| e.to).collect();
-        assert_eq!(states, [JobState::Queued, JobState::Assigned, JobState::Done]);
+        assert_eq!(
+            states,
+            [JobState::Queued, JobState::Assigned, JobState::Done]
+        );
         assert!(f.q.job_events(999).unwrap().is_empty());
         let recent: Vec<JobId> = f.q.recent(2).unwrap().iter().map(|j| j.id).collect();
         assert_eq!(recent, [ids[6], ids[5]]);
@@ -1709,7 +1739,10 @@ mod tests {
 
     #[test]
     fn causes_come_from_the_logged_reasons() {
-        assert_eq!(lost_cause("lease expired, no progress from a"), "lease expired");
+        assert_eq!(
+            lost_cause("lease expired, no progress from a"),
+            "lease expired"
+        );
         assert_eq!(lost_cause("vm-1: agent went offline"), "agent went offline");
         assert_eq!(lost_cause("stage-in failed: 404"), "stage-in failed");
         assert_eq!(lost_cause("setup failed: no sh"), "setup failed");

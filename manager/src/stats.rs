@@ -251,7 +251,13 @@ mod tests {
         let s = stats(&[
             ev(1, "new", Queued, 1_000, "submitted"),
             ev(2, "queued", Assigned, 2_000, "assigned to a"),
-            ev(3, "assigned", Lost, 3_000, "lease expired, no progress from a"),
+            ev(
+                3,
+                "assigned",
+                Lost,
+                3_000,
+                "lease expired, no progress from a",
+            ),
             ev(4, "lost", Queued, 3_000, "attempt 1 lost; requeued"),
             ev(5, "queued", Assigned, 4_000, "assigned to b"),
             ev(6, "assigned", Lost, 5_000, "b: agent went offline"),

@@ -106,7 +106,10 @@ fn push_bin(bins: &mut Vec<Bin>, bin: Bin, line: usize) -> Result<(), HistogramE
     if bin.hi <= bin.lo {
         return Err(line_err(
             line,
-            format!("bin upper edge {} is not above its lower edge {}", bin.hi, bin.lo),
+            format!(
+                "bin upper edge {} is not above its lower edge {}",
+                bin.hi, bin.lo
+            ),
         ));
     }
     if let Some(prev) = bins.last() {
@@ -169,9 +172,12 @@ pub fn parse_csv(text: &str) -> Result<Histogram, HistogramError> {
         }
         let [a, b, c] = *cols.get_or_insert([0, 1, 2]);
         let field = |k: usize| {
-            fields
-                .get(k)
-                .ok_or_else(|| line_err(line, format!("want at least {} columns", a.max(b).max(c) + 1)))
+            fields.get(k).ok_or_else(|| {
+                line_err(
+                    line,
+                    format!("want at least {} columns", a.max(b).max(c) + 1),
+                )
+            })
         };
         let bin = Bin {
             lo: number(line, field(a)?)?,
@@ -419,8 +425,7 @@ pub fn parse_yoda(text: &str) -> Result<Vec<Histogram>, HistogramError> {
 pub fn same_binning(a: &[Bin], b: &[Bin]) -> bool {
     let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1e-300);
     a.len() == b.len()
-        && a
-            .iter()
+        && a.iter()
             .zip(b)
             .all(|(p, q)| close(p.lo, q.lo) && close(p.hi, q.hi))
 }
@@ -598,7 +603,10 @@ END YODA_HISTO1D_V3
             ("BEGIN YODA_HISTO1D_V2 /a\nBEGIN YODA_HISTO1D_V2 /b\n", 2),
             ("stray text\n", 1),
             ("BEGIN YODA_HISTO1D_V3 /a\n1 2 3\nEND YODA_HISTO1D_V3\n", 2),
-            ("BEGIN YODA_HISTO1D_V3 /a\nEdges(A1): 0, 1\nEND YODA_HISTO1D_V3\n", 2),
+            (
+                "BEGIN YODA_HISTO1D_V3 /a\nEdges(A1): 0, 1\nEND YODA_HISTO1D_V3\n",
+                2,
+            ),
             ("BEGIN YODA_SCATTER2D /s\n1 2\nEND YODA_SCATTER2D\n", 2),
         ];
         for (text, line) in cases {

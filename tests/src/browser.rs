@@ -89,8 +89,8 @@ impl Browser {
                 Ok(())
             });
         }
-        let process =
-            Supervised::spawn("chromium", cmd, log).map_err(|e| format!("starting chromium: {e}"))?;
+        let process = Supervised::spawn("chromium", cmd, log)
+            .map_err(|e| format!("starting chromium: {e}"))?;
         // Only the child keeps its ends.
         drop((to_chrome, from_chrome));
         let (tx, answers_rx) = std::sync::mpsc::channel();
@@ -115,7 +115,11 @@ impl Browser {
             _profile: profile,
         };
         let target = b
-            .command("Target.createTarget", json!({ "url": "about:blank" }), false)
+            .command(
+                "Target.createTarget",
+                json!({ "url": "about:blank" }),
+                false,
+            )
             .map_err(|e| format!("chromium does not answer: {e}; see {}", log.display()))?;
         let target = target["targetId"].as_str().unwrap_or_default().to_owned();
         let attached = b.command(
@@ -123,7 +127,10 @@ impl Browser {
             json!({ "targetId": target, "flatten": true }),
             false,
         )?;
-        b.session = attached["sessionId"].as_str().unwrap_or_default().to_owned();
+        b.session = attached["sessionId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         b.command(
             "Emulation.setDeviceMetricsOverride",
             json!({ "width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false }),
@@ -255,7 +262,10 @@ impl Browser {
         );
         let at = self.eval(&js)?;
         let (Some(x), Some(y)) = (at[0].as_f64(), at[1].as_f64()) else {
-            return Err(format!("nothing to click: {selector} on {}", self.location()?));
+            return Err(format!(
+                "nothing to click: {selector} on {}",
+                self.location()?
+            ));
         };
         let before = self.eval("location.href")?;
         for kind in ["mouseMoved", "mousePressed", "mouseReleased"] {
@@ -267,9 +277,7 @@ impl Browser {
         }
         self.wait_for(
             &format!("the click on {selector} to lead somewhere"),
-            &format!(
-                "location.href !== {before} && document.readyState === 'complete'"
-            ),
+            &format!("location.href !== {before} && document.readyState === 'complete'"),
             ANSWER,
         )
         .map(drop)

@@ -150,7 +150,10 @@ fn dashboard_shows_the_batch_its_plots_and_the_fleet_in_chromium() {
         "clicking the job",
         b.click(&format!("tr[data-job='{}'] a", first.id)),
     );
-    assert_eq!(step("location", b.location()), format!("/ui/jobs/{}", first.id));
+    assert_eq!(
+        step("location", b.location()),
+        format!("/ui/jobs/{}", first.id)
+    );
     assert_eq!(step("outcome", b.text("#outcome")), "exited with code 0");
     for f in &first.files {
         let row = format!("tr[data-file='{}']", f.path);
@@ -159,7 +162,12 @@ fn dashboard_shows_the_batch_its_plots_and_the_fleet_in_chromium() {
             f.sha256.to_string()
         );
         assert_eq!(
-            step("a size", b.eval(&format!("document.querySelector(\"{row} td.n\").dataset.size"))),
+            step(
+                "a size",
+                b.eval(&format!(
+                    "document.querySelector(\"{row} td.n\").dataset.size"
+                ))
+            ),
             serde_json::json!(f.size.to_string())
         );
     }
@@ -189,7 +197,10 @@ fn dashboard_shows_the_batch_its_plots_and_the_fleet_in_chromium() {
         b.eval("document.querySelector(\"figure.merged path[data-label='sum']\").dataset.total"),
     );
     // Every sample of every replica falls in one bin.
-    assert_eq!(total.as_str(), Some(&*(SAMPLES * REPLICAS as u64).to_string()));
+    assert_eq!(
+        total.as_str(),
+        Some(&*(SAMPLES * REPLICAS as u64).to_string())
+    );
     step("screenshot", b.screenshot(&dir.join("batch.png")));
 
     // The fleet and the contributions, reached from the navigation.
@@ -202,7 +213,10 @@ fn dashboard_shows_the_batch_its_plots_and_the_fleet_in_chromium() {
             a.jobs_done.to_string()
         );
     }
-    step("clicking Contributions", b.click("header nav a[href='/ui/contributions']"));
+    step(
+        "clicking Contributions",
+        b.click("header nav a[href='/ui/contributions']"),
+    );
     let credited = step(
         "contributions",
         b.eval("[...document.querySelectorAll('tr[data-jobs-done]')].reduce((n, r) => n + Number(r.dataset.jobsDone), 0)"),

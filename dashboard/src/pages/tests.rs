@@ -99,7 +99,13 @@ fn the_fleet_page_marks_missing_protections_and_shows_volunteers() {
             team_id: 3,
         }),
     };
-    let b = fleet(&AgentList { agents: vec![a.clone()] }, 5_000).body;
+    let b = fleet(
+        &AgentList {
+            agents: vec![a.clone()],
+        },
+        5_000,
+    )
+    .body;
     assert!(b.contains("id=\"agents-online\">1<") && b.contains("id=\"agents-lacking\">1<"));
     assert!(b.contains("<span class=\"prot on\">session</span>"));
     assert!(b.contains("no uid</span>"));
@@ -111,7 +117,9 @@ fn the_fleet_page_marks_missing_protections_and_shows_volunteers() {
     let b = fleet(&AgentList { agents: vec![a] }, 5_000).body;
     assert!(b.contains("data-online=\"false\"") && b.contains("no job yet"));
     assert!(!b.contains("user 42"));
-    assert!(fleet(&AgentList { agents: vec![] }, 0).body.contains("No agent"));
+    assert!(fleet(&AgentList { agents: vec![] }, 0)
+        .body
+        .contains("No agent"));
 }
 
 #[test]
@@ -190,20 +198,30 @@ fn the_job_page_shows_phases_logs_files_plots_and_history() {
     assert!(b.contains("<tr data-phase=\"queued\"><td><i class=\"key ph-queued\"></i>queued</td><td>200 ms</td><td>-</td></tr>"));
     assert!(b.contains("<tr data-phase=\"running\"><td><i class=\"key ph-running\"></i>running</td><td>2.0 s</td><td>2.0 s</td></tr>"));
     assert!(b.contains("<pre class=\"text\" id=\"stdout\">…\n&lt;b&gt;pi ~ 3.14&lt;/b&gt;</pre>"));
-    assert!(b.contains(&format!("<code class=\"sha\" title=\"{0}\">{0}</code>", Sha256::of(csv.as_bytes()))));
+    assert!(b.contains(&format!(
+        "<code class=\"sha\" title=\"{0}\">{0}</code>",
+        Sha256::of(csv.as_bytes())
+    )));
     assert!(b.contains("<a href=\"/ui/jobs/3/files/_copilot/stdout.txt\" download>"));
     assert!(b.contains("✓ verified") && b.contains("✗ differs"));
     assert!(b.contains("<figure class=\"plot\" data-file=\"histogram.csv\">"));
     assert!(b.contains("data-series=\"1\" data-bins=\"2\""));
     assert!(b.contains("<code>bad.csv</code> is not plotted: line 1: header"));
     assert!(b.contains("id=\"preview-histogram.csv\""));
-    assert!(!b.contains("id=\"preview-_copilot"), "logs are shown once, as logs");
+    assert!(
+        !b.contains("id=\"preview-_copilot"),
+        "logs are shown once, as logs"
+    );
     assert!(b.contains("x &lt;y&gt;"));
 }
 
 #[test]
 fn the_batch_page_overlays_replicas_with_their_mean_and_plots_the_sum() {
-    let h = |v: f64| parse_csv(&format!("0,1,{v}\n1,2,{}\n", v * 2.0)).unwrap().bins;
+    let h = |v: f64| {
+        parse_csv(&format!("0,1,{v}\n1,2,{}\n", v * 2.0))
+            .unwrap()
+            .bins
+    };
     let replicas: Vec<Replica> = (0..3)
         .map(|i| Replica {
             job: i + 1,
@@ -212,7 +230,10 @@ fn the_batch_page_overlays_replicas_with_their_mean_and_plots_the_sum() {
         })
         .collect();
     let sum = copilot_protocol::histogram::sum(
-        &replicas.iter().map(|r| r.bins.as_slice()).collect::<Vec<_>>(),
+        &replicas
+            .iter()
+            .map(|r| r.bins.as_slice())
+            .collect::<Vec<_>>(),
     )
     .unwrap();
     let v = BatchView {
@@ -237,13 +258,7 @@ fn the_batch_page_overlays_replicas_with_their_mean_and_plots_the_sum() {
     assert!(b.contains("data-label=\"sum\" data-total=\"18\""));
     assert!(b.contains("<a href=\"/ui/jobs/2\">mc-pi#1</a>"));
     assert!(b.contains("job 9: binning differs"));
-    let none = batch(
-        &BatchView {
-            plots: vec![],
-            ..v
-        },
-        0,
-    );
+    let none = batch(&BatchView { plots: vec![], ..v }, 0);
     assert!(none.body.contains("No histograms yet"));
 }
 
@@ -282,7 +297,9 @@ fn contributions_list_hosts_and_volunteers() {
 fn the_login_form_escapes_where_it_goes_next() {
     let p = login("/ui/jobs/1\"><script>", Some("wrong token"));
     assert_eq!(p.nav, Nav::None);
-    assert!(p.body.contains("value=\"/ui/jobs/1&quot;&gt;&lt;script&gt;\""));
+    assert!(p
+        .body
+        .contains("value=\"/ui/jobs/1&quot;&gt;&lt;script&gt;\""));
     assert!(p.body.contains("id=\"login-error\">wrong token<"));
     assert!(error("No such job", "<x>").body.contains("&lt;x&gt;"));
 }

@@ -23,9 +23,7 @@ use copilot_protocol::{JobId, JobState};
 use serde::Deserialize;
 use tokio::io::AsyncSeekExt;
 
-use super::{
-    db, download, fail, internal, job_id, path, require_api, Answer, App, Fail, Served,
-};
+use super::{db, download, fail, internal, job_id, path, require_api, Answer, App, Fail, Served};
 use crate::archive::{self, ArchiveCache, ArchiveError, Contents, Member};
 use crate::fleet::now_ms;
 use crate::queue::QueueError;
@@ -232,7 +230,11 @@ impl App {
             .ok_or_else(none)?;
         let file = match db(&self.shared, move |q| q.archive_url_of(id)).await? {
             None => {
-                let blob = self.blobs.open_output(id, attempt).await?.ok_or_else(none)?;
+                let blob = self
+                    .blobs
+                    .open_output(id, attempt)
+                    .await?
+                    .ok_or_else(none)?;
                 blob.file.into_std().await
             }
             Some(url) => {
@@ -558,8 +560,14 @@ mod tests {
     #[test]
     fn excerpts_cut_on_character_boundaries_and_refuse_binary() {
         assert_eq!(text_excerpt(b"abc", 10, false), Some(("abc".into(), false)));
-        assert_eq!(text_excerpt(b"abcdef", 4, false), Some(("abcd".into(), true)));
-        assert_eq!(text_excerpt(b"abcdef", 4, true), Some(("cdef".into(), true)));
+        assert_eq!(
+            text_excerpt(b"abcdef", 4, false),
+            Some(("abcd".into(), true))
+        );
+        assert_eq!(
+            text_excerpt(b"abcdef", 4, true),
+            Some(("cdef".into(), true))
+        );
         // "é" is two bytes: cut in its middle, it is left out.
         let s = "aéé".as_bytes();
         assert_eq!(text_excerpt(s, 4, false), Some(("aé".into(), true)));

@@ -191,7 +191,10 @@ async fn work(
 
 async fn fleet(State(app): State<App>, headers: HeaderMap, uri: Uri) -> Response {
     let list = app.shared.fleet.list();
-    page(app, headers, uri, async move { Ok(pages::fleet(&list, now_ms())) }).await
+    page(app, headers, uri, async move {
+        Ok(pages::fleet(&list, now_ms()))
+    })
+    .await
 }
 
 async fn contributions(State(app): State<App>, headers: HeaderMap, uri: Uri) -> Response {
@@ -321,10 +324,8 @@ pub(super) async fn watch_stamps(
 
 fn asset(kind: &'static str, body: &'static str) -> Response {
     let mut resp = ([(header::CONTENT_TYPE, kind)], body).into_response();
-    resp.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
 
@@ -333,19 +334,15 @@ async fn style() -> Response {
 }
 
 async fn script() -> Response {
-    asset(
-        "text/javascript; charset=utf-8",
-        copilot_dashboard::APP_JS,
-    )
+    asset("text/javascript; charset=utf-8", copilot_dashboard::APP_JS)
 }
 
 /// The session cookie, valid for [`SESSION_TTL_SECS`].
 fn session_cookie(app: &App) -> HeaderValue {
     let expiry = now_secs() + SESSION_TTL_SECS;
     let value = login::mint(&app.shared.config.api_token, Purpose::Session, expiry);
-    let cookie = format!(
-        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={SESSION_TTL_SECS}"
-    );
+    let cookie =
+        format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={SESSION_TTL_SECS}");
     // Digits, a dot, hex and fixed text: a valid header value.
     HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
@@ -374,8 +371,12 @@ async fn login_page(
     };
     let next = safe_next(q.next.as_deref());
     if let Some(code) = q.code {
-        return match login::verify(&app.shared.config.api_token, Purpose::Login, &code, now_secs())
-        {
+        return match login::verify(
+            &app.shared.config.api_token,
+            Purpose::Login,
+            &code,
+            now_secs(),
+        ) {
             Ok(_) => logged_in_to(&app, &next),
             Err(e) => {
                 let p = pages::login(&next, Some(&format!("That login link does not work: {e}.")));
@@ -431,7 +432,10 @@ mod tests {
     #[test]
     fn next_stays_on_the_dashboard() {
         assert_eq!(safe_next(Some("/ui/jobs/3")), "/ui/jobs/3");
-        assert_eq!(safe_next(Some("/ui/batches/mc-pi?x=1")), "/ui/batches/mc-pi?x=1");
+        assert_eq!(
+            safe_next(Some("/ui/batches/mc-pi?x=1")),
+            "/ui/batches/mc-pi?x=1"
+        );
         for bad in [
             "https://evil.example/",
             "//evil.example/ui/",
@@ -485,7 +489,12 @@ mod served {
         let mut spec = JobSpec::new(name, &["sh", "run.sh"]);
         spec.outputs = files.iter().map(|(p, _)| (*p).to_owned()).collect();
         assert_eq!(s.submit(vec![spec]).await.status(), StatusCode::CREATED);
-        let c = s.shared.queue.claim("agent-1", HOUR, HOUR).unwrap().unwrap();
+        let c = s
+            .shared
+            .queue
+            .claim("agent-1", HOUR, HOUR)
+            .unwrap()
+            .unwrap();
         let mut all: Vec<(&str, &[u8])> = files.iter().map(|(p, d)| (*p, d.as_bytes())).collect();
         all.push((STDOUT_ENTRY, b"pi ~ 3.14\n"));
         let archive = targz(&all);
@@ -533,7 +542,10 @@ mod served {
     /// The session cookie a response sets.
     fn session(r: &Response) -> String {
         let set = r.headers()["set-cookie"].to_str().unwrap();
-        assert!(set.contains("HttpOnly") && set.contains("SameSite=Lax"), "{set}");
+        assert!(
+            set.contains("HttpOnly") && set.contains("SameSite=Lax"),
+            "{set}"
+        );
         set.split(';').next().unwrap().to_owned()
     }
 
@@ -547,7 +559,11 @@ mod served {
         assert_eq!(location(&r), "/ui/login?next=%2Fui%2Fbatches%2Fx%3Fy%3D1");
         let r = get("/").send().await.unwrap();
         assert_eq!(location(&r), "/ui/");
-        let r = get("/ui/").header("x-copilot-partial", "1").send().await.unwrap();
+        let r = get("/ui/")
+            .header("x-copilot-partial", "1")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "a refreshing page");
         for path in ["/ui/events", "/ui/jobs/1/files/a.txt", "/ui/jobs/1/output"] {
             let r = get(path).send().await.unwrap();
@@ -560,8 +576,15 @@ mod served {
 
         // A login code: a cookie, and on to where the link said.
         let now = super::now_secs();
-        let code = mint(TOKEN, copilot_protocol::login::Purpose::Login, now + LOGIN_CODE_TTL_SECS);
-        let r = get(&format!("/ui/login?code={code}&next=/ui/fleet")).send().await.unwrap();
+        let code = mint(
+            TOKEN,
+            copilot_protocol::login::Purpose::Login,
+            now + LOGIN_CODE_TTL_SECS,
+        );
+        let r = get(&format!("/ui/login?code={code}&next=/ui/fleet"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::SEE_OTHER);
         assert_eq!(location(&r), "/ui/fleet");
         assert_eq!(r.headers()["referrer-policy"], "no-referrer");
@@ -592,18 +615,26 @@ mod served {
         let r = post("token=nope&next=%2Fui%2Ffleet").await.unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert!(r.text().await.unwrap().contains("not this manager"));
-        let r = post(&format!("token={TOKEN}&next=https%3A%2F%2Fevil.example%2F")).await.unwrap();
+        let r = post(&format!("token={TOKEN}&next=https%3A%2F%2Fevil.example%2F"))
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::SEE_OTHER);
         assert_eq!(location(&r), "/ui/", "only dashboard paths");
         session(&r);
         let r = get("/ui/fleet").bearer_auth(TOKEN).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         let r = get("/ui/logout").send().await.unwrap();
-        assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+        assert!(r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0"));
         // Assets need no login.
         let r = get("/ui/assets/app.js").send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
-        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/javascript"));
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript"));
         assert!(r.text().await.unwrap().contains("EventSource"));
     }
 
@@ -612,14 +643,23 @@ mod served {
         let s = &Server::start().await;
         let ids = [
             finish(s, "mc#0", &[("histogram.csv", CSV)]).await,
-            finish(s, "mc#1", &[("histogram.csv", "lo,hi,count\n0,1,1\n1,2,1\n")]).await,
+            finish(
+                s,
+                "mc#1",
+                &[("histogram.csv", "lo,hi,count\n0,1,1\n1,2,1\n")],
+            )
+            .await,
         ];
         let api = |path: String| async move {
             let r = s.get(&path).await;
             assert_eq!(r.status(), StatusCode::OK, "{path}");
             r
         };
-        let sum: Summary = api("/api/summary?window=10m".into()).await.json().await.unwrap();
+        let sum: Summary = api("/api/summary?window=10m".into())
+            .await
+            .json()
+            .await
+            .unwrap();
         assert_eq!(sum.counts[&JobState::Done], 2);
         assert_eq!(sum.activity.done.iter().sum::<u64>(), 2);
         assert_eq!(sum.activity.bucket_ms, 10_000);
@@ -628,11 +668,20 @@ mod served {
         let r = s.get("/api/summary?window=often").await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
-        let ev: JobEvents = api(format!("/api/jobs/{}/events", ids[0])).await.json().await.unwrap();
+        let ev: JobEvents = api(format!("/api/jobs/{}/events", ids[0]))
+            .await
+            .json()
+            .await
+            .unwrap();
         let states: Vec<JobState> = ev.events.iter().map(|e| e.to).collect();
         assert_eq!(
             states,
-            [JobState::Queued, JobState::Assigned, JobState::Uploading, JobState::Done]
+            [
+                JobState::Queued,
+                JobState::Assigned,
+                JobState::Uploading,
+                JobState::Done
+            ]
         );
         let r = api(format!("/api/jobs/{}/files/histogram.csv", ids[0])).await;
         assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
@@ -650,10 +699,16 @@ mod served {
         assert_eq!(batch.jobs.len(), 2);
         assert_eq!(batch.plots.len(), 1);
         let plot = &batch.plots[0];
-        assert_eq!((plot.path.as_str(), plot.replicas.len()), ("histogram.csv", 2));
+        assert_eq!(
+            (plot.path.as_str(), plot.replicas.len()),
+            ("histogram.csv", 2)
+        );
         let sums: Vec<f64> = plot.sum.as_ref().unwrap().iter().map(|b| b.value).collect();
         assert_eq!(sums, [4.0, 6.0]);
-        assert_eq!(s.get("/api/batches/m").await.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            s.get("/api/batches/m").await.status(),
+            StatusCode::NOT_FOUND
+        );
 
         let c: Contributions = api("/api/contributions".into()).await.json().await.unwrap();
         assert_eq!(c.hosts.len(), 1);
@@ -672,7 +727,10 @@ mod served {
         assert!(job.contains("pi ~ 3.14"));
         assert!(job.contains(&format!("href=\"/ui/jobs/{}/files/histogram.csv\"", ids[0])));
         let batch = page("/ui/batches/mc".into()).await;
-        assert!(batch.contains("data-series=\"3\" data-bins=\"2\""), "two replicas and the mean");
+        assert!(
+            batch.contains("data-series=\"3\" data-bins=\"2\""),
+            "two replicas and the mean"
+        );
         assert!(batch.contains("data-label=\"sum\" data-total=\"10\""));
         let work = page("/ui/".into()).await;
         assert!(work.contains("id=\"count-done\">2<"));
@@ -686,7 +744,9 @@ mod served {
         assert!(partial.headers().contains_key("x-copilot-stamp"));
         let body = partial.text().await.unwrap();
         assert!(body.starts_with("<h1>Fleet</h1>") && !body.contains("<html"));
-        assert!(page("/ui/contributions".into()).await.contains("data-jobs-done=\"2\""));
+        assert!(page("/ui/contributions".into())
+            .await
+            .contains("data-jobs-done=\"2\""));
         let r = s.get("/ui/jobs/77").await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert!(r.text().await.unwrap().contains("there is no job 77"));
