@@ -332,6 +332,23 @@ fn time_axis(a: &Activity, end_ms: u64) -> (Axis, Vec<(f64, String)>) {
     (x, t)
 }
 
+/// Draw the axes of an activity plot, time across and counts up to `peak` (at least 1) up;
+/// returns both.
+fn time_and_count_axes(s: &mut String, a: &Activity, peak: u64) -> (Axis, Axis) {
+    let end_ms = a.start_ms + a.bucket_ms * a.done.len().max(a.queued.len()) as u64;
+    let (x, x_ticks) = time_axis(a, end_ms);
+    let peak = peak.max(1) as f64;
+    let y_step = count_step(peak, 5);
+    let y = Axis {
+        lo: 0.0,
+        hi: (peak / y_step).ceil() * y_step,
+        a: HEIGHT - BOTTOM,
+        b: TOP,
+    };
+    axes(s, &x, &y, &x_ticks, y_step);
+    (x, y)
+}
+
 /// Jobs done and failed per bucket as stacked bars, and attempts started (the dispatch rate)
 /// as a line, over the activity's window.
 pub fn throughput(a: &Activity) -> String {
@@ -350,24 +367,14 @@ pub fn throughput(a: &Activity) -> String {
         "jobs finished and attempts started over time",
         &data,
     );
-    let end_ms = a.start_ms + a.bucket_ms * n as u64;
-    let (x, x_ticks) = time_axis(a, end_ms);
     let peak = (0..n)
         .map(|i| {
             let stacked = a.done[i] + a.failed.get(i).copied().unwrap_or(0);
             stacked.max(a.assigned.get(i).copied().unwrap_or(0))
         })
         .max()
-        .unwrap_or(0)
-        .max(1) as f64;
-    let y_step = count_step(peak, 5);
-    let y = Axis {
-        lo: 0.0,
-        hi: (peak / y_step).ceil() * y_step,
-        a: HEIGHT - BOTTOM,
-        b: TOP,
-    };
-    axes(&mut s, &x, &y, &x_ticks, y_step);
+        .unwrap_or(0);
+    let (x, y) = time_and_count_axes(&mut s, a, peak);
     let secs = |i: usize| -(n as f64 - i as f64) * a.bucket_ms as f64 / 1000.0;
     let w = (x.px(secs(1)) - x.px(secs(0))).max(1.0);
     let bar_w = (w * 0.8).max(1.0);
@@ -417,17 +424,8 @@ pub fn queue_depth(a: &Activity) -> String {
         "jobs queued over time",
         &format!("data-queued-now=\"{now}\""),
     );
-    let end_ms = a.start_ms + a.bucket_ms * n as u64;
-    let (x, x_ticks) = time_axis(a, end_ms);
-    let peak = a.queued.iter().copied().max().unwrap_or(0).max(1) as f64;
-    let y_step = count_step(peak, 5);
-    let y = Axis {
-        lo: 0.0,
-        hi: (peak / y_step).ceil() * y_step,
-        a: HEIGHT - BOTTOM,
-        b: TOP,
-    };
-    axes(&mut s, &x, &y, &x_ticks, y_step);
+    let peak = a.queued.iter().copied().max().unwrap_or(0);
+    let (x, y) = time_and_count_axes(&mut s, a, peak);
     let bins: Vec<Bin> = a
         .queued
         .iter()

@@ -579,21 +579,46 @@ async fn job_output(
     serve_output(&app, job_id(id)?).await
 }
 
-/// The stored output archive of job `id`, from the storage service or the Chirp output store.
-async fn serve_output(app: &App, id: JobId) -> Answer<Response> {
-    let none = || {
-        fail(
-            StatusCode::NOT_FOUND,
-            format!("job {id} has no stored output archive (yet)"),
-        )
-    };
+/// Where the stored output archive of job `id` is: the attempt that made it, what was stored,
+/// and its Chirp URL when it is not in the manager's own store.
+async fn stored_archive(app: &App, id: JobId) -> Answer<(u32, Stored, Option<String>)> {
     let (attempt, st) = db(&app.shared, move |q| q.archive_of(id))
         .await?
-        .ok_or_else(none)?;
-    if let Some(url) = db(&app.shared, move |q| q.archive_url_of(id)).await? {
+        .ok_or_else(|| no_archive(id))?;
+    let url = db(&app.shared, move |q| q.archive_url_of(id)).await?;
+    Ok((attempt, st, url))
+}
+
+fn no_archive(id: JobId) -> Fail {
+    fail(
+        StatusCode::NOT_FOUND,
+        format!("job {id} has no stored output archive (yet)"),
+    )
+}
+
+/// The Chirp output store that holds the archive at `url`.
+fn chirp_store(app: &App, url: &str) -> Answer<Arc<crate::chirp_outputs::ChirpOutputs>> {
+    app.shared.outputs.clone().ok_or_else(|| {
+        fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the archive is in {url}, but this manager has no Chirp output store configured"
+            ),
+        )
+    })
+}
+
+/// The stored output archive of job `id`, from the storage service or the Chirp output store.
+async fn serve_output(app: &App, id: JobId) -> Answer<Response> {
+    let (attempt, st, url) = stored_archive(app, id).await?;
+    if let Some(url) = url {
         return chirp_output(app, url, st);
     }
-    let blob = app.blobs.open_output(id, attempt).await?.ok_or_else(none)?;
+    let blob = app
+        .blobs
+        .open_output(id, attempt)
+        .await?
+        .ok_or_else(|| no_archive(id))?;
     Ok(download(
         app,
         ReaderStream::new(blob.file),
@@ -607,14 +632,7 @@ async fn serve_output(app: &App, id: JobId) -> Answer<Response> {
 /// Streams an archive kept in the Chirp output store. A failure half-way cuts the body (the
 /// client sees fewer bytes than the length says, and its digest check fails).
 fn chirp_output(app: &App, url: String, st: Stored) -> Answer<Response> {
-    let Some(outputs) = app.shared.outputs.clone() else {
-        return Err(fail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the archive is in {url}, but this manager has no Chirp output store configured"
-            ),
-        ));
-    };
+    let outputs = chirp_store(app, &url)?;
     let (mut writer, reader) = tokio::io::duplex(256 * 1024);
     tokio::spawn(async move {
         if let Err(e) = outputs.read(&url, &mut writer).await {

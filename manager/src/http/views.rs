@@ -23,7 +23,10 @@ use copilot_protocol::{JobId, JobState};
 use serde::Deserialize;
 use tokio::io::AsyncSeekExt;
 
-use super::{db, download, fail, internal, job_id, path, require_api, Answer, App, Fail, Served};
+use super::{
+    chirp_store, db, download, fail, internal, job_id, no_archive, path, require_api,
+    stored_archive, Answer, App, Fail, Served,
+};
 use crate::archive::{self, ArchiveCache, ArchiveError, Contents, Member};
 use crate::fleet::now_ms;
 use crate::queue::QueueError;
@@ -219,31 +222,18 @@ impl App {
 
     /// The stored archive of `id` opened for reading from the start, and what it is.
     async fn open_archive(&self, id: JobId) -> Answer<(std::fs::File, u32, Stored)> {
-        let none = || {
-            fail(
-                StatusCode::NOT_FOUND,
-                format!("job {id} has no stored output archive (yet)"),
-            )
-        };
-        let (attempt, st) = db(&self.shared, move |q| q.archive_of(id))
-            .await?
-            .ok_or_else(none)?;
-        let file = match db(&self.shared, move |q| q.archive_url_of(id)).await? {
+        let (attempt, st, url) = stored_archive(self, id).await?;
+        let file = match url {
             None => {
                 let blob = self
                     .blobs
                     .open_output(id, attempt)
                     .await?
-                    .ok_or_else(none)?;
+                    .ok_or_else(|| no_archive(id))?;
                 blob.file.into_std().await
             }
             Some(url) => {
-                let outputs = self.shared.outputs.clone().ok_or_else(|| {
-                    fail(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("the archive is in {url}, but this manager has no Chirp output store configured"),
-                    )
-                })?;
+                let outputs = chirp_store(self, &url)?;
                 let mut spool = self.blobs.scratch_file().await?;
                 outputs.read(&url, &mut spool).await.map_err(internal)?;
                 spool.rewind().await.map_err(internal)?;
@@ -477,7 +467,10 @@ impl App {
     }
 }
 
-fn named_job(id: Result<Path<(String, String)>, PathRejection>) -> Answer<(JobId, String)> {
+/// A job id and the rest of the path (a file in its archive).
+pub(super) fn named_job(
+    id: Result<Path<(String, String)>, PathRejection>,
+) -> Answer<(JobId, String)> {
     let (id, rest) = path(id)?;
     let id = job_id(Ok(Path(id)))?;
     Ok((id, rest))
@@ -544,13 +537,6 @@ pub(super) async fn batch(
 pub(super) async fn contributions(State(app): State<App>, headers: HeaderMap) -> Answer<Response> {
     require_api(&app, &headers)?;
     Ok(Json(app.contributions().await?).into_response())
-}
-
-/// Reads a job id and the rest of a path for the dashboard's file routes.
-pub(super) fn job_and_file(
-    p: Result<Path<(String, String)>, PathRejection>,
-) -> Answer<(JobId, String)> {
-    named_job(p)
 }
 
 #[cfg(test)]

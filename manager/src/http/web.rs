@@ -251,7 +251,7 @@ async fn job_file(
     headers: HeaderMap,
 ) -> Answer<Response> {
     require_login(&app, &headers)?;
-    let (id, file) = views::job_and_file(p)?;
+    let (id, file) = views::named_job(p)?;
     app.file(id, file).await
 }
 
