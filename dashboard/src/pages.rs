@@ -660,6 +660,9 @@ pub fn job(d: &JobDetail) -> Page {
     }
 }
 
+/// Jobs listed on a batch's page (the API and `copilot batch` have them all).
+pub const BATCH_ROWS: usize = 200;
+
 /// The bin-by-bin mean of `sum` over `n` replicas.
 fn mean(sum: &[Bin], n: usize) -> Vec<Bin> {
     sum.iter()
@@ -774,11 +777,22 @@ pub fn batch(v: &BatchView, now_ms: u64) -> Page {
     for p in &v.plots {
         batch_plot(&mut b, p);
     }
+    let shown = &v.jobs[..v.jobs.len().min(BATCH_ROWS)];
     let _ = write!(
         b,
-        "</section><section class=\"panel\"><h2>Jobs</h2>{}</section>",
-        jobs_table(&v.jobs, now_ms)
+        "</section><section class=\"panel\"><h2>Jobs</h2>{}",
+        jobs_table(shown, now_ms)
     );
+    if v.jobs.len() > shown.len() {
+        let _ = write!(
+            b,
+            "<p class=\"note\">The first {} of {} jobs; all of them: <code>copilot batch {}</code>.</p>",
+            shown.len(),
+            v.jobs.len(),
+            esc(&v.name)
+        );
+    }
+    b.push_str("</section>");
     Page {
         title: format!("Batch {}", v.name),
         nav: Nav::Work,

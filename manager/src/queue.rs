@@ -122,6 +122,9 @@ pub enum Completion {
 /// The durable job queue. Cheap operations behind one connection; `Send + Sync`.
 pub struct Queue {
     conn: Mutex<Connection>,
+    /// A read-only connection for the reads for people (dashboard, summaries): in WAL mode it
+    /// reads a snapshot without waiting for, or holding up, the connection that dispatches.
+    reader: Mutex<Connection>,
     clock: Clock,
 }
 
@@ -436,8 +439,14 @@ impl Queue {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut conn)?;
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(Duration::from_secs(5))?;
         Ok(Queue {
             conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
             clock,
         })
     }
@@ -923,13 +932,19 @@ pub struct EventRow {
     pub why: String,
 }
 
-/// Reads for people (the dashboard and the summary API). None of them writes, and none is on
-/// the dispatch path; each is one statement over an index or the row id, except the batch and
-/// contribution summaries, which scan the jobs and reports tables once.
+/// Reads for people (the dashboard and the summary API), on the read-only connection: none of
+/// them writes or takes the lock the dispatch path uses. Each is one statement over an index or
+/// the row id, except the batch, failure and contribution summaries, which scan the jobs and
+/// reports tables once.
 impl Queue {
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        // A read-only connection holds no transaction between calls: keep serving.
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Up to `limit` events after event `after`, oldest first (the row id orders them).
     pub fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, QueueError> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT id, job, attempt, from_state, to_state, at, why FROM events
              WHERE id > ?1 ORDER BY id LIMIT ?2",
@@ -943,7 +958,7 @@ impl Queue {
         if !storable(job) {
             return Ok(Vec::new());
         }
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT id, job, attempt, from_state, to_state, at, why FROM events
              WHERE job = ?1 ORDER BY id",
@@ -954,13 +969,13 @@ impl Queue {
 
     /// The id of the latest event (0 before the first): it changes whenever a job does.
     pub fn last_event_id(&self) -> Result<i64, QueueError> {
-        let conn = self.lock();
+        let conn = self.read();
         Ok(conn.query_row_cached("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
     }
 
     /// The newest `limit` jobs, newest first.
     pub fn recent(&self, limit: u32) -> Result<Vec<JobView>, QueueError> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached("SELECT * FROM jobs ORDER BY id DESC LIMIT ?1")?;
         let jobs = stmt.query_map([limit], view)?;
         jobs.map(|r| r?).collect()
@@ -968,7 +983,7 @@ impl Queue {
 
     /// The jobs of batch `name` (named `name#0`, `name#1`, …, or `name` itself), by id.
     pub fn batch_jobs(&self, name: &str) -> Result<Vec<JobView>, QueueError> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT * FROM jobs WHERE name = ?1
              OR (substr(name, 1, length(?1) + 1) = ?1 || '#'
@@ -982,7 +997,7 @@ impl Queue {
 
     /// Every batch with its counts by state, newest first.
     pub fn batches(&self) -> Result<Vec<BatchSummary>, QueueError> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT name, state, COUNT(*), MIN(id), MAX(id), MAX(updated) FROM jobs
              GROUP BY name, state",
@@ -1024,7 +1039,7 @@ impl Queue {
 
     /// Failed jobs by cause, most frequent first (see [`failure_cause`]).
     pub fn failure_causes(&self) -> Result<Vec<CauseCount>, QueueError> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt =
             conn.prepare_cached("SELECT outcome, note FROM jobs WHERE state = 'failed'")?;
         let mut causes: BTreeMap<String, u64> = BTreeMap::new();
@@ -1047,7 +1062,7 @@ impl Queue {
     /// What each agent did, from the recorded reports: jobs done and failed, host failures, and
     /// the run time of its done jobs; most jobs done first.
     pub fn host_contributions(&self) -> Result<Vec<HostContribution>, QueueError> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut hosts: BTreeMap<String, HostContribution> = BTreeMap::new();
         let mut stmt = conn
             .prepare_cached("SELECT agent, state, COUNT(*) FROM reports GROUP BY agent, state")?;
@@ -1733,8 +1748,12 @@ mod tests {
             [JobState::Queued, JobState::Assigned, JobState::Done]
         );
         assert!(f.q.job_events(999).unwrap().is_empty());
+        // While the dispatching connection is busy in a write, people still read.
+        let writer = f.q.lock();
+        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
         let recent: Vec<JobId> = f.q.recent(2).unwrap().iter().map(|j| j.id).collect();
         assert_eq!(recent, [ids[6], ids[5]]);
+        writer.execute_batch("ROLLBACK").unwrap();
     }
 
     #[test]

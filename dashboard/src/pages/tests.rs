@@ -258,8 +258,18 @@ fn the_batch_page_overlays_replicas_with_their_mean_and_plots_the_sum() {
     assert!(b.contains("data-label=\"sum\" data-total=\"18\""));
     assert!(b.contains("<a href=\"/ui/jobs/2\">mc-pi#1</a>"));
     assert!(b.contains("job 9: binning differs"));
-    let none = batch(&BatchView { plots: vec![], ..v }, 0);
-    assert!(none.body.contains("No histograms yet"));
+    assert!(!b.contains("The first"));
+    let many = BatchView {
+        plots: vec![],
+        jobs: (0..BATCH_ROWS as u64 + 5)
+            .map(|i| job_view(i, &format!("mc-pi#{i}"), JobState::Queued))
+            .collect(),
+        ..v
+    };
+    let b = batch(&many, 0).body;
+    assert!(b.contains("No histograms yet"));
+    assert_eq!(b.matches("<tr data-job=").count(), BATCH_ROWS);
+    assert!(b.contains("The first 200 of 205 jobs"));
 }
 
 #[test]
