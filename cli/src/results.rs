@@ -11,7 +11,7 @@ use copilot_protocol::{JobId, Sha256};
 use futures::StreamExt;
 
 use crate::client::{Client, ClientError};
-use crate::unpack::{unpack, UnpackError, Unpacked};
+use copilot_archive::unpack::{unpack, UnpackError, Unpacked};
 
 /// Why results could not be fetched or did not verify.
 #[derive(Debug, thiserror::Error)]

@@ -17,10 +17,10 @@ use copilot_storage::Url;
 
 use crate::cache::InputCache;
 use crate::config::{AgentConfig, DEFAULT_OUTPUT, DEFAULT_WALL_TIME};
-use crate::pack::{pack, Packed};
 use crate::sandbox::{PayloadRunner, RunRequest, SandboxRunner};
 use crate::stage::{stage_inputs, Sources};
 use crate::transfer::JobCredentials;
+use copilot_archive::pack::{pack, Packed};
 
 /// Why an executor could not be set up (job failures never surface as errors).
 #[derive(Debug, thiserror::Error)]
@@ -404,8 +404,9 @@ mod tests {
     use copilot_protocol::Sha256;
 
     use super::*;
-    use crate::pack::{STDERR_ENTRY, STDOUT_ENTRY};
-    use crate::testutil::{settings, unpack};
+    use crate::testutil::settings;
+    use copilot_archive::pack::{STDERR_ENTRY, STDOUT_ENTRY};
+    use copilot_archive::testutil::unpack;
     use copilot_storage::testserver::TestServer;
 
     struct Setup {

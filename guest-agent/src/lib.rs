@@ -6,7 +6,6 @@
 pub mod cache;
 pub mod config;
 pub mod executor;
-pub mod pack;
 pub mod sandbox;
 pub mod session;
 pub mod stage;

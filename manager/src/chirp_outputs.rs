@@ -32,7 +32,8 @@ const ARCHIVE: &str = "output.tar.gz";
 pub struct Slot {
     /// `chirp://host:port/<base>/up-<random>/output.tar.gz`
     pub url: String,
-    /// The ticket's private key (PEM): the attempt's upload credential.
+    /// The ticket's private key (PEM on one line, see `Ticket::to_token`): the attempt's upload
+    /// credential.
     pub ticket_pem: String,
 }
 
@@ -128,7 +129,7 @@ impl ChirpOutputs {
         let url = format!("chirp://{}{}/{ARCHIVE}", self.addr, encode(&dir));
         Ok(Slot {
             url,
-            ticket_pem: ticket.to_pem()?,
+            ticket_pem: ticket.to_token()?,
         })
     }
 

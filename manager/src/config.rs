@@ -410,6 +410,27 @@ impl ManagerConfig {
         Ok(())
     }
 
+    /// A manager on loopback: data in `data_dir`, HTTP on `listen`, everything else default
+    /// (XMPP at 127.0.0.1:5222, which in-process users may never reach).
+    pub fn loopback(data_dir: &Path, api_token: &str, listen: SocketAddr) -> ManagerConfig {
+        ManagerConfig {
+            data_dir: data_dir.to_owned(),
+            api_token: api_token.to_owned(),
+            xmpp: XmppConfig {
+                jid: "m@localhost".into(),
+                password: "pw".into(),
+                server: "127.0.0.1:5222".into(),
+            },
+            http: HttpConfig {
+                listen,
+                public_url: format!("http://{listen}"),
+                ..HttpConfig::default()
+            },
+            jobs: JobsConfig::default(),
+            outputs: OutputsConfig::default(),
+        }
+    }
+
     /// Path of the queue database.
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("queue.db")

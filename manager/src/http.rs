@@ -46,29 +46,46 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let blobs = Blobs::open(&shared.config.data_dir)
-        .await
-        .map_err(std::io::Error::other)?;
-    let (stamp_tx, stamps) = tokio::sync::watch::channel(String::new());
-    let app = App {
-        shared,
-        blobs,
-        views: Arc::new(views::Views::new()),
-        stamps,
-    };
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    // Ends at shutdown, which ends the pages' event streams, so the server can stop.
-    tokio::spawn(web::watch_stamps(app.clone(), stamp_tx, stop.clone()));
-    let mut stopped = stop;
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        })
+    axum::serve(listener, app_until(shared, stop.clone()).await?)
+        .with_graceful_shutdown(web::stopped(stop))
         .await
+}
+
+/// The HTTP service of `shared` as a router (its blob store opened). Its dashboard's event
+/// streams end when the router is dropped.
+pub async fn app(shared: Arc<Shared>) -> std::io::Result<Router> {
+    // The sender is dropped at once: nothing will say stop.
+    app_until(shared, tokio::sync::watch::channel(false).1).await
+}
+
+/// [`app`], whose dashboard's event streams also end once `stop` says so (so that a graceful
+/// shutdown does not wait for open pages).
+async fn app_until(
+    shared: Arc<Shared>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<Router> {
+    let blobs = Blobs::open(&shared.config.data_dir)
+        .await
+        .map_err(std::io::Error::other)?;
+    let views = Arc::new(views::Views::new());
+    let (stamp_tx, stamps) = tokio::sync::watch::channel(String::new());
+    tokio::spawn(web::watch_stamps(
+        shared.clone(),
+        views.clone(),
+        stamp_tx,
+        stop,
+    ));
+    Ok(router(App {
+        shared,
+        blobs,
+        views,
+        stamps,
+    }))
 }
 
 #[derive(Clone)]
@@ -76,21 +93,26 @@ struct App {
     shared: Arc<Shared>,
     blobs: Blobs,
     views: Arc<views::Views>,
-    /// The latest stamp of jobs and agents (see [`App::stamp`]), for the dashboard's events.
+    /// The latest stamp of jobs and agents (see [`stamp`]), for the dashboard's events.
     stamps: tokio::sync::watch::Receiver<String>,
 }
 
+/// A stamp of the state of jobs and agents: it changes whenever a job changes state or an
+/// agent comes, goes, takes or finishes a job.
+async fn stamp(shared: &Arc<Shared>) -> Answer<String> {
+    use std::hash::{Hash, Hasher};
+    let last = db(shared, |q| q.last_event_id()).await?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for a in shared.fleet.list().agents {
+        (a.name, a.online, a.running, a.version, a.jobs_done).hash(&mut h);
+    }
+    Ok(format!("{last}-{:x}", h.finish()))
+}
+
 impl App {
-    /// A stamp of the state of jobs and agents: it changes whenever a job changes state or an
-    /// agent comes, goes, takes or finishes a job.
+    /// See [`stamp`].
     async fn stamp(&self) -> Answer<String> {
-        use std::hash::{Hash, Hasher};
-        let last = db(&self.shared, |q| q.last_event_id()).await?;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for a in self.shared.fleet.list().agents {
-            (a.name, a.online, a.running, a.version, a.jobs_done).hash(&mut h);
-        }
-        Ok(format!("{last}-{:x}", h.finish()))
+        stamp(&self.shared).await
     }
 }
 
@@ -667,8 +689,7 @@ pub(crate) mod tests {
     use reqwest::{Client, RequestBuilder};
 
     use super::*;
-    use crate::config::{HttpConfig, JobsConfig, ManagerConfig, XmppConfig};
-    use crate::fleet::Fleet;
+    use crate::config::{HttpConfig, ManagerConfig};
     use crate::queue::Claim;
 
     const TOKEN: &str = "api-token-for-tests";
@@ -691,35 +712,15 @@ pub(crate) mod tests {
             let dir = tempfile::tempdir().unwrap();
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let config = ManagerConfig {
-                data_dir: dir.path().to_owned(),
-                api_token: TOKEN.into(),
-                xmpp: XmppConfig {
-                    jid: "m@localhost".into(),
-                    password: "pw".into(),
-                    server: "127.0.0.1:5222".into(),
-                },
-                http: HttpConfig {
-                    listen: addr,
-                    public_url: format!("http://{addr}"),
-                    ..http
-                },
-                jobs: JobsConfig {
-                    max_output_size: Bytes(1000),
-                    max_input_size: Bytes(1000),
-                    ..JobsConfig::default()
-                },
-                outputs: Default::default(),
+            let mut config = ManagerConfig::loopback(dir.path(), TOKEN, addr);
+            config.http = HttpConfig {
+                listen: addr,
+                public_url: format!("http://{addr}"),
+                ..http
             };
-            let queue = Queue::open(&config.db_path()).unwrap();
-            let shared = Arc::new(Shared {
-                config,
-                queue,
-                fleet: Fleet::new(),
-                work_available: tokio::sync::Notify::new(),
-                outputs: None,
-                metrics: crate::metrics::Metrics::new(),
-            });
+            config.jobs.max_output_size = Bytes(1000);
+            config.jobs.max_input_size = Bytes(1000);
+            let shared = Arc::new(Shared::open(config, None).unwrap());
             tokio::spawn(serve(listener, shared.clone(), std::future::pending()));
             Server {
                 _dir: dir,

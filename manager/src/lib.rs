@@ -7,6 +7,8 @@ pub mod chirp_outputs;
 pub mod config;
 pub mod dispatch;
 pub mod fleet;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod queue;
@@ -26,6 +28,23 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// The Chirp output store, when `[outputs] chirp` is set.
     pub outputs: Option<std::sync::Arc<chirp_outputs::ChirpOutputs>>,
+}
+
+impl Shared {
+    /// The state of a manager with `config`: its queue opened, no agent known yet.
+    pub fn open(
+        config: config::ManagerConfig,
+        outputs: Option<std::sync::Arc<chirp_outputs::ChirpOutputs>>,
+    ) -> Result<Shared, queue::QueueError> {
+        Ok(Shared {
+            queue: queue::Queue::open(&config.db_path())?,
+            config,
+            fleet: Fleet::new(),
+            work_available: tokio::sync::Notify::new(),
+            metrics: metrics::Metrics::new(),
+            outputs,
+        })
+    }
 }
 
 /// Why the manager stopped.
@@ -65,7 +84,6 @@ pub async fn run(
         path: config.data_dir.clone(),
         source,
     })?;
-    let queue = queue::Queue::open(&config.db_path())?;
     let outputs = match &config.outputs.chirp {
         None => None,
         Some(url) => Some(Arc::new(
@@ -89,14 +107,7 @@ pub async fn run(
         password: config.xmpp.password.clone(),
         server: config.xmpp.server.clone(),
     })?;
-    let shared = Arc::new(Shared {
-        config,
-        queue,
-        fleet: Fleet::new(),
-        work_available: tokio::sync::Notify::new(),
-        metrics: metrics::Metrics::new(),
-        outputs: outputs.clone(),
-    });
+    let shared = Arc::new(Shared::open(config, outputs.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

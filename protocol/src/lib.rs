@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod digest;
+pub mod fuzzing;
 pub mod histogram;
 pub mod job;
 pub mod login;

@@ -47,6 +47,8 @@ const ARCHIVE_CACHE: usize = 64 << 20;
 pub(super) struct Views {
     pub(super) stats: Stats,
     pub(super) archives: ArchiveCache,
+    /// Dashboard pages listening to the event stream now.
+    pub(super) listeners: std::sync::atomic::AtomicUsize,
 }
 
 impl Views {
@@ -54,6 +56,7 @@ impl Views {
         Views {
             stats: Stats::new(),
             archives: ArchiveCache::new(ARCHIVE_CACHE),
+            listeners: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }

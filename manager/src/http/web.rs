@@ -10,6 +10,8 @@
 //! everybody out. Pages are sent with a strict content security policy: only the manager's own
 //! script and styles, no frames, no other origin.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
@@ -24,10 +26,11 @@ use copilot_dashboard::{document, pages, Page};
 use copilot_protocol::login::{self, Purpose, SESSION_TTL_SECS};
 use serde::Deserialize;
 
-use super::views::{self, SummaryQuery, RECENT};
-use super::{bearer, db, job_id, path, Answer, App, Fail};
+use super::views::{self, SummaryQuery, Views, RECENT};
+use super::{bearer, db, job_id, path, stamp, Answer, App, Fail};
 use crate::fleet::now_ms;
 use crate::queue::same_token;
+use crate::Shared;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "copilot_session";
@@ -264,10 +267,27 @@ async fn job_output(
     super::serve_output(&app, job_id(id)?).await
 }
 
+/// Counts one page listening to the event stream while alive.
+struct Listening(Arc<Views>);
+
+impl Listening {
+    fn new(views: Arc<Views>) -> Listening {
+        views.listeners.fetch_add(1, Ordering::Relaxed);
+        Listening(views)
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.listeners.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// `change` events whose id is the stamp of jobs and agents: one at once, then one whenever it
 /// changes. Ends when the manager stops.
 async fn events(State(app): State<App>, headers: HeaderMap) -> Answer<Response> {
     require_login(&app, &headers)?;
+    let listening = Listening::new(app.views.clone());
     let mut rx = app.stamps.clone();
     let first = app.stamp().await?;
     rx.mark_unchanged();
@@ -275,39 +295,54 @@ async fn events(State(app): State<App>, headers: HeaderMap) -> Answer<Response> 
     let now = futures::stream::once(std::future::ready(Ok::<_, std::convert::Infallible>(
         event(&first),
     )));
-    let rest = futures::stream::unfold((rx, first), move |(mut rx, mut last)| async move {
-        loop {
-            rx.changed().await.ok()?;
-            let stamp = rx.borrow_and_update().clone();
-            if stamp != last {
-                last.clone_from(&stamp);
-                return Some((Ok(event(&stamp)), (rx, last)));
+    let rest = futures::stream::unfold(
+        (rx, first, listening),
+        move |(mut rx, mut last, listening)| async move {
+            loop {
+                // The watcher ends at shutdown: so does the stream.
+                rx.changed().await.ok()?;
+                let stamp = rx.borrow_and_update().clone();
+                if stamp != last {
+                    last.clone_from(&stamp);
+                    return Some((Ok(event(&stamp)), (rx, last, listening)));
+                }
             }
-        }
-    });
+        },
+    );
     use futures::StreamExt;
     Ok(Sse::new(now.chain(rest))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
 }
 
-/// Keep the stamp of jobs and agents current while anyone listens, until `stop`.
+/// Resolves once `stop` says so; never, if nothing can say it any more.
+pub(super) async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Keep the stamp of jobs and agents current while a page listens. Ends at `stop`, or once
+/// every router holding a receiver is gone; the event streams end with it.
 pub(super) async fn watch_stamps(
-    app: App,
+    shared: Arc<Shared>,
+    views: Arc<Views>,
     tx: tokio::sync::watch::Sender<String>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(STAMP_EVERY);
+    let stopping = stopped(stop);
+    tokio::pin!(stopping);
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            () = &mut stopping => return,
+            () = tx.closed() => return,
             _ = tick.tick() => {}
         }
-        // The app keeps one receiver to subscribe from; more means a page is listening.
-        if tx.receiver_count() <= 1 {
+        if views.listeners.load(Ordering::Relaxed) == 0 {
             continue;
         }
-        match app.stamp().await {
+        match stamp(&shared).await {
             Ok(s) => {
                 tx.send_if_modified(|cur| {
                     let changed = *cur != s;

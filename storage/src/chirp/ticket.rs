@@ -90,6 +90,16 @@ impl Ticket {
             .to_string())
     }
 
+    /// The private key as one line (the PEM with its newlines turned into spaces), for places
+    /// that carry no newlines, such as an XML attribute; [`Ticket::from_pem`] reads it back.
+    pub fn to_token(&self) -> Result<String, ChirpError> {
+        Ok(self
+            .to_pem()?
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
     /// The public key text sent to `ticket_register`.
     pub fn public_pem(&self) -> &str {
         &self.public_pem
@@ -129,6 +139,9 @@ mod tests {
         // As an XML attribute value normalises it: newlines become spaces.
         let flat = t.to_pem().unwrap().replace('\n', " ");
         assert_eq!(Ticket::from_pem(&flat).unwrap().digest(), t.digest());
+        let token = t.to_token().unwrap();
+        assert!(!token.contains('\n'));
+        assert_eq!(Ticket::from_pem(&token).unwrap().digest(), t.digest());
         assert_eq!(back.subject(), format!("ticket:{}", t.digest()));
         assert!(!format!("{t:?}").contains("PRIVATE"));
         let sig = t.sign(&[7u8; 64]).unwrap();
