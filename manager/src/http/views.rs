@@ -27,7 +27,9 @@ use super::{
     chirp_store, db, download, fail, internal, job_id, no_archive, path, require_api,
     stored_archive, Answer, App, Fail, Served,
 };
-use crate::archive::{self, ArchiveCache, ArchiveError, Contents, Member};
+use copilot_archive::read::{self as archive, Contents, Member, ReadError};
+
+use crate::archive::ArchiveCache;
 use crate::fleet::now_ms;
 use crate::queue::QueueError;
 use crate::stats::Stats;
@@ -401,7 +403,7 @@ impl App {
         };
         let (file, _, _) = self.open_archive(id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
-        let (found_tx, found_rx) = tokio::sync::oneshot::channel::<Result<(), ArchiveError>>();
+        let (found_tx, found_rx) = tokio::sync::oneshot::channel::<Result<(), ReadError>>();
         let wanted = f.path.clone();
         tokio::task::spawn_blocking(move || {
             let mut found = Some(found_tx);
@@ -433,7 +435,7 @@ impl App {
         });
         match found_rx.await {
             Ok(Ok(())) => {}
-            Ok(Err(ArchiveError::NotFound(p))) => {
+            Ok(Err(ReadError::NotFound(p))) => {
                 return Err(fail(
                     StatusCode::NOT_FOUND,
                     format!("{p} is reported but not in job {id}'s stored archive"),

@@ -507,8 +507,8 @@ mod served {
     use reqwest::{Client, Response, StatusCode};
 
     use super::COOKIE;
-    use crate::archive::tests::targz;
     use crate::http::tests::Server;
+    use copilot_archive::testutil::targz;
 
     const TOKEN: &str = "api-token-for-tests";
     const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
