@@ -22,6 +22,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::AgentConfig;
 use crate::executor::Executor;
+use crate::status::Board;
 
 /// How long the manager may hold a work request while its queue is empty.
 const HOLD_SECS: u32 = 20;
@@ -38,6 +39,11 @@ pub enum SessionError {
     Xmpp(#[from] XmppError),
     #[error("cannot prepare job execution: {0}")]
     Executor(#[from] crate::executor::ExecError),
+    #[error("cannot serve the status page on {addr} (status.listen): {source}; pick a free port")]
+    Status {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Exponential backoff with full jitter.
@@ -74,6 +80,8 @@ struct Link {
     manager_gone: tokio::sync::watch::Sender<u64>,
     /// Whom the agent computes for, carried in every done report.
     volunteer: Option<copilot_protocol::wire::Volunteer>,
+    /// What the local status page shows.
+    board: Arc<Board>,
 }
 
 impl Link {
@@ -205,12 +213,14 @@ fn phase_of(code: u8) -> Phase {
     }
 }
 
-/// Run one assignment, renewing its lease while it runs, and return the report.
-async fn run_job(link: &Link, executor: &Executor, job: &Assignment) -> DoneReport {
+/// Run one assignment in `slot`, renewing its lease while it runs, and return the report.
+async fn run_job(link: &Link, executor: &Executor, job: &Assignment, slot: usize) -> DoneReport {
     info!(job = job.job, attempt = job.attempt, name = %job.name, "starting");
+    link.board.started(slot, job);
     let phase = AtomicU8::new(phase_code(Phase::Staging));
     let on_phase = |p: Phase| {
         phase.store(phase_code(p), Ordering::Relaxed);
+        link.board.phase(slot, p);
         // The start of the run is the one phase change the manager hears of right away; the
         // upload is seen by the storage service itself.
         if p == Phase::Running {
@@ -252,6 +262,7 @@ fn payload_cpu_ms_since_last_report() -> Option<u64> {
 async fn worker(
     link: Arc<Link>,
     executor: Arc<Executor>,
+    slot: usize,
     mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut next: Option<Assignment> = None;
@@ -268,8 +279,9 @@ async fn worker(
                 }
             }
         };
-        let mut report = run_job(&link, &executor, &job).await;
+        let mut report = run_job(&link, &executor, &job, slot).await;
         info!(job = job.job, outcome = %report.outcome.describe(), "finished");
+        link.board.finished(slot, &job.name, &report);
         report.want_more = !*draining.borrow();
         report.timings.cpu_ms = payload_cpu_ms_since_last_report();
         report.volunteer = link.volunteer.clone();
@@ -305,21 +317,44 @@ pub async fn run(
         password: config.xmpp.password.clone(),
         server: config.xmpp.server.clone(),
     })?;
+    let slots = config.slots.max(1) as usize;
+    let board = Board::new(&config.name, &config.xmpp.manager, slots);
+    let status_page = match config.status.listen {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| SessionError::Status { addr, source })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            info!("status page on http://{bound}/");
+            let page = crate::status::serve(listener, board.clone(), std::future::pending());
+            Some(tokio::spawn(page))
+        }
+    };
     let jid = conn.wait_online(login_timeout).await?;
     info!(%jid, agent = %config.name, manager = %config.xmpp.manager, "online");
+    board.link("online");
     let link = Arc::new(Link {
         xmpp: conn.sender(),
         manager: copilot_protocol::wire::manager_address(&config.xmpp.manager),
         agent: config.name.clone(),
         manager_gone: tokio::sync::watch::Sender::new(0),
         volunteer: config.volunteer.as_ref().map(|v| v.to_wire()),
+        board,
     });
     link.xmpp.presence(Some(&link.manager), true)?;
 
     let draining = tokio::sync::watch::Sender::new(false);
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..config.slots.max(1) {
-        workers.spawn(worker(link.clone(), executor.clone(), draining.subscribe()));
+    let mut slot_of = std::collections::HashMap::new();
+    for slot in 0..slots {
+        let task = workers.spawn(worker(
+            link.clone(),
+            executor.clone(),
+            slot,
+            draining.subscribe(),
+        ));
+        slot_of.insert(task.id(), slot);
     }
     tokio::pin!(shutdown);
     let drain_requested = async {
@@ -342,12 +377,14 @@ pub async fn run(
                 None => break,
                 Some(Incoming::Online { jid }) => {
                     info!(%jid, "online again");
+                    link.board.link("online");
                     if let Err(e) = link.xmpp.presence(Some(&link.manager), true) {
                         warn!("cannot send presence: {e}");
                     }
                 }
                 Some(Incoming::Presence { from, available: false }) if from == link.manager => {
                     info!("the manager went offline; asking again as it comes back");
+                    link.board.link("waiting for the manager");
                     link.manager_gone.send_modify(|n| *n += 1);
                 }
                 Some(Incoming::Request { from, id, payload, .. }) => {
@@ -363,7 +400,12 @@ pub async fn run(
                 }
                 Some(_) => {}
             },
-            Some(done) = workers.join_next() => {
+            Some(done) = workers.join_next_with_id() => {
+                let id = match &done {
+                    Ok((id, ())) => *id,
+                    Err(e) => e.id(),
+                };
+                let slot = slot_of.remove(&id).unwrap_or(0);
                 if done.is_ok() && *draining.borrow() {
                     if workers.is_empty() {
                         info!("drained: every job slot is idle");
@@ -372,12 +414,21 @@ pub async fn run(
                     continue;
                 }
                 // Otherwise a worker only ends by panicking (a bug); keep the slot alive.
-                error!("a job slot stopped ({done:?}); restarting it");
-                workers.spawn(worker(link.clone(), executor.clone(), draining.subscribe()));
+                error!(slot, "a job slot stopped ({done:?}); restarting it");
+                let task = workers.spawn(worker(
+                    link.clone(),
+                    executor.clone(),
+                    slot,
+                    draining.subscribe(),
+                ));
+                slot_of.insert(task.id(), slot);
             }
         }
     }
     info!("shutting down");
+    if let Some(page) = status_page {
+        page.abort();
+    }
     workers.shutdown().await;
     conn.shutdown();
     Ok(())

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use copilot_protocol::api::{AgentList, AgentView};
+use copilot_protocol::api::{AgentList, AgentView, BoincVolunteer};
 use copilot_protocol::sandbox::SandboxReport;
 use copilot_protocol::JobId;
 
@@ -29,6 +29,8 @@ struct Entry {
     jobs_done: u64,
     last_seen_ms: u64,
     sandbox: Option<SandboxReport>,
+    /// The BOINC volunteer of its latest done report that named one.
+    volunteer: Option<BoincVolunteer>,
 }
 
 /// Why an agent's stanza was refused.
@@ -156,6 +158,19 @@ impl Fleet {
         }
     }
 
+    /// The BOINC volunteer a done report of the agent named (reports without one leave the
+    /// last one in place).
+    pub fn volunteer(&self, name: &str, v: Option<&copilot_protocol::wire::Volunteer>) {
+        let Some(v) = v else { return };
+        if let Some(e) = self.lock().get_mut(name) {
+            e.volunteer = Some(BoincVolunteer {
+                user_id: v.user_id,
+                host_id: v.host_id,
+                team_id: v.team_id,
+            });
+        }
+    }
+
     /// Forget that any agent holds `job` (its lease expired).
     pub fn drop_job(&self, job: JobId) {
         for e in self.lock().values_mut() {
@@ -182,6 +197,8 @@ impl Fleet {
                 jobs_done: e.jobs_done,
                 last_seen_ms: e.last_seen_ms,
                 sandbox: e.sandbox.clone(),
+                // Agents do not tell the manager whom they compute for yet (BOINC wrapper).
+                volunteer: e.volunteer,
             })
             .collect();
         agents.sort_by(|a, b| b.online.cmp(&a.online).then_with(|| a.name.cmp(&b.name)));
@@ -233,6 +250,20 @@ mod tests {
         f.sandbox("b", &lacking);
         f.sandbox("b", &SandboxReport::default());
         assert_eq!(f.list().agents[0].sandbox.as_ref(), Some(&lacking));
+        assert_eq!(f.list().agents[0].volunteer, None);
+        let v = copilot_protocol::wire::Volunteer {
+            user_id: 42,
+            host_id: 7,
+            team_id: 3,
+            host_token: None,
+        };
+        f.volunteer("b", Some(&v));
+        f.volunteer("b", None);
+        let shown = f.list().agents[0].volunteer;
+        assert_eq!(
+            shown.map(|v| (v.user_id, v.host_id, v.team_id)),
+            Some((42, 7, 3))
+        );
         assert_eq!(f.online_count(), 1);
     }
 }
