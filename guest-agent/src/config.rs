@@ -4,7 +4,7 @@
 //! also come from the environment. Unknown fields are errors. Environment variables override
 //! the file: `COPILOT_AGENT_NAME`, `COPILOT_AGENT_JID`, `COPILOT_AGENT_PASSWORD`,
 //! `COPILOT_AGENT_SERVER`, `COPILOT_AGENT_MANAGER`, `COPILOT_AGENT_WORK_DIR`,
-//! `COPILOT_AGENT_SLOTS`.
+//! `COPILOT_AGENT_SLOTS`, `COPILOT_AGENT_IDLE_TIMEOUT`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -47,6 +47,10 @@ pub struct AgentConfig {
     /// Jobs run at once.
     #[serde(default = "default_slots")]
     pub slots: u32,
+    /// End the session (the process exits with status 0) once no slot has held a job for this
+    /// long. Unset: serve until stopped. The VM image powers off when the session ends.
+    #[serde(default)]
+    pub idle_timeout: Option<Seconds>,
     #[serde(default)]
     pub xmpp: XmppSettings,
     /// Defaults for jobs that do not set a limit. `wall_time` and `output` are always set
@@ -267,6 +271,15 @@ impl AgentConfig {
                 reason: format!("{v:?} is not a whole number"),
             })?;
         }
+        if let Some(v) = env("COPILOT_AGENT_IDLE_TIMEOUT") {
+            let t =
+                v.parse()
+                    .map_err(|e: copilot_protocol::units::UnitError| ConfigError::Env {
+                        var: "COPILOT_AGENT_IDLE_TIMEOUT",
+                        reason: e.to_string(),
+                    })?;
+            self.idle_timeout = Some(t);
+        }
         Ok(())
     }
 
@@ -290,6 +303,11 @@ impl AgentConfig {
         }
         if self.slots == 0 {
             return Err(ConfigError::Invalid("slots must be at least 1".into()));
+        }
+        if self.idle_timeout == Some(Seconds(0)) {
+            return Err(ConfigError::Invalid(
+                "idle_timeout must be at least 1s (leave it out to never end idle)".into(),
+            ));
         }
         if self.sandbox.base_uid == 0 {
             return Err(ConfigError::Invalid(
@@ -337,6 +355,7 @@ mod tests {
         assert_eq!(cfg.transfer.max_input_size, Bytes(4 << 30));
         assert_eq!(cfg.sandbox.base_uid, 61000);
         assert_eq!(cfg.sandbox.lock_dir, PathBuf::from("/run/copilot-agent"));
+        assert_eq!(cfg.idle_timeout, None);
     }
 
     #[test]
@@ -345,6 +364,7 @@ mod tests {
 name = "agent-1"
 work_dir = "/tmp/agent"
 slots = 2
+idle_timeout = "5m"
 [xmpp]
 jid = "agent-1@localhost"
 password = "pw"
@@ -360,6 +380,7 @@ max_input_size = "1MiB"
         let cfg = AgentConfig::from_toml(text).unwrap();
         assert_eq!(cfg.name, "agent-1");
         assert_eq!(cfg.slots, 2);
+        assert_eq!(cfg.idle_timeout, Some(Seconds(300)));
         assert_eq!(cfg.xmpp.manager, "boss@localhost");
         assert_eq!(cfg.limits.wall_time, Some(Seconds(120)));
         assert_eq!(cfg.limits.output, Some(DEFAULT_OUTPUT), "filled in");
@@ -382,6 +403,8 @@ max_input_size = "1MiB"
         assert!(err.to_string().contains("COPILOT_AGENT_JID"), "{err}");
         let err = AgentConfig::from_toml(&format!("{MINIMAL}slots = 0\n")).unwrap_err();
         assert!(err.to_string().contains("slots"), "{err}");
+        let err = AgentConfig::from_toml(&format!("idle_timeout = 0\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("idle_timeout"), "{err}");
     }
 
     #[test]
@@ -394,6 +417,7 @@ max_input_size = "1MiB"
             ("COPILOT_AGENT_MANAGER", "m@localhost"),
             ("COPILOT_AGENT_WORK_DIR", "/srv/jobs"),
             ("COPILOT_AGENT_SLOTS", "4"),
+            ("COPILOT_AGENT_IDLE_TIMEOUT", "90s"),
         ]
         .into();
         let lookup = |v: &str| env.get(v).map(|s| s.to_string());
@@ -405,12 +429,16 @@ max_input_size = "1MiB"
         assert_eq!(cfg.xmpp.manager, "m@localhost");
         assert_eq!(cfg.work_dir, PathBuf::from("/srv/jobs"));
         assert_eq!(cfg.slots, 4);
+        assert_eq!(cfg.idle_timeout, Some(Seconds(90)));
 
-        let err = AgentConfig::from_toml_with_env(MINIMAL, |v| {
-            (v == "COPILOT_AGENT_SLOTS").then(|| "many".to_string())
-        })
-        .unwrap_err();
-        assert!(matches!(err, ConfigError::Env { .. }), "{err}");
+        for var in ["COPILOT_AGENT_SLOTS", "COPILOT_AGENT_IDLE_TIMEOUT"] {
+            let err = AgentConfig::from_toml_with_env(MINIMAL, |v| {
+                (v == var).then(|| "many".to_string())
+            })
+            .unwrap_err();
+            assert!(matches!(err, ConfigError::Env { .. }), "{err}");
+            assert!(err.to_string().contains(var), "{err}");
+        }
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! execute it, report it and ask again. Requests and reports are retried with exponential
 //! backoff and jitter; a report is the same bytes every time, so the manager deduplicates it.
 //! Nothing a job does can end the session: a panicking worker is restarted.
+//!
+//! The session ends (and [`run`] returns `Ok`) when `shutdown` resolves or, with
+//! `idle_timeout` set, once no slot has held a job for that long: the agent's exit status 0
+//! then means "session over", which the VM image answers by powering off.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -223,24 +227,63 @@ async fn run_job(link: &Link, executor: &Executor, job: &Assignment) -> DoneRepo
     }
 }
 
-async fn worker(link: Arc<Link>, executor: Arc<Executor>) {
+/// The number of slots holding a job, watched for the idle timeout.
+type BusySlots = Arc<tokio::sync::watch::Sender<usize>>;
+
+/// Counts one slot as busy while it lives (also through a panic).
+#[derive(Debug)]
+struct Busy(BusySlots);
+
+impl Busy {
+    fn new(slots: &BusySlots) -> Busy {
+        slots.send_modify(|n| *n += 1);
+        Busy(slots.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Resolves once no slot has been busy for `limit` in a row.
+async fn idle_for(mut busy: tokio::sync::watch::Receiver<usize>, limit: Duration) {
+    loop {
+        let idle = *busy.borrow_and_update() == 0;
+        if idle {
+            if tokio::time::timeout(limit, busy.changed()).await.is_err() {
+                return;
+            }
+        } else if busy.changed().await.is_err() {
+            // The count can no longer change: the slots are gone, and so is the work.
+            return;
+        }
+    }
+}
+
+async fn worker(link: Arc<Link>, executor: Arc<Executor>, slots: BusySlots) {
     let mut next: Option<Assignment> = None;
     loop {
         let job = match next.take() {
             Some(j) => j,
             None => link.request_work().await,
         };
+        // No await between the assignment and this: the slot never looks idle with a job.
+        let busy = Busy::new(&slots);
         let mut report = run_job(&link, &executor, &job).await;
         info!(job = job.job, outcome = %report.outcome.describe(), "finished");
         report.want_more = true;
         if let Some(Next::Assign(a)) = link.report(&report).await {
             next = Some(*a);
         }
+        drop(busy);
     }
 }
 
-/// Log in, then serve jobs until `shutdown` resolves. Fails if the first login does not succeed
-/// within `login_timeout`; later disconnects are survived.
+/// Log in, then serve jobs until `shutdown` resolves or the agent has been idle for its
+/// `idle_timeout`. Fails if the first login does not succeed within `login_timeout`; later
+/// disconnects are survived.
 pub async fn run(
     config: AgentConfig,
     login_timeout: Duration,
@@ -262,14 +305,26 @@ pub async fn run(
     });
     link.xmpp.presence(Some(&link.manager), true)?;
 
+    let slots: BusySlots = Arc::new(tokio::sync::watch::Sender::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..config.slots.max(1) {
-        workers.spawn(worker(link.clone(), executor.clone()));
+        workers.spawn(worker(link.clone(), executor.clone(), slots.clone()));
     }
+    let idle = async {
+        match config.idle_timeout {
+            Some(limit) => idle_for(slots.subscribe(), limit.as_duration()).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(shutdown);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            () = &mut idle => {
+                info!(idle_timeout = ?config.idle_timeout, "no job for the idle timeout: ending the session");
+                break;
+            }
             ev = conn.next() => match ev {
                 None => break,
                 Some(Incoming::Online { jid }) => {
@@ -298,7 +353,7 @@ pub async fn run(
             Some(done) = workers.join_next() => {
                 // A worker only ends by panicking (a bug); keep the slot alive.
                 error!("a job slot stopped ({done:?}); restarting it");
-                workers.spawn(worker(link.clone(), executor.clone()));
+                workers.spawn(worker(link.clone(), executor.clone(), slots.clone()));
             }
         }
     }
@@ -306,4 +361,41 @@ pub async fn run(
     workers.shutdown().await;
     conn.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_millis(50);
+
+    #[tokio::test]
+    async fn idle_means_no_busy_slot_for_the_whole_limit() {
+        let slots: BusySlots = Arc::new(tokio::sync::watch::Sender::new(0));
+        let idle = idle_for(slots.subscribe(), LIMIT);
+        tokio::pin!(idle);
+        // A busy slot keeps the session going however long it takes.
+        let busy = Busy::new(&slots);
+        assert_eq!(*slots.borrow(), 1);
+        let waited = tokio::time::timeout(LIMIT * 6, &mut idle).await;
+        assert!(waited.is_err(), "idle while a slot was busy");
+        // Once the slot is free again, the limit runs out.
+        drop(busy);
+        assert_eq!(*slots.borrow(), 0);
+        tokio::time::timeout(Duration::from_secs(10), &mut idle)
+            .await
+            .expect("idle after the slot was freed");
+    }
+
+    #[tokio::test]
+    async fn a_slot_that_panics_is_not_counted_busy_any_more() {
+        let slots: BusySlots = Arc::new(tokio::sync::watch::Sender::new(0));
+        let held = slots.clone();
+        let task = tokio::spawn(async move {
+            let _busy = Busy::new(&held);
+            panic!("a job slot fails");
+        });
+        assert!(task.await.is_err());
+        assert_eq!(*slots.borrow(), 0);
+    }
 }
