@@ -1,8 +1,8 @@
 //! `copilot-agent`: the guest agent binary. Loads the config, logs in to XMPP and serves jobs
 //! until SIGTERM or Ctrl-C, or until it has been idle for its `idle_timeout`.
 //!
-//! Exit status: 0 when the session is over (stopped, or idle for the timeout), 1 on an error
-//! (bad config, no login). The VM image's init powers the VM off after a 0
+//! Exit status: 0 when the session is over (stopped, or idle for the timeout), 1 on any error
+//! (bad config, no login, a lost connection). The VM image's init powers the VM off after a 0
 //! and restarts the agent after anything else.
 
 use std::path::PathBuf;

@@ -37,6 +37,8 @@ pub enum SessionError {
     Xmpp(#[from] XmppError),
     #[error("cannot prepare job execution: {0}")]
     Executor(#[from] crate::executor::ExecError),
+    #[error("the XMPP connection ended unexpectedly")]
+    ConnectionEnded,
 }
 
 /// Exponential backoff with full jitter.
@@ -318,6 +320,7 @@ pub async fn run(
     };
     tokio::pin!(shutdown);
     tokio::pin!(idle);
+    let mut ended = Ok(());
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -326,7 +329,10 @@ pub async fn run(
                 break;
             }
             ev = conn.next() => match ev {
-                None => break,
+                None => {
+                    ended = Err(SessionError::ConnectionEnded);
+                    break;
+                }
                 Some(Incoming::Online { jid }) => {
                     info!(%jid, "online again");
                     if let Err(e) = link.xmpp.presence(Some(&link.manager), true) {
@@ -360,7 +366,7 @@ pub async fn run(
     info!("shutting down");
     workers.shutdown().await;
     conn.shutdown();
-    Ok(())
+    ended
 }
 
 #[cfg(test)]
