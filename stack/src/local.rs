@@ -47,6 +47,9 @@ pub struct StackOptions {
     pub extra_manager_toml: Option<String>,
     /// TOML merged over each generated agent-N.toml.
     pub extra_agent_toml: Option<String>,
+    /// The host agents use to reach the manager's HTTP port (its `public_url`); default
+    /// 127.0.0.1. A VM under QEMU's user networking reaches the host's loopback at 10.0.2.2.
+    pub public_host: Option<String>,
 }
 
 impl StackOptions {
@@ -59,6 +62,7 @@ impl StackOptions {
             lease: Seconds(60),
             extra_manager_toml: None,
             extra_agent_toml: None,
+            public_host: None,
         }
     }
 }
@@ -113,8 +117,21 @@ impl LocalStack {
         let token = random_secret();
         let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let manager_config = dir.join("manager.toml");
+        let public_url = format!(
+            "http://{}:{}",
+            opts.public_host.as_deref().unwrap_or("127.0.0.1"),
+            http.port()
+        );
         let text = merge_extra(
-            manager_toml(&dir, &prosody.server(), &password, &token, http, opts.lease),
+            manager_toml(
+                &dir,
+                &prosody.server(),
+                &password,
+                &token,
+                http,
+                &public_url,
+                opts.lease,
+            ),
             opts.extra_manager_toml.as_deref(),
             "manager",
         )?;
@@ -416,6 +433,7 @@ fn manager_toml(
     password: &str,
     token: &str,
     http: SocketAddr,
+    public_url: &str,
     lease: Seconds,
 ) -> Table {
     table([
@@ -433,7 +451,7 @@ fn manager_toml(
             "http",
             Value::Table(table([
                 ("listen", Value::from(http.to_string())),
-                ("public_url", Value::from(format!("http://{http}"))),
+                ("public_url", Value::from(public_url)),
             ])),
         ),
         (
@@ -507,6 +525,7 @@ mod tests {
             "pw",
             "tok",
             "127.0.0.1:20002".parse().unwrap(),
+            "http://10.0.2.2:20002",
             Seconds(7),
         );
         let text = merge_extra(
@@ -521,7 +540,7 @@ mod tests {
         assert_eq!(t["http"]["listen"].as_str(), Some("127.0.0.1:20003"));
         assert_eq!(
             t["http"]["public_url"].as_str(),
-            Some("http://127.0.0.1:20002")
+            Some("http://10.0.2.2:20002")
         );
         assert_eq!(t["xmpp"]["server"].as_str(), Some("127.0.0.1:20001"));
         assert_eq!(t["data_dir"].as_str(), Some("/s/manager"));

@@ -53,6 +53,8 @@ pub struct Setup {
     pub manager_toml: Option<String>,
     /// TOML merged over each agent's config.
     pub agent_toml: Option<String>,
+    /// The host in the manager's `public_url` (default 127.0.0.1; 10.0.2.2 for a VM).
+    pub public_host: Option<String>,
 }
 
 impl Default for Setup {
@@ -62,6 +64,7 @@ impl Default for Setup {
             lease: Seconds(30),
             manager_toml: None,
             agent_toml: None,
+            public_host: None,
         }
     }
 }
@@ -78,6 +81,7 @@ impl Harness {
         opts.lease = setup.lease;
         opts.extra_manager_toml = setup.manager_toml;
         opts.extra_agent_toml = setup.agent_toml;
+        opts.public_host = setup.public_host;
         let stack = LocalStack::start(opts).unwrap_or_else(|e| panic!("starting the stack: {e}"));
         stack
             .wait_agents_online(setup.agents, Duration::from_secs(30))
