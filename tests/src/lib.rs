@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use copilot_protocol::api::{JobList, JobView};
+use copilot_protocol::api::{AgentList, JobList, JobView};
 use copilot_protocol::units::Seconds;
 use copilot_protocol::JobId;
 use copilot_stack::{LocalStack, StackOptions};
@@ -160,6 +160,27 @@ impl Harness {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Poll the manager's agent list until the agent `name` is listed with `online`, or panic
+    /// after `timeout`.
+    pub fn wait_agent(&self, name: &str, online: bool, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let agents: AgentList = self.api("/api/agents");
+            if agents
+                .agents
+                .iter()
+                .any(|a| a.name == name && a.online == online)
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{name} did not become online={online} within {timeout:?}: {agents:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// All jobs.

@@ -4,29 +4,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use copilot_protocol::api::AgentList;
 use copilot_stack::Supervised;
 use copilot_tests::{bin_dir, Harness, Setup};
-
-/// Polls the manager's agent list until `name` is in it with `online`.
-fn wait_online(h: &Harness, name: &str, online: bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let agents: AgentList = h.api("/api/agents");
-        if agents
-            .agents
-            .iter()
-            .any(|a| a.name == name && a.online == online)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never became online={online}: {agents:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn an_idle_agent_goes_offline_and_exits_with_status_0() {
@@ -49,7 +28,7 @@ fn an_idle_agent_goes_offline_and_exits_with_status_0() {
     let log = h.path("idle-1.log");
     let mut agent = Supervised::spawn("idle-1", cmd, &log).unwrap();
 
-    wait_online(&h, "idle-1", true);
+    h.wait_agent("idle-1", true, Duration::from_secs(30));
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(status) = agent.exited().unwrap() {
@@ -61,5 +40,5 @@ fn an_idle_agent_goes_offline_and_exits_with_status_0() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(0), "{status}; log:\n{text}");
     assert!(text.contains("ending the session"), "{text}");
-    wait_online(&h, "idle-1", false);
+    h.wait_agent("idle-1", false, Duration::from_secs(30));
 }
