@@ -4,9 +4,10 @@
 //! also come from the environment. Unknown fields are errors. Environment variables override
 //! the file: `COPILOT_AGENT_NAME`, `COPILOT_AGENT_JID`, `COPILOT_AGENT_PASSWORD`,
 //! `COPILOT_AGENT_SERVER`, `COPILOT_AGENT_MANAGER`, `COPILOT_AGENT_WORK_DIR`,
-//! `COPILOT_AGENT_SLOTS`, `COPILOT_AGENT_IDLE_TIMEOUT`.
+//! `COPILOT_AGENT_SLOTS`, `COPILOT_AGENT_IDLE_TIMEOUT`, `COPILOT_AGENT_PLAINTEXT_HOST`.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use copilot_protocol::units::{Bytes, Seconds};
@@ -134,6 +135,11 @@ pub struct XmppSettings {
     /// Bare JID of the job manager.
     #[serde(default = "default_manager")]
     pub manager: String,
+    /// Besides loopback, the one address the server may be reached at in plaintext: the
+    /// host's loopback as seen from a VM under user-mode networking (10.0.2.2). Unset:
+    /// loopback only.
+    #[serde(default)]
+    pub plaintext_host: Option<IpAddr>,
 }
 
 /// HTTP transfer settings (inputs and output archives).
@@ -195,6 +201,7 @@ impl Default for XmppSettings {
             password: String::new(),
             server: default_server(),
             manager: default_manager(),
+            plaintext_host: None,
         }
     }
 }
@@ -206,6 +213,7 @@ impl fmt::Debug for XmppSettings {
             .field("password", &"<redacted>")
             .field("server", &self.server)
             .field("manager", &self.manager)
+            .field("plaintext_host", &self.plaintext_host)
             .finish()
     }
 }
@@ -280,6 +288,13 @@ impl AgentConfig {
                     })?;
             self.idle_timeout = Some(t);
         }
+        if let Some(v) = env("COPILOT_AGENT_PLAINTEXT_HOST") {
+            let ip = v.trim().parse().map_err(|_| ConfigError::Env {
+                var: "COPILOT_AGENT_PLAINTEXT_HOST",
+                reason: format!("{v:?} is not an IP address"),
+            })?;
+            self.xmpp.plaintext_host = Some(ip);
+        }
         Ok(())
     }
 
@@ -349,6 +364,7 @@ mod tests {
         assert_eq!(cfg.slots, 1);
         assert_eq!(cfg.xmpp.server, "127.0.0.1:5222");
         assert_eq!(cfg.xmpp.manager, "manager@localhost");
+        assert_eq!(cfg.xmpp.plaintext_host, None);
         assert_eq!(cfg.limits.wall_time, Some(Seconds(3600)));
         assert_eq!(cfg.limits.output, Some(Bytes(16 << 20)));
         assert_eq!(cfg.transfer, TransferSettings::default());
@@ -370,6 +386,7 @@ jid = "agent-1@localhost"
 password = "pw"
 server = "127.0.0.1:5223"
 manager = "boss@localhost"
+plaintext_host = "10.0.2.2"
 [limits]
 wall_time = "2m"
 [transfer]
@@ -382,6 +399,7 @@ max_input_size = "1MiB"
         assert_eq!(cfg.slots, 2);
         assert_eq!(cfg.idle_timeout, Some(Seconds(300)));
         assert_eq!(cfg.xmpp.manager, "boss@localhost");
+        assert_eq!(cfg.xmpp.plaintext_host, Some("10.0.2.2".parse().unwrap()));
         assert_eq!(cfg.limits.wall_time, Some(Seconds(120)));
         assert_eq!(cfg.limits.output, Some(DEFAULT_OUTPUT), "filled in");
         assert_eq!(cfg.transfer.timeout, Seconds(30));
@@ -418,6 +436,7 @@ max_input_size = "1MiB"
             ("COPILOT_AGENT_WORK_DIR", "/srv/jobs"),
             ("COPILOT_AGENT_SLOTS", "4"),
             ("COPILOT_AGENT_IDLE_TIMEOUT", "90s"),
+            ("COPILOT_AGENT_PLAINTEXT_HOST", "10.0.2.2"),
         ]
         .into();
         let lookup = |v: &str| env.get(v).map(|s| s.to_string());
@@ -430,8 +449,13 @@ max_input_size = "1MiB"
         assert_eq!(cfg.work_dir, PathBuf::from("/srv/jobs"));
         assert_eq!(cfg.slots, 4);
         assert_eq!(cfg.idle_timeout, Some(Seconds(90)));
+        assert_eq!(cfg.xmpp.plaintext_host, Some("10.0.2.2".parse().unwrap()));
 
-        for var in ["COPILOT_AGENT_SLOTS", "COPILOT_AGENT_IDLE_TIMEOUT"] {
+        for var in [
+            "COPILOT_AGENT_SLOTS",
+            "COPILOT_AGENT_IDLE_TIMEOUT",
+            "COPILOT_AGENT_PLAINTEXT_HOST",
+        ] {
             let err = AgentConfig::from_toml_with_env(MINIMAL, |v| {
                 (v == var).then(|| "many".to_string())
             })

@@ -296,6 +296,7 @@ pub async fn run(
         jid: config.xmpp.jid.clone(),
         password: config.xmpp.password.clone(),
         server: config.xmpp.server.clone(),
+        plaintext_host: config.xmpp.plaintext_host,
     })?;
     let jid = conn.wait_online(login_timeout).await?;
     info!(%jid, agent = %config.name, manager = %config.xmpp.manager, "online");

@@ -67,6 +67,7 @@ pub async fn run(
         jid: copilot_protocol::wire::manager_address(&config.xmpp.jid),
         password: config.xmpp.password.clone(),
         server: config.xmpp.server.clone(),
+        plaintext_host: None,
     })?;
     let shared = Arc::new(Shared {
         config,
