@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by scripts/install-deps, scripts/build-image and scripts/run-vm (sourced, not
 # run): where copilot keeps downloads and its private QEMU, how to find QEMU, and fetching one
 # Debian package by exact version with apt-get download.
