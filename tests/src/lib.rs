@@ -14,6 +14,8 @@ use copilot_protocol::JobId;
 use copilot_stack::{LocalStack, StackOptions};
 use serde::de::DeserializeOwned;
 
+pub mod vm;
+
 /// The directory holding the workspace's binaries (`target/debug` for `cargo test`).
 /// Test executables live in `target/<profile>/deps`.
 pub fn bin_dir() -> PathBuf {
