@@ -28,6 +28,9 @@ struct Args {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u32,
+    /// Virtual CPUs (TCG runs one host thread per vCPU).
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
 }
 
 /// What one boot took.
@@ -150,6 +153,7 @@ fn main() -> Result<()> {
     println!("| vmlinuz + initramfs | {both} | {:.2} |\n", mib(both));
 
     let memory = args.memory.to_string();
+    let cpus = args.cpus.to_string();
     let mut configs: Vec<(&str, Vec<&str>, usize)> = vec![
         (
             "TCG, direct, vmlinux (PVH)",
@@ -173,8 +177,8 @@ fn main() -> Result<()> {
     }
     let mut h = harness("");
     println!(
-        "## Boot to agent online ({} MiB guest, 1 vCPU)\n",
-        args.memory
+        "## Boot to agent online ({} MiB guest, {} vCPU)\n",
+        args.memory, args.cpus
     );
     println!(
         "| configuration | boots | QEMU start → agent online, s | kernel uptime at init, s | \
@@ -182,7 +186,7 @@ fn main() -> Result<()> {
     );
     for (c, (label, run_vm, boots)) in configs.iter().enumerate() {
         let mut run_vm = run_vm.clone();
-        run_vm.extend(["--memory", &memory]);
+        run_vm.extend(["--memory", &memory, "--cpus", &cpus]);
         let mut online = Vec::new();
         let mut init = Vec::new();
         let mut agent = Vec::new();
