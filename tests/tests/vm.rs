@@ -5,10 +5,14 @@
 //! do not offer) and the VM powers off when told (ACPI power button) or when its agent has been
 //! idle. The disks boot too, and building twice gives the same bytes.
 //!
+//! The init's contextualization parsers (image/context.sh) also run on the host, under the
+//! image's own busybox, against good and bad input.
+//!
 //! The image is built once per test binary into `target/vm-image`; `build-image` does nothing
 //! when its inputs are unchanged. Without QEMU, or when the Debian packages cannot be
 //! downloaded, the tests print `skipped:` and return.
 
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -224,5 +228,121 @@ fn building_the_image_again_gives_the_same_bytes_in_every_format() {
         let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
         assert_eq!(info["format"], format, "{info}");
         assert_eq!(info["virtual-size"], raw, "{info}");
+    }
+}
+
+/// Runs image/context.sh as the image holds it, under the image's busybox, with this user-data
+/// and kernel command line; returns the exit status's success and the output: the log and
+/// error lines, then the settings as the agent would get them and the public command line.
+fn parse_context(image: &Path, user_data: &str, cmdline: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let d = dir.path();
+    let unpack = Command::new("sh")
+        .arg("-c")
+        .arg("zstd -dc \"$0\" | cpio -idm --quiet bin/busybox lib/copilot/context.sh")
+        .arg(image.join("initramfs"))
+        .current_dir(d)
+        .status()
+        .expect("unpacking the initramfs");
+    assert!(unpack.success());
+    std::fs::create_dir_all(d.join("path")).unwrap();
+    for tool in ["sh", "awk", "sed", "tr", "cat", "rm"] {
+        std::os::unix::fs::symlink(d.join("bin/busybox"), d.join("path").join(tool)).unwrap();
+    }
+    std::fs::create_dir_all(d.join("context")).unwrap();
+    std::fs::write(d.join("context/user-data"), user_data).unwrap();
+    std::fs::write(d.join("cmdline"), cmdline).unwrap();
+    let driver = r#"
+log() { echo "log: $*"; }
+fail() { echo "error: $*"; exit 1; }
+RUN=$PWD CONTEXT=$PWD/context SETTINGS=$PWD/settings
+. lib/copilot/context.sh
+: >"$SETTINGS"
+read_user_data
+cmdline_settings "$(cat cmdline)" public
+. "$SETTINGS"
+for key in NAME JID PASSWORD SERVER; do
+    eval "printf '%s=[%s]\n' $key \"\$COPILOT_AGENT_$key\""
+done
+printf 'public=[%s]\n' "$(cat public)"
+"#;
+    let out = Command::new(d.join("path/sh"))
+        .args(["-c", driver])
+        .current_dir(d)
+        .env_clear()
+        .env("PATH", d.join("path"))
+        .output()
+        .expect("running busybox sh");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_contextualization_parsers_take_good_input_and_refuse_bad_input() {
+    let Some(image) =
+        image_or_skip("the_contextualization_parsers_take_good_input_and_refuse_bad_input")
+    else {
+        return;
+    };
+    let user_data = "[amiconfig]\nplugins=cernvm\n[copilot-begin]\r\n# the account\r\n  \
+                     name = vm 7\r\njid=vm-7@example.org\n\npassword = it's \"q\" $HOME `x` \\\n\
+                     [copilot-end]\n[cernvm]\nx=1\n";
+    let cmdline =
+        "console=ttyS0 quiet copilot.server=10.0.2.2:5222 copilot.name=vm-8 copilot.probe";
+    let (ok, out) = parse_context(image, user_data, cmdline);
+    assert!(ok, "{out}");
+    for line in [
+        "NAME=[vm-8]",
+        "JID=[vm-7@example.org]",
+        "PASSWORD=[it's \"q\" $HOME `x` \\]",
+        "SERVER=[10.0.2.2:5222]",
+        "public=[console=ttyS0 quiet]",
+    ] {
+        assert!(out.lines().any(|l| l == line), "no {line:?} in\n{out}");
+    }
+    assert!(
+        !out.contains("password="),
+        "the password was logged:\n{out}"
+    );
+
+    let section = |body: &str| format!("[copilot-begin]\n{body}[copilot-end]\n");
+    for (user_data, cmdline, why) in [
+        (section("colour=blue\n"), "", "unknown setting 'colour'"),
+        (section("name=a\tb\n"), "", "control characters"),
+        (
+            section("just words\n"),
+            "",
+            "line 1 of the [copilot-begin] section is not KEY=VALUE",
+        ),
+        (
+            "[copilot-begin]\nname=x\n".to_owned(),
+            "",
+            "[copilot-begin] without [copilot-end]",
+        ),
+        (
+            section("") + &section(""),
+            "",
+            "more than one [copilot-begin] section",
+        ),
+        (
+            "[copilot-end]\n".to_owned(),
+            "",
+            "[copilot-end] without [copilot-begin]",
+        ),
+        (
+            String::new(),
+            "quiet copilot.colour=blue",
+            "unknown setting 'colour'",
+        ),
+        (
+            String::new(),
+            "quiet copilot.name",
+            "'copilot.name' is not copilot.KEY=VALUE",
+        ),
+    ] {
+        let (ok, out) = parse_context(image, &user_data, cmdline);
+        assert!(!ok, "accepted {user_data:?} {cmdline:?}:\n{out}");
+        assert!(out.contains(why), "{why:?} not in\n{out}");
     }
 }
