@@ -6,7 +6,6 @@ mod results;
 mod settings;
 mod submit;
 mod table;
-mod unpack;
 mod up;
 mod watch;
 

@@ -11,7 +11,7 @@ use copilot_protocol::{JobId, Sha256};
 use futures::StreamExt;
 
 use crate::client::{Client, ClientError};
-use crate::unpack::{unpack, UnpackError, Unpacked};
+use copilot_archive::unpack::{unpack, UnpackError, Unpacked};
 
 /// Why results could not be fetched or did not verify.
 #[derive(Debug, thiserror::Error)]
@@ -72,14 +72,24 @@ pub async fn fetch(
     let mut tmp = tempfile::tempfile_in(dest).map_err(io_err(dest))?;
     let mut hasher = Hasher::new();
     let mut body = Box::pin(client.output(id).await?);
+    // Drawn only on a terminal (indicatif hides itself otherwise).
+    let bar = indicatif::ProgressBar::new(archive.size).with_style(
+        indicatif::ProgressStyle::with_template(
+            "downloading job {msg} {wide_bar} {bytes}/{total_bytes}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(id.to_string());
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
+        bar.inc(chunk.len() as u64);
         hasher.update(&chunk);
         if hasher.len() > archive.size {
             break; // more than recorded: the digest check below fails
         }
         tmp.write_all(&chunk).map_err(io_err(dest))?;
     }
+    bar.finish_and_clear();
     let (got, got_size) = hasher.finish();
     if got != archive.sha256 || got_size != archive.size {
         return Err(ResultsError::ArchiveMismatch {

@@ -167,6 +167,7 @@ mod tests {
             updated_ms: 0,
             outcome,
             archive: None,
+            archive_url: None,
             files: vec![],
             timings_ms: None,
             sandbox: None,

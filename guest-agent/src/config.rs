@@ -155,6 +155,10 @@ pub struct TransferSettings {
     /// Largest input file accepted.
     #[serde(default = "default_max_input_size")]
     pub max_input_size: Bytes,
+    /// Size of the input cache (`<work_dir>/input-cache`), which keeps inputs with a declared
+    /// sha256 for later jobs; 0 turns it off.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: Bytes,
 }
 
 fn host_name() -> String {
@@ -188,6 +192,10 @@ fn default_timeout() -> Seconds {
 
 fn default_retries() -> u32 {
     3
+}
+
+fn default_cache_size() -> Bytes {
+    Bytes(2 << 30)
 }
 
 fn default_max_input_size() -> Bytes {
@@ -224,6 +232,7 @@ impl Default for TransferSettings {
             timeout: default_timeout(),
             retries: default_retries(),
             max_input_size: default_max_input_size(),
+            cache_size: default_cache_size(),
         }
     }
 }

@@ -13,14 +13,14 @@ use copilot_protocol::sandbox::SandboxReport;
 use copilot_protocol::units::Seconds;
 use copilot_protocol::wire::{Assignment, DoneReport, Outcome, Phase, Timings};
 use copilot_protocol::Limits;
-use reqwest::Url;
+use copilot_storage::Url;
 
+use crate::cache::InputCache;
 use crate::config::{AgentConfig, DEFAULT_OUTPUT, DEFAULT_WALL_TIME};
-use crate::pack::{pack, Packed};
 use crate::sandbox::{PayloadRunner, RunRequest, SandboxRunner};
-use crate::stage::stage_inputs;
-use crate::transfer::{ScopedToken, Transfer};
-use crate::upload::upload;
+use crate::stage::{stage_inputs, Sources};
+use crate::transfer::JobCredentials;
+use copilot_archive::pack::{pack, Packed};
 
 /// Why an executor could not be set up (job failures never surface as errors).
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +30,12 @@ pub enum ExecError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot set up the HTTP client: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error("cannot set up transfers: {0}")]
+    Transfers(#[from] copilot_storage::StorageError),
 }
+
+/// The input cache's dir inside the work dir.
+const CACHE_DIR: &str = "input-cache";
 
 /// Runs assignments; shareable between concurrent jobs (`&self`).
 #[derive(Debug)]
@@ -43,7 +46,9 @@ pub struct Executor<R = SandboxRunner> {
     /// Limits for jobs that do not set them; `wall_time` and `output` are always set.
     defaults: Limits,
     max_input_size: u64,
-    transfer: Transfer,
+    transfers: copilot_storage::Transfers,
+    /// Inputs kept by digest for later jobs (none when its size is 0).
+    cache: Option<InputCache>,
     runner: R,
 }
 
@@ -95,12 +100,23 @@ impl<R: PayloadRunner> Executor<R> {
         defaults.wall_time.get_or_insert(DEFAULT_WALL_TIME);
         defaults.output.get_or_insert(DEFAULT_OUTPUT);
         remove_leftovers(&cfg.work_dir);
+        let cache = match cfg.transfer.cache_size.0 {
+            0 => None,
+            size => {
+                let dir = cfg.work_dir.join(CACHE_DIR);
+                Some(
+                    InputCache::new(&dir, size)
+                        .map_err(|source| ExecError::WorkDir { path: dir, source })?,
+                )
+            }
+        };
         Ok(Executor {
             agent: cfg.name.clone(),
             work_dir: cfg.work_dir.clone(),
             defaults,
             max_input_size: cfg.transfer.max_input_size.0,
-            transfer: Transfer::new(&cfg.transfer)?,
+            transfers: crate::transfer::transfers(&cfg.transfer)?,
+            cache,
             runner,
         })
     }
@@ -155,22 +171,20 @@ impl<R: PayloadRunner> Executor<R> {
             packed: None,
             sandbox: SandboxReport::default(),
         };
-        let upload_url = match self.prepare(a, dirs).await {
-            Ok(url) => url,
+        let (upload_url, creds) = match self.prepare(a, dirs).await {
+            Ok(ready) => ready,
             Err(msg) => {
                 timings.stage_in_ms = millis(started.elapsed());
                 return early_end(Outcome::SetupFailed(msg), timings);
             }
         };
-        let token = ScopedToken::new(&upload_url, &a.upload_token);
-        let staged = stage_inputs(
-            &self.transfer,
-            &a.inputs,
-            &dirs.work,
-            &token,
-            self.max_input_size,
-        )
-        .await;
+        let sources = Sources {
+            transfers: &self.transfers,
+            creds: &creds,
+            cache: self.cache.as_ref(),
+            max_size: self.max_input_size,
+        };
+        let staged = stage_inputs(sources, &a.inputs, &dirs.work).await;
         timings.stage_in_ms = millis(started.elapsed());
         if let Err(e) = staged {
             tracing::warn!(job = a.job, attempt = a.attempt, "stage-in failed: {e}");
@@ -191,7 +205,7 @@ impl<R: PayloadRunner> Executor<R> {
 
         on_phase(Phase::Uploading);
         let started = Instant::now();
-        let stored = self.stage_out(a, dirs, &req, &upload_url).await;
+        let stored = self.stage_out(a, dirs, &req, &upload_url, &creds).await;
         timings.stage_out_ms = millis(started.elapsed());
         match stored {
             Ok(packed) => Ended {
@@ -216,8 +230,13 @@ impl<R: PayloadRunner> Executor<R> {
         }
     }
 
-    /// Checks what the agent relies on and creates fresh dirs; returns the upload URL.
-    async fn prepare(&self, a: &Assignment, dirs: &JobDirs) -> Result<Url, String> {
+    /// Checks what the agent relies on and creates fresh dirs; returns the upload URL and the
+    /// attempt's credentials.
+    async fn prepare(
+        &self,
+        a: &Assignment,
+        dirs: &JobDirs,
+    ) -> Result<(Url, JobCredentials), String> {
         copilot_protocol::job::validate_command(&a.command).map_err(|e| e.to_string())?;
         copilot_protocol::job::validate_outputs(&a.outputs).map_err(|e| e.to_string())?;
         let url: Url = a
@@ -234,7 +253,8 @@ impl<R: PayloadRunner> Executor<R> {
                 .await
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
-        Ok(url)
+        let creds = JobCredentials::new(&url, &a.upload_token)?;
+        Ok((url, creds))
     }
 
     fn run_request(&self, a: &Assignment, dirs: &JobDirs) -> RunRequest {
@@ -265,6 +285,7 @@ impl<R: PayloadRunner> Executor<R> {
         dirs: &JobDirs,
         req: &RunRequest,
         url: &Url,
+        creds: &JobCredentials,
     ) -> Result<Packed, String> {
         let work = dirs.work.clone();
         let outputs = a.outputs.clone();
@@ -275,16 +296,20 @@ impl<R: PayloadRunner> Executor<R> {
                 .await
                 .map_err(|e| format!("packing outputs stopped: {e}"))?
                 .map_err(|e| e.to_string())?;
-        upload(
-            &self.transfer,
-            &packed.path,
-            packed.sha256,
-            packed.size,
-            url,
-            &a.upload_token,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let upload = copilot_storage::Upload {
+            sha256: packed.sha256,
+            size: packed.size,
+        };
+        self.transfers
+            .put(
+                &packed.path,
+                url,
+                upload,
+                &creds.for_upload(url),
+                &copilot_storage::no_progress(),
+            )
+            .await
+            .map_err(|e| format!("upload: {e}"))?;
         Ok(packed)
     }
 }
@@ -379,8 +404,10 @@ mod tests {
     use copilot_protocol::Sha256;
 
     use super::*;
-    use crate::pack::{STDERR_ENTRY, STDOUT_ENTRY};
-    use crate::testserver::{settings, unpack, TestServer};
+    use crate::testutil::settings;
+    use copilot_archive::pack::{STDERR_ENTRY, STDOUT_ENTRY};
+    use copilot_archive::testutil::unpack;
+    use copilot_storage::testserver::TestServer;
 
     struct Setup {
         _root: tempfile::TempDir,
@@ -429,8 +456,11 @@ mod tests {
         (report, phases.into_inner().unwrap())
     }
 
+    /// No job dir is left (the input cache stays).
     fn work_dir_is_empty(s: &Setup) -> bool {
-        std::fs::read_dir(&s.work_dir).unwrap().next().is_none()
+        std::fs::read_dir(&s.work_dir)
+            .unwrap()
+            .all(|e| e.unwrap().file_name() == CACHE_DIR)
     }
 
     #[tokio::test]
@@ -448,7 +478,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["job-3-1.old", "job-x-1", "keep"]);
+        assert_eq!(left, [CACHE_DIR, "job-3-1.old", "job-x-1", "keep"]);
     }
 
     #[tokio::test]

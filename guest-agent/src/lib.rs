@@ -3,14 +3,13 @@
 //!
 //! The binary (`main.rs`) and the XMPP session drive it.
 
+pub mod cache;
 pub mod config;
 pub mod executor;
-pub mod pack;
 pub mod sandbox;
 pub mod session;
 pub mod stage;
 pub mod transfer;
-pub mod upload;
 
 #[cfg(test)]
-mod testserver;
+mod testutil;

@@ -1,89 +1,25 @@
-//! What stage-in and upload share: the HTTP client, the per-transfer timeout, retries with
-//! exponential backoff and jitter, and the rule that the job's bearer token goes only to the
-//! origin of its upload URL.
+//! The credentials of one job attempt and where they may go. The manager gives each attempt
+//! one secret with its upload URL: for `http(s)://` a bearer token, sent only to the origin of
+//! the upload URL (never to other input servers; the manager's storage serves inputs to it);
+//! for `chirp://` a ticket (its private key in PEM) that may only write the upload, offered for
+//! the upload alone: inputs on Chirp are read with the host's own identity.
 
-use std::fmt::Display;
-use std::future::Future;
-use std::time::Duration;
-
-use rand::Rng;
-use reqwest::Url;
+use copilot_storage::chirp::Ticket;
+use copilot_storage::chirp_store::parse_url;
+use copilot_storage::{Credential, Url};
 
 use crate::config::TransferSettings;
 
-/// First retry delay; doubles with each retry, plus up to half of it as jitter.
-const BACKOFF_BASE: Duration = Duration::from_millis(500);
-/// Longest delay between two tries.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// An HTTP client with the agent's transfer settings.
-#[derive(Clone, Debug)]
-pub struct Transfer {
-    pub(crate) client: reqwest::Client,
-    /// Longest time one try (request and body) may take.
-    pub(crate) timeout: Duration,
-    /// Tries after the first one.
-    retries: u32,
-}
-
-/// Whether a failed try is worth another one.
-pub(crate) trait Retryable: Display {
-    fn is_retryable(&self) -> bool;
-}
-
-/// Whether an HTTP status says "try again later".
-pub(crate) fn transient_status(status: reqwest::StatusCode) -> bool {
-    status.is_server_error()
-        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-        || status == reqwest::StatusCode::REQUEST_TIMEOUT
-}
-
-impl Transfer {
-    /// A client for these settings.
-    pub fn new(settings: &TransferSettings) -> Result<Transfer, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("copilot-agent/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Transfer {
-            client,
-            timeout: settings.timeout.as_duration(),
+/// The storage adapters with the agent's transfer settings.
+pub fn transfers(
+    settings: &TransferSettings,
+) -> Result<copilot_storage::Transfers, copilot_storage::StorageError> {
+    copilot_storage::Transfers::new(copilot_storage::Settings {
+        timeout: settings.timeout.as_duration(),
+        retry: copilot_storage::Retry {
             retries: settings.retries,
-        })
-    }
-
-    /// Runs `op` until it succeeds, fails for good, or the retries are used up.
-    pub(crate) async fn retrying<T, E, F, Fut>(&self, what: &str, mut op: F) -> Result<T, E>
-    where
-        E: Retryable,
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let mut retry = 0;
-        loop {
-            match op().await {
-                Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() && retry < self.retries => {
-                    let delay = backoff(retry);
-                    retry += 1;
-                    tracing::warn!(
-                        "{what} failed ({e}); retry {retry} of {} in {delay:?}",
-                        self.retries
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-/// Delay before retry number `retry` (0-based): exponential, capped, with jitter.
-fn backoff(retry: u32) -> Duration {
-    let exp = BACKOFF_BASE
-        .saturating_mul(1u32 << retry.min(16))
-        .min(BACKOFF_MAX);
-    let jitter_ms = rand::thread_rng().gen_range(0..=exp.as_millis() as u64 / 2);
-    exp + Duration::from_millis(jitter_ms)
+        },
+    })
 }
 
 /// The origin of an http(s) URL: scheme, host and port (the default port made explicit).
@@ -101,35 +37,77 @@ fn origin(url: &Url) -> Option<Origin> {
     ))
 }
 
-/// A bearer token bound to the origin (scheme, host, port) it may be sent to.
+/// What an attempt's secret is, and where it may be shown.
 #[derive(Clone)]
-pub struct ScopedToken {
-    origin: Option<Origin>,
-    token: String,
+enum Secret {
+    Bearer { origin: Origin, token: String },
+    Ticket { server: String, ticket: Box<Ticket> },
 }
 
-impl std::fmt::Debug for ScopedToken {
+/// The credentials of one job attempt.
+#[derive(Clone)]
+pub struct JobCredentials {
+    secret: Secret,
+}
+
+impl std::fmt::Debug for JobCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ScopedToken")
-            .field("origin", &self.origin)
-            .field("token", &"<redacted>")
-            .finish()
+        let (kind, place) = match &self.secret {
+            Secret::Bearer { origin, .. } => (
+                "bearer",
+                format!("{}://{}:{}", origin.0, origin.1, origin.2),
+            ),
+            Secret::Ticket { server, .. } => ("ticket", format!("chirp://{server}")),
+        };
+        f.debug_struct("JobCredentials")
+            .field("kind", &kind)
+            .field("for", &place)
+            .finish_non_exhaustive()
     }
 }
 
-impl ScopedToken {
-    /// The token, to be sent only to the origin of `url` (never, if `url` is not http(s)).
-    pub fn new(url: &Url, token: &str) -> ScopedToken {
-        ScopedToken {
-            origin: origin(url),
-            token: token.to_owned(),
+impl JobCredentials {
+    /// The credentials for an attempt whose outputs go to `upload_url` with `secret`.
+    pub fn new(upload_url: &Url, secret: &str) -> Result<JobCredentials, String> {
+        let secret = match upload_url.scheme() {
+            "chirp" => {
+                let (server, _) = parse_url(upload_url).map_err(|e| e.to_string())?;
+                let ticket = Ticket::from_pem(secret).map_err(|e| e.to_string())?;
+                Secret::Ticket {
+                    server,
+                    ticket: Box::new(ticket),
+                }
+            }
+            _ => Secret::Bearer {
+                origin: origin(upload_url)
+                    .ok_or_else(|| format!("upload URL {upload_url} is not http(s) or chirp"))?,
+                token: secret.to_owned(),
+            },
+        };
+        Ok(JobCredentials { secret })
+    }
+
+    /// What to show the server of input `url`: the bearer token if it is the upload's
+    /// origin, else nothing.
+    pub fn for_input(&self, url: &Url) -> Credential {
+        match &self.secret {
+            Secret::Bearer { origin: o, token } if origin(url).as_ref() == Some(o) => {
+                Credential::Bearer(token.clone())
+            }
+            _ => Credential::None,
         }
     }
 
-    /// The token if `url` has the same origin.
-    pub fn for_url(&self, url: &Url) -> Option<&str> {
-        let theirs = origin(url)?;
-        (self.origin.as_ref() == Some(&theirs)).then_some(self.token.as_str())
+    /// What to show the server of the upload URL `url`.
+    pub fn for_upload(&self, url: &Url) -> Credential {
+        match &self.secret {
+            Secret::Ticket { server, ticket }
+                if parse_url(url).is_ok_and(|(s, _)| &s == server) =>
+            {
+                Credential::Ticket(ticket.clone())
+            }
+            _ => self.for_input(url),
+        }
     }
 }
 
@@ -137,33 +115,60 @@ impl ScopedToken {
 mod tests {
     use super::*;
 
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(0) >= BACKOFF_BASE && backoff(0) <= BACKOFF_BASE * 3 / 2);
-        assert!(backoff(3) >= BACKOFF_BASE * 8);
-        assert!(backoff(40) <= BACKOFF_MAX * 3 / 2);
+    fn url(s: &str) -> Url {
+        s.parse().unwrap()
     }
 
     #[test]
-    fn token_goes_only_to_its_origin() {
-        let home: Url = "http://127.0.0.1:8080/outputs/1/1".parse().unwrap();
-        let t = ScopedToken::new(&home, "s3cret");
-        let ok: Url = "http://127.0.0.1:8080/inputs/abc".parse().unwrap();
-        assert_eq!(t.for_url(&ok), Some("s3cret"));
+    fn a_token_goes_only_to_its_origin() {
+        let t = JobCredentials::new(&url("http://127.0.0.1:8080/outputs/1/1"), "s3cret").unwrap();
+        assert!(
+            matches!(t.for_input(&url("http://127.0.0.1:8080/inputs/abc")), Credential::Bearer(s) if s == "s3cret")
+        );
         for other in [
             "http://127.0.0.1:8081/inputs/abc",
             "https://127.0.0.1:8080/inputs/abc",
             "http://localhost:8080/inputs/abc",
             "http://127.0.0.1.evil.org:8080/x",
+            "chirp://127.0.0.1:8080/x",
         ] {
-            assert_eq!(t.for_url(&other.parse().unwrap()), None, "{other}");
+            assert!(
+                matches!(t.for_input(&url(other)), Credential::None),
+                "{other}"
+            );
         }
-        let ftp: Url = "ftp://127.0.0.1:8080/x".parse().unwrap();
-        assert_eq!(ScopedToken::new(&ftp, "s3cret").for_url(&ftp), None);
-        let default_port: Url = "https://example.org/x".parse().unwrap();
-        let t = ScopedToken::new(&default_port, "s3cret");
-        let explicit: Url = "https://example.org:443/y".parse().unwrap();
-        assert_eq!(t.for_url(&explicit), Some("s3cret"));
+        assert!(JobCredentials::new(&url("ftp://127.0.0.1:8080/x"), "s3cret").is_err());
+        let t = JobCredentials::new(&url("https://example.org/x"), "s3cret").unwrap();
+        assert!(matches!(
+            t.for_input(&url("https://example.org:443/y")),
+            Credential::Bearer(_)
+        ));
         assert!(!format!("{t:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_ticket_goes_only_to_its_chirp_server_and_only_for_the_upload() {
+        let ticket = Ticket::generate().unwrap();
+        let pem = ticket.to_pem().unwrap();
+        let t = JobCredentials::new(&url("chirp://127.0.0.1:9094/out/job-1/output.tar.gz"), &pem)
+            .unwrap();
+        let upload = url("chirp://127.0.0.1/out/job-1/output.tar.gz");
+        assert!(matches!(t.for_upload(&upload), Credential::Ticket(_)));
+        // Inputs are read as the host, never with the upload ticket.
+        assert!(matches!(
+            t.for_input(&url("chirp://127.0.0.1/in/data")),
+            Credential::None
+        ));
+        assert!(matches!(
+            t.for_upload(&url("chirp://127.0.0.2/out/x")),
+            Credential::None
+        ));
+        assert!(matches!(
+            t.for_input(&url("http://127.0.0.1:9094/x")),
+            Credential::None
+        ));
+        assert!(!format!("{t:?}").contains("PRIVATE"));
+        let err = JobCredentials::new(&url("chirp://127.0.0.1/x"), "not a key").unwrap_err();
+        assert!(err.contains("ticket"), "{err}");
     }
 }

@@ -183,6 +183,7 @@ pub struct ManagerConfig {
     pub xmpp: XmppConfig,
     pub http: HttpConfig,
     pub jobs: JobsConfig,
+    pub outputs: OutputsConfig,
 }
 
 #[derive(Deserialize)]
@@ -209,6 +210,36 @@ struct RawConfig {
     http: HttpConfig,
     #[serde(default)]
     jobs: JobsConfig,
+    #[serde(default)]
+    outputs: OutputsConfig,
+}
+
+/// Where output archives go (`[outputs]`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputsConfig {
+    /// A `chirp://host:port/dir` where agents upload instead of the storage service: each
+    /// attempt gets its own directory below it and a ticket that may only write there. The
+    /// manager must hold the rights `rwlda` on the dir (by address, hostname or unix user).
+    #[serde(default)]
+    pub chirp: Option<String>,
+    /// How the manager proves who it is to that server, in order: `address`, `hostname`,
+    /// `unix`.
+    #[serde(default = "default_chirp_auth")]
+    pub chirp_auth: Vec<String>,
+}
+
+fn default_chirp_auth() -> Vec<String> {
+    ["address", "hostname", "unix"].map(String::from).to_vec()
+}
+
+impl Default for OutputsConfig {
+    fn default() -> Self {
+        OutputsConfig {
+            chirp: None,
+            chirp_auth: default_chirp_auth(),
+        }
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -227,6 +258,28 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
         reason: reason.into(),
+    }
+}
+
+impl OutputsConfig {
+    /// `chirp_auth` as methods.
+    pub fn auths(&self) -> Result<Vec<copilot_storage::chirp::Auth>, ConfigError> {
+        use copilot_storage::chirp::Auth;
+        if self.chirp_auth.is_empty() {
+            return Err(invalid("outputs.chirp_auth", "give at least one method"));
+        }
+        self.chirp_auth
+            .iter()
+            .map(|m| match m.as_str() {
+                "address" => Ok(Auth::Address),
+                "hostname" => Ok(Auth::Hostname),
+                "unix" => Ok(Auth::Unix),
+                other => Err(invalid(
+                    "outputs.chirp_auth",
+                    format!("{other:?} is not address, hostname or unix"),
+                )),
+            })
+            .collect()
     }
 }
 
@@ -298,6 +351,7 @@ impl ManagerConfig {
             },
             http,
             jobs: raw.jobs,
+            outputs: raw.outputs,
         };
         config.check()?;
         Ok(config)
@@ -345,7 +399,36 @@ impl ManagerConfig {
         if j.hold >= j.lease {
             return Err(invalid("jobs.hold", "must be shorter than jobs.lease"));
         }
+        if let Some(url) = &self.outputs.chirp {
+            let parsed = url
+                .parse()
+                .map_err(|e| invalid("outputs.chirp", format!("not a URL: {e}")))?;
+            copilot_storage::chirp_store::parse_url(&parsed)
+                .map_err(|e| invalid("outputs.chirp", e.to_string()))?;
+        }
+        self.outputs.auths()?;
         Ok(())
+    }
+
+    /// A manager on loopback: data in `data_dir`, HTTP on `listen`, everything else default
+    /// (XMPP at 127.0.0.1:5222, which in-process users may never reach).
+    pub fn loopback(data_dir: &Path, api_token: &str, listen: SocketAddr) -> ManagerConfig {
+        ManagerConfig {
+            data_dir: data_dir.to_owned(),
+            api_token: api_token.to_owned(),
+            xmpp: XmppConfig {
+                jid: "m@localhost".into(),
+                password: "pw".into(),
+                server: "127.0.0.1:5222".into(),
+            },
+            http: HttpConfig {
+                listen,
+                public_url: format!("http://{listen}"),
+                ..HttpConfig::default()
+            },
+            jobs: JobsConfig::default(),
+            outputs: OutputsConfig::default(),
+        }
     }
 
     /// Path of the queue database.

@@ -16,6 +16,7 @@ use copilot_protocol::JobState;
 use copilot_xmpp::{Connection, Element, Incoming, IqKind, LogLimiter, Sender};
 use tracing::{debug, info, warn};
 
+use crate::chirp_outputs::Slot;
 use crate::fleet::FleetError;
 use crate::metrics::{outcome_kind, Metrics};
 use crate::queue::{Claim, Completion, QueueError};
@@ -185,7 +186,7 @@ impl Dispatcher {
         };
         match (kind, payload) {
             (IqKind::Get, Payload::Request(req)) => self.on_work_request(from, id, req).await,
-            (IqKind::Set, Payload::Done(report)) => self.on_done(from, id, *report),
+            (IqKind::Set, Payload::Done(report)) => self.on_done(from, id, *report).await,
             (_, other) => {
                 let e = WireError::Invalid {
                     element: "iq",
@@ -200,9 +201,36 @@ impl Dispatcher {
         }
     }
 
-    fn assignment(&self, c: Claim) -> Assignment {
+    /// Where and with what the attempt uploads: its Chirp slot if it has one, else the storage
+    /// service with the claim's token.
+    fn upload_target(&self, c: &Claim, slot: Option<Slot>) -> (String, String) {
+        let base = self.shared.config.http.public_url.trim_end_matches('/');
+        let http = || {
+            (
+                format!("{base}/outputs/{}/{}", c.job, c.attempt),
+                c.upload_token.clone(),
+            )
+        };
+        let Some(slot) = slot else {
+            return http();
+        };
+        match self
+            .shared
+            .queue
+            .set_upload_url(c.job, c.attempt, &slot.url)
+        {
+            Ok(()) => (slot.url, slot.ticket_pem),
+            Err(e) => {
+                warn!(job = c.job, "cannot record the Chirp upload URL: {e}");
+                http()
+            }
+        }
+    }
+
+    fn assignment(&self, c: Claim, slot: Option<Slot>) -> Assignment {
         let cfg = &self.shared.config;
         let base = cfg.http.public_url.trim_end_matches('/');
+        let (upload_url, upload_token) = self.upload_target(&c, slot);
         Assignment {
             job: c.job,
             attempt: c.attempt,
@@ -232,28 +260,46 @@ impl Dispatcher {
             outputs: c.spec.outputs,
             limits: c.spec.limits,
             network: c.spec.network,
-            upload_url: format!("{base}/outputs/{}/{}", c.job, c.attempt),
-            upload_token: c.upload_token,
+            upload_url,
+            upload_token,
         }
     }
 
-    /// Claim a job for `agent`, or say when to come back.
+    /// Claim a job for `agent`, or say when to come back. With a Chirp output store, a job
+    /// is handed out only with an upload slot (the pool wakes held requests when one is ready).
     fn next_for(&self, agent: &str) -> Result<Next, QueueError> {
         let cfg = &self.shared.config.jobs;
-        match self.shared.queue.claim(
+        let no_work = NoWork {
+            retry_after_secs: cfg.retry_after.0.max(1) as u32,
+        };
+        let slot = match &self.shared.outputs {
+            None => None,
+            Some(outputs) => match outputs.take() {
+                Some(slot) => Some(slot),
+                None => {
+                    debug!(agent, "no Chirp upload slot ready yet");
+                    return Ok(Next::NoWork(no_work));
+                }
+            },
+        };
+        let claimed = self.shared.queue.claim(
             agent,
             cfg.lease.as_duration(),
             cfg.upload_token_ttl.as_duration(),
-        )? {
-            Some(claim) => {
+        );
+        match claimed {
+            Ok(Some(claim)) => {
                 info!(job = claim.job, attempt = claim.attempt, agent, "assigned");
                 Metrics::add(&self.shared.metrics.assignments, 1);
                 self.shared.fleet.started(agent, claim.job);
-                Ok(Next::Assign(Box::new(self.assignment(claim))))
+                Ok(Next::Assign(Box::new(self.assignment(claim, slot))))
             }
-            None => Ok(Next::NoWork(NoWork {
-                retry_after_secs: cfg.retry_after.0.max(1) as u32,
-            })),
+            other => {
+                if let (Some(outputs), Some(slot)) = (&self.shared.outputs, slot) {
+                    outputs.give_back(slot);
+                }
+                other.map(|_| Next::NoWork(no_work))
+            }
         }
     }
 
@@ -323,10 +369,41 @@ impl Dispatcher {
         }
     }
 
-    fn on_done(&self, from: String, id: String, report: DoneReport) {
+    /// For an attempt that uploaded to the Chirp output store: reads the archive back and
+    /// records it if it is what the report says. Otherwise nothing is recorded, and the report
+    /// then fails its archive check (the job is retried).
+    async fn check_chirp_archive(&self, report: &DoneReport) {
+        let (Some(outputs), Some((sha256, size))) = (&self.shared.outputs, report.archive) else {
+            return;
+        };
+        let (job, attempt) = (report.job, report.attempt);
+        let url = match self.shared.queue.upload_url_of(job, attempt) {
+            Ok(Some(url)) => url,
+            Ok(None) => return,
+            Err(e) => return warn!(job, "cannot look up the upload URL: {e}"),
+        };
+        let stored = copilot_protocol::api::Stored { sha256, size };
+        match outputs.verify(&url, stored).await {
+            Ok(()) => match self
+                .shared
+                .queue
+                .record_archive_at(job, attempt, stored, Some(&url))
+            {
+                Ok(()) => {
+                    Metrics::add(&self.shared.metrics.output_bytes_stored, size);
+                    info!(job, attempt, %url, "output archive verified in Chirp");
+                }
+                Err(e) => warn!(job, attempt, "cannot record the Chirp archive: {e}"),
+            },
+            Err(e) => warn!(job, attempt, %url, "the uploaded archive is not accepted: {e}"),
+        }
+    }
+
+    async fn on_done(&self, from: String, id: String, report: DoneReport) {
         if let Err(p) = self.register(&report.agent, &from, None) {
             return self.reply_error(&from, id, p);
         }
+        self.check_chirp_archive(&report).await;
         let agent = report.agent.clone();
         let duplicate = match self.shared.queue.complete(&agent, &report) {
             Ok(Completion::Recorded(state)) => {
@@ -615,10 +692,12 @@ mod tests {
         assert_eq!(upload(&token).await.unwrap().status(), StatusCode::CREATED);
         let from = "vm-1@localhost/r".to_owned();
         let done = report("vm-1", job, attempt, Some((Sha256::of(body), 14)));
-        d.on_done(from.clone(), "r1".into(), done.clone());
-        d.on_done(from.clone(), "r2".into(), done);
-        d.on_done(from.clone(), "r3".into(), report("vm-1", job, 7, None));
-        d.on_done(from.clone(), "r4".into(), report("vm-1", 999, 1, None));
+        d.on_done(from.clone(), "r1".into(), done.clone()).await;
+        d.on_done(from.clone(), "r2".into(), done).await;
+        d.on_done(from.clone(), "r3".into(), report("vm-1", job, 7, None))
+            .await;
+        d.on_done(from.clone(), "r4".into(), report("vm-1", 999, 1, None))
+            .await;
 
         // A malformed message and a request an agent may not send.
         d.clone().handle(Incoming::Message {

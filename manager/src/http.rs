@@ -27,7 +27,7 @@ use copilot_protocol::{JobId, JobState, Sha256};
 use serde::Deserialize;
 use tokio_util::io::ReaderStream;
 
-use crate::blobs::{Blob, BlobError, Blobs};
+use crate::blobs::{BlobError, Blobs};
 use crate::metrics::{refusal_reason, Metrics};
 use crate::queue::{same_token, Queue, QueueError};
 use crate::Shared;
@@ -41,12 +41,17 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    axum::serve(listener, app(shared).await?)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The HTTP service of `shared` as a router (its blob store opened).
+pub async fn app(shared: Arc<Shared>) -> std::io::Result<Router> {
     let blobs = Blobs::open(&shared.config.data_dir)
         .await
         .map_err(std::io::Error::other)?;
-    axum::serve(listener, router(App { shared, blobs }))
-        .with_graceful_shutdown(shutdown)
-        .await
+    Ok(router(App { shared, blobs }))
 }
 
 #[derive(Clone)]
@@ -233,10 +238,15 @@ fn stored(created: bool, st: Stored) -> Response {
     (status, Json(st)).into_response()
 }
 
-fn download(blob: Blob, sha256: Option<Sha256>, kind: &'static str) -> Response {
+fn download(
+    body: impl tokio::io::AsyncRead + Send + 'static,
+    size: u64,
+    sha256: Option<Sha256>,
+    kind: &'static str,
+) -> Response {
     let mut headers = vec![
         (header::CONTENT_TYPE, kind.to_owned()),
-        (header::CONTENT_LENGTH, blob.size.to_string()),
+        (header::CONTENT_LENGTH, size.to_string()),
     ];
     if let Some(sha) = sha256 {
         headers.push((
@@ -244,7 +254,7 @@ fn download(blob: Blob, sha256: Option<Sha256>, kind: &'static str) -> Response 
             sha.to_string(),
         ));
     }
-    let mut resp = Body::from_stream(ReaderStream::new(blob.file)).into_response();
+    let mut resp = Body::from_stream(ReaderStream::new(body)).into_response();
     for (name, value) in headers {
         // Both values are decimal or hex digits, which are valid header values.
         if let Ok(v) = value.parse() {
@@ -309,7 +319,12 @@ async fn get_input(
         ));
     }
     match app.blobs.open_input(&sha).await? {
-        Some(blob) => Ok(download(blob, Some(sha), "application/octet-stream")),
+        Some(blob) => Ok(download(
+            blob.file,
+            blob.size,
+            Some(sha),
+            "application/octet-stream",
+        )),
         None => Err(fail(
             StatusCode::NOT_FOUND,
             format!("input {sha} is not stored"),
@@ -502,8 +517,41 @@ async fn job_output(
     let (attempt, st) = db(&app.shared, move |q| q.archive_of(id))
         .await?
         .ok_or_else(none)?;
+    if let Some(url) = db(&app.shared, move |q| q.archive_url_of(id)).await? {
+        return chirp_output(&app, url, st);
+    }
     let blob = app.blobs.open_output(id, attempt).await?.ok_or_else(none)?;
-    Ok(download(blob, Some(st.sha256), "application/gzip"))
+    Ok(download(
+        blob.file,
+        blob.size,
+        Some(st.sha256),
+        "application/gzip",
+    ))
+}
+
+/// Streams an archive kept in the Chirp output store. A failure half-way cuts the body (the
+/// client sees fewer bytes than the length says, and its digest check fails).
+fn chirp_output(app: &App, url: String, st: Stored) -> Answer<Response> {
+    let Some(outputs) = app.shared.outputs.clone() else {
+        return Err(fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the archive is in {url}, but this manager has no Chirp output store configured"
+            ),
+        ));
+    };
+    let (mut writer, reader) = tokio::io::duplex(256 * 1024);
+    tokio::spawn(async move {
+        if let Err(e) = outputs.read(&url, &mut writer).await {
+            tracing::warn!(%url, "serving an archive from Chirp failed: {e}");
+        }
+    });
+    Ok(download(
+        reader,
+        st.size,
+        Some(st.sha256),
+        "application/gzip",
+    ))
 }
 
 async fn agents(State(app): State<App>, headers: HeaderMap) -> Answer<Response> {
@@ -524,8 +572,7 @@ pub(crate) mod tests {
     use reqwest::{Client, RequestBuilder};
 
     use super::*;
-    use crate::config::{HttpConfig, JobsConfig, ManagerConfig, XmppConfig};
-    use crate::fleet::Fleet;
+    use crate::config::{HttpConfig, ManagerConfig};
     use crate::queue::Claim;
 
     const TOKEN: &str = "api-token-for-tests";
@@ -548,33 +595,15 @@ pub(crate) mod tests {
             let dir = tempfile::tempdir().unwrap();
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let config = ManagerConfig {
-                data_dir: dir.path().to_owned(),
-                api_token: TOKEN.into(),
-                xmpp: XmppConfig {
-                    jid: "m@localhost".into(),
-                    password: "pw".into(),
-                    server: "127.0.0.1:5222".into(),
-                },
-                http: HttpConfig {
-                    listen: addr,
-                    public_url: format!("http://{addr}"),
-                    ..http
-                },
-                jobs: JobsConfig {
-                    max_output_size: Bytes(1000),
-                    max_input_size: Bytes(1000),
-                    ..JobsConfig::default()
-                },
+            let mut config = ManagerConfig::loopback(dir.path(), TOKEN, addr);
+            config.http = HttpConfig {
+                listen: addr,
+                public_url: format!("http://{addr}"),
+                ..http
             };
-            let queue = Queue::open(&config.db_path()).unwrap();
-            let shared = Arc::new(Shared {
-                config,
-                queue,
-                fleet: Fleet::new(),
-                work_available: tokio::sync::Notify::new(),
-                metrics: crate::metrics::Metrics::new(),
-            });
+            config.jobs.max_output_size = Bytes(1000);
+            config.jobs.max_input_size = Bytes(1000);
+            let shared = Arc::new(Shared::open(config, None).unwrap());
             tokio::spawn(serve(listener, shared.clone(), std::future::pending()));
             Server {
                 _dir: dir,

@@ -2,9 +2,12 @@
 //! API over HTTP, and a dispatcher that hands jobs to agents over XMPP.
 
 pub mod blobs;
+pub mod chirp_outputs;
 pub mod config;
 pub mod dispatch;
 pub mod fleet;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod queue;
@@ -21,6 +24,25 @@ pub struct Shared {
     pub work_available: tokio::sync::Notify,
     /// Counters and gauges served at `GET /metrics`.
     pub metrics: metrics::Metrics,
+    /// The Chirp output store, when `[outputs] chirp` is set.
+    pub outputs: Option<std::sync::Arc<chirp_outputs::ChirpOutputs>>,
+}
+
+impl Shared {
+    /// The state of a manager with `config`: its queue opened, no agent known yet.
+    pub fn open(
+        config: config::ManagerConfig,
+        outputs: Option<std::sync::Arc<chirp_outputs::ChirpOutputs>>,
+    ) -> Result<Shared, queue::QueueError> {
+        Ok(Shared {
+            queue: queue::Queue::open(&config.db_path())?,
+            config,
+            fleet: Fleet::new(),
+            work_available: tokio::sync::Notify::new(),
+            metrics: metrics::Metrics::new(),
+            outputs,
+        })
+    }
 }
 
 /// Why the manager stopped.
@@ -42,6 +64,8 @@ pub enum ManagerError {
     Http(std::io::Error),
     #[error("XMPP: {0}")]
     Xmpp(#[from] copilot_xmpp::XmppError),
+    #[error(transparent)]
+    Outputs(#[from] chirp_outputs::OutputStoreError),
 }
 
 /// Run the manager until `shutdown` resolves: open the queue, serve HTTP, log in to XMPP,
@@ -58,7 +82,20 @@ pub async fn run(
         path: config.data_dir.clone(),
         source,
     })?;
-    let queue = queue::Queue::open(&config.db_path())?;
+    let outputs = match &config.outputs.chirp {
+        None => None,
+        Some(url) => Some(Arc::new(
+            chirp_outputs::ChirpOutputs::open(
+                url,
+                // Checked when the config was loaded.
+                config.outputs.auths().unwrap_or_default(),
+                Duration::from_secs(60),
+                config.jobs.upload_token_ttl.as_duration(),
+                config.jobs.max_output_size.0,
+            )
+            .await?,
+        )),
+    };
     let addr = config.http.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -69,13 +106,7 @@ pub async fn run(
         server: config.xmpp.server.clone(),
         plaintext_host: None,
     })?;
-    let shared = Arc::new(Shared {
-        config,
-        queue,
-        fleet: Fleet::new(),
-        work_available: tokio::sync::Notify::new(),
-        metrics: metrics::Metrics::new(),
-    });
+    let shared = Arc::new(Shared::open(config, outputs.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -84,6 +115,11 @@ pub async fn run(
         }
     };
     let http = tokio::spawn(http::serve(listener, shared.clone(), stopped()));
+    let slots = outputs.map(|o| {
+        let stop = stopped();
+        let shared = shared.clone();
+        tokio::spawn(async move { o.run(|| shared.work_available.notify_waiters(), stop).await })
+    });
     info!(%addr, "storage and API listening");
     conn.wait_online(Duration::from_secs(30)).await?;
     // The first Online event was consumed above; announce ourselves.
@@ -101,6 +137,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     let _ = dispatching.await;
+    if let Some(slots) = slots {
+        let _ = slots.await;
+    }
     match http.await {
         Ok(r) => r.map_err(ManagerError::Http),
         Err(_) => Ok(()),

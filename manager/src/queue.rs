@@ -45,6 +45,8 @@ CREATE TABLE jobs (
     archive_attempt INTEGER,
     archive_sha TEXT,
     archive_size INTEGER,
+    archive_url TEXT,
+    upload_url TEXT,
     files TEXT,
     timings TEXT,
     sandbox TEXT,
@@ -368,6 +370,7 @@ fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, QueueError>> 
     let files: Option<String> = r.get("files")?;
     let timings: Option<String> = r.get("timings")?;
     let sandbox: Option<String> = r.get("sandbox")?;
+    let archive_url: Option<String> = r.get("archive_url")?;
     let spec: String = r.get("spec")?;
     let (id, name, attempt, max_retries, agent, created, updated, note) = (
         r.get("id")?,
@@ -397,6 +400,7 @@ fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, QueueError>> 
                 }),
                 _ => None,
             },
+            archive_url,
             files: files
                 .as_deref()
                 .map(from_json)
@@ -519,7 +523,7 @@ impl Queue {
             tx.execute_cached(
                 "UPDATE jobs SET attempt = ?1, agent = ?2, lease_until = ?3, token = ?4,
                         token_until = ?5, archive_attempt = NULL, archive_sha = NULL,
-                        archive_size = NULL
+                        archive_size = NULL, archive_url = NULL, upload_url = NULL
                  WHERE id = ?6",
                 params![
                     attempt,
@@ -771,6 +775,18 @@ impl Queue {
         attempt: u32,
         stored: Stored,
     ) -> Result<(), QueueError> {
+        self.record_archive_at(job, attempt, stored, None)
+    }
+
+    /// [`Queue::record_archive`] for an archive kept elsewhere than the manager's own store:
+    /// `url` says where (a Chirp URL).
+    pub fn record_archive_at(
+        &self,
+        job: JobId,
+        attempt: u32,
+        stored: Stored,
+        url: Option<&str>,
+    ) -> Result<(), QueueError> {
         self.write(|tx, now| {
             let cur = load(tx, job)?.ok_or(QueueError::UnknownJob(job))?;
             if !(cur.state.is_leased() && cur.attempt == attempt) {
@@ -778,11 +794,68 @@ impl Queue {
             }
             tx.execute_cached(
                 "UPDATE jobs SET archive_attempt = ?1, archive_sha = ?2, archive_size = ?3,
-                        updated = ?4 WHERE id = ?5",
-                params![attempt, stored.sha256.to_string(), stored.size, now, job],
+                        archive_url = ?4, updated = ?5 WHERE id = ?6",
+                params![
+                    attempt,
+                    stored.sha256.to_string(),
+                    stored.size,
+                    url,
+                    now,
+                    job
+                ],
             )?;
             Ok(())
         })
+    }
+
+    /// The attempt of `job` uploads to `url` (a Chirp URL) instead of the storage service.
+    pub fn set_upload_url(&self, job: JobId, attempt: u32, url: &str) -> Result<(), QueueError> {
+        self.write(|tx, _| {
+            let n = tx.execute_cached(
+                &format!(
+                    "UPDATE jobs SET upload_url = ?1 WHERE id = ?2 AND attempt = ?3
+                     AND state IN {LEASED}"
+                ),
+                params![url, job, attempt],
+            )?;
+            if n == 0 {
+                return Err(QueueError::StaleLease { job, attempt });
+            }
+            Ok(())
+        })
+    }
+
+    /// Where `job`/`attempt` uploads, if not to the storage service (and the lease is current).
+    pub fn upload_url_of(&self, job: JobId, attempt: u32) -> Result<Option<String>, QueueError> {
+        if !storable(job) {
+            return Ok(None);
+        }
+        let conn = self.lock();
+        let url: Option<Option<String>> = conn
+            .query_row_cached(
+                &format!(
+                    "SELECT upload_url FROM jobs WHERE id = ?1 AND attempt = ?2
+                     AND state IN {LEASED}"
+                ),
+                params![job, attempt],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(url.flatten())
+    }
+
+    /// Where the archive of `job` is kept, if not in the manager's own store.
+    pub fn archive_url_of(&self, job: JobId) -> Result<Option<String>, QueueError> {
+        if !storable(job) {
+            return Ok(None);
+        }
+        let conn = self.lock();
+        let url: Option<Option<String>> = conn
+            .query_row_cached("SELECT archive_url FROM jobs WHERE id = ?1", [job], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(url.flatten())
     }
 
     /// The stored archive of `job` and the attempt that produced it, if any.

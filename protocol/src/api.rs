@@ -90,6 +90,10 @@ pub struct JobView {
     /// The stored output archive, digest computed by the storage service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive: Option<Stored>,
+    /// Where the archive is kept when not in the manager's own store (a `chirp://` URL); the
+    /// manager serves it either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_url: Option<String>,
     #[serde(default)]
     pub files: Vec<FileView>,
     /// Milliseconds spent staging in, running and staging out (last attempt).

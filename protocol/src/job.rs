@@ -93,7 +93,7 @@ pub struct InputEntry {
     /// A local file, relative to the job file.
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// An http(s) URL the agent fetches itself.
+    /// An `http(s)://` or `chirp://host:port/path` URL the agent fetches itself.
     #[serde(default)]
     pub url: Option<String>,
     /// Expected digest of a URL input (checked by the agent while it downloads).
@@ -219,6 +219,18 @@ impl JobFile {
         if let Some(c) = self.count {
             if c == 0 || c > 100_000 {
                 return Err(field("count", "must be between 1 and 100000"));
+            }
+            // Instances are named `name#<i>`, and those names must be valid labels too.
+            let name = self
+                .name
+                .clone()
+                .unwrap_or_else(|| default_name(&self.command));
+            let longest = name.len() + 1 + (c - 1).to_string().len();
+            if longest > MAX_LABEL_BYTES {
+                return Err(field(
+                    "name",
+                    format!("is too long for count = {c}: the instances' names `{name}#<i>` would be {longest} bytes; the limit is {MAX_LABEL_BYTES}"),
+                ));
             }
         }
         check_count("inputs", self.inputs.len(), MAX_FILES)?;
@@ -386,15 +398,29 @@ impl JobSpec {
     }
 }
 
+/// The last `*.sh`/`*.awk` word of the command, else its program, without directories or
+/// control characters, at most 64 characters; `job` if nothing is left.
 fn default_name(command: &[String]) -> String {
-    command
+    let name: String = command
         .iter()
         .rev()
         .find(|w| w.ends_with(".sh") || w.ends_with(".awk"))
         .or(command.first())
         .and_then(|w| w.rsplit('/').next())
-        .map(|w| w.chars().take(64).collect())
-        .unwrap_or_else(|| "job".into())
+        .map(|w| {
+            w.chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect::<String>()
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default();
+    if name.is_empty() {
+        "job".into()
+    } else {
+        name
+    }
 }
 
 fn check_count(what: &'static str, count: usize, limit: usize) -> Result<(), JobError> {
@@ -404,9 +430,15 @@ fn check_count(what: &'static str, count: usize, limit: usize) -> Result<(), Job
     Ok(())
 }
 
+/// Longest job name, in bytes.
+pub const MAX_LABEL_BYTES: usize = 128;
+
 fn validate_label(name: &str) -> Result<(), JobError> {
-    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-        return Err(field("name", "must be 1 to 128 printable characters"));
+    if name.is_empty() || name.len() > MAX_LABEL_BYTES || name.chars().any(char::is_control) {
+        return Err(field(
+            "name",
+            format!("must be 1 to {MAX_LABEL_BYTES} bytes of printable characters"),
+        ));
     }
     Ok(())
 }
@@ -430,14 +462,20 @@ pub fn validate_command(command: &[String]) -> Result<(), JobError> {
         return Err(JobError::TooManyArgs(command.len()));
     }
     for (i, w) in command.iter().enumerate() {
-        if w.len() > MAX_WORD_BYTES || w.contains('\0') {
+        if w.len() > MAX_WORD_BYTES || !wire_safe_text(w) {
             return Err(field(
                 &format!("command[{i}]"),
-                format!("must be at most {MAX_WORD_BYTES} bytes without NUL"),
+                format!("must be at most {MAX_WORD_BYTES} bytes without control characters (tab and newline are fine)"),
             ));
         }
     }
     Ok(())
+}
+
+/// Whether `s` can travel in XML element text unchanged: no control characters but tab and
+/// newline (XML forbids most of them and turns a carriage return into a newline).
+pub fn wire_safe_text(s: &str) -> bool {
+    !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
 }
 
 /// Environment: names like shell variables, values without NUL, bounded.
@@ -454,10 +492,10 @@ pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), JobError> {
                 "names are letters, digits and _, not starting with a digit",
             ));
         }
-        if v.len() > MAX_WORD_BYTES || v.contains('\0') {
+        if v.len() > MAX_WORD_BYTES || !wire_safe_text(v) {
             return Err(field(
                 &format!("env.{k}"),
-                format!("value must be at most {MAX_WORD_BYTES} bytes without NUL"),
+                format!("value must be at most {MAX_WORD_BYTES} bytes without control characters (tab and newline are fine)"),
             ));
         }
     }
@@ -517,11 +555,13 @@ pub fn validate_output_path(p: &str) -> Result<(), JobError> {
 }
 
 fn validate_url(name: &str, url: &str) -> Result<(), JobError> {
-    let ok_scheme = url.starts_with("http://") || url.starts_with("https://");
+    let ok_scheme = ["http://", "https://", "chirp://"]
+        .iter()
+        .any(|s| url.starts_with(s));
     if !ok_scheme || url.len() > MAX_WORD_BYTES || url.chars().any(|c| c.is_whitespace()) {
         return Err(JobError::Input {
             name: name.to_owned(),
-            reason: "url must be http:// or https://, without spaces".into(),
+            reason: "url must be http://, https:// or chirp://, without spaces (write a space in a chirp path as %20)".into(),
         });
     }
     Ok(())
@@ -571,6 +611,41 @@ output = "1MiB"
             InputSource::Stored { size: 1, .. }
         ));
         specs[0].validate().unwrap();
+    }
+
+    #[test]
+    fn chirp_urls_are_inputs_too() {
+        let f = JobFile::parse(
+            "command = [\"true\"]\n[[inputs]]\nurl = \"chirp://127.0.0.1:9094/data/calib%20v2.dat\"",
+        )
+        .unwrap();
+        let spec = &f.into_specs(Path::new("."), |_| None).unwrap()[0];
+        assert_eq!(spec.inputs[0].name, "calib%20v2.dat");
+        spec.validate().unwrap();
+    }
+
+    #[test]
+    fn derived_and_numbered_names_are_valid_labels() {
+        // Found by fuzzing: a command whose program holds tabs gave a name with tabs.
+        let f = JobFile::parse("command = [\"a\\t\\tb\\n\"]").unwrap();
+        let spec = &f.into_specs(Path::new("."), |_| None).unwrap()[0];
+        assert_eq!(spec.name, "ab");
+        spec.validate().unwrap();
+        let f = JobFile::parse("command = [\"\\t\"]").unwrap();
+        assert_eq!(
+            f.into_specs(Path::new("."), |_| None).unwrap()[0].name,
+            "job"
+        );
+        // A name that fits alone but not with `#<i>` is refused up front.
+        let long = "n".repeat(126);
+        let err = JobFile::parse(&format!("name = \"{long}\"\ncommand = [\"x\"]\ncount = 11"))
+            .unwrap_err();
+        assert!(err.to_string().contains("too long for count = 11"), "{err}");
+        let f =
+            JobFile::parse(&format!("name = \"{long}\"\ncommand = [\"x\"]\ncount = 10")).unwrap();
+        for spec in f.into_specs(Path::new("."), |_| None).unwrap() {
+            spec.validate().unwrap();
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod digest;
+pub mod fuzzing;
 pub mod job;
 pub mod sandbox;
 pub mod state;

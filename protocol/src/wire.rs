@@ -500,7 +500,9 @@ fn assign_element(a: &Assignment) -> Element {
         e = e.child(El::new("arg").text(arg).0);
     }
     for (k, v) in &a.env {
-        e = e.child(El::new("env").attr("name", k).attr("value", v).0);
+        // In text, not an attribute: XML servers may turn newlines and tabs in attribute
+        // values into spaces (Prosody does).
+        e = e.child(El::new("env").attr("name", k).text(v).0);
     }
     for i in &a.inputs {
         e = e.child(
@@ -674,11 +676,17 @@ impl<'a> Attrs<'a> {
         self.e.attr(attr)
     }
 
+    /// An attribute's value; control characters are refused: a server may have changed them
+    /// on the way (free text travels in element text).
     fn str(&self, attr: &'static str) -> Result<&'a str, WireError> {
-        self.opt_str(attr).ok_or(WireError::MissingAttribute {
+        let v = self.opt_str(attr).ok_or(WireError::MissingAttribute {
             element: self.element,
             attr,
-        })
+        })?;
+        if v.chars().any(char::is_control) {
+            return Err(self.bad(attr, v));
+        }
+        Ok(v)
     }
 
     fn bad(&self, attr: &'static str, value: &str) -> WireError {
@@ -806,10 +814,9 @@ fn decode_assign(e: &Element) -> Result<Assignment, WireError> {
                 out.command.push(c.text());
             }
             "env" => {
-                let ca = Attrs::new(c, "env", &["name", "value"])?;
+                let ca = Attrs::new(c, "env", &["name"])?;
                 no_children(c, "env")?;
-                out.env
-                    .insert(ca.str("name")?.to_owned(), ca.str("value")?.to_owned());
+                out.env.insert(ca.str("name")?.to_owned(), c.text());
             }
             "input" => {
                 let ca = Attrs::new(c, "input", &["name", "url", "sha256", "size"])?;
@@ -837,7 +844,8 @@ fn decode_assign(e: &Element) -> Result<Assignment, WireError> {
                 let ca = Attrs::new(c, "upload", &["url", "token"])?;
                 no_children(c, "upload")?;
                 out.upload_url = ca.bounded("url", crate::job::MAX_WORD_BYTES)?;
-                out.upload_token = ca.bounded("token", 256)?;
+                // A bearer token, or a Chirp ticket's private key in PEM.
+                out.upload_token = ca.bounded("token", 4096)?;
             }
             other => {
                 return Err(WireError::UnexpectedChild {
@@ -1239,6 +1247,26 @@ mod tests {
             code: ErrorCode::StaleLease,
             text: "attempt 1 of job 17 was requeued".into(),
         }));
+    }
+
+    #[test]
+    fn free_text_travels_in_element_text_and_attributes_carry_no_control_characters() {
+        let mut a = assignment();
+        a.env
+            .insert("MULTI".into(), "line one\nline two\twith tab".into());
+        a.command.push("arg\nwith\tnewline".into());
+        // What a server that turns whitespace in attribute values into spaces passes on.
+        let mut el = Payload::Assign(Box::new(a.clone())).to_element();
+        crate::fuzzing::normalise_attribute_whitespace(&mut el);
+        assert_eq!(
+            Payload::from_element(&el).unwrap(),
+            Payload::Assign(Box::new(a))
+        );
+        let err = Payload::from_xml(
+            "<progress xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1' phase='running&#10;'/>",
+        )
+        .unwrap_err();
+        assert!(matches!(err, WireError::BadAttribute { .. }), "{err}");
     }
 
     #[test]

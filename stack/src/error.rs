@@ -5,10 +5,11 @@ use std::path::PathBuf;
 /// Why a stack part could not be started or controlled. Messages say what to do where possible.
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
-    #[error(
-        "prosody is not installed (no `{0}` on PATH); install it with: apt-get install prosody"
-    )]
-    ProsodyMissing(&'static str),
+    #[error("{package} is not installed (no `{tool}` on PATH); install it with: apt-get install {package}")]
+    ToolMissing {
+        tool: &'static str,
+        package: &'static str,
+    },
     #[error("{path} does not exist; build the binaries first: cargo build --workspace --bins")]
     BinaryMissing { path: PathBuf },
     // The cause is part of the message (not a `source`), so `{e}` alone says everything.

@@ -7,12 +7,11 @@ use std::io::{Read, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::io;
 use crate::supervised::tail;
-use crate::{free_port, StackError, Supervised};
+use crate::{free_port, require_tool, StackError, Supervised};
 
 /// The XMPP domain of the stack's virtual host.
 pub const XMPP_DOMAIN: &str = "localhost";
@@ -34,9 +33,7 @@ impl Prosody {
     /// Write a config into `dir` (created if missing) and start the server on a free port.
     pub fn start(dir: &Path) -> Result<Prosody, StackError> {
         for tool in ["prosody", "prosodyctl"] {
-            if find_on_path(tool).is_none() {
-                return Err(StackError::ProsodyMissing(tool));
-            }
+            require_tool(tool, "prosody")?;
         }
         for sub in ["data", "certs"] {
             std::fs::create_dir_all(dir.join(sub))
@@ -133,24 +130,13 @@ impl Prosody {
         let log = self.dir.join("prosody.out");
         let mut p = Supervised::spawn("prosody", cmd, &log)?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Err(e) = p.check_alive() {
-                return Err(with_server_log(e, &self.dir));
-            }
-            if serves_xmpp(addr) {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(StackError::NotReady {
-                    what: format!("prosody on {addr}"),
-                    secs: START_TIMEOUT.as_secs(),
-                    log: self.dir.join("prosody.log"),
-                    tail: tail(&self.dir.join("prosody.log")),
-                });
-            }
-            sleep(Duration::from_millis(20));
-        }
+        p.wait_ready(
+            &format!("prosody on {addr}"),
+            START_TIMEOUT,
+            &self.dir.join("prosody.log"),
+            || serves_xmpp(addr),
+        )
+        .map_err(|e| with_server_log(e, &self.dir))?;
         tracing::info!(port = self.port, pid = p.pid(), "prosody is up");
         self.process = Some(p);
         Ok(())
@@ -214,13 +200,6 @@ fn with_server_log(e: StackError, dir: &Path) -> StackError {
         }
         other => other,
     }
-}
-
-fn find_on_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
 }
 
 /// A Lua string literal for a path (escapes backslashes and quotes).

@@ -102,6 +102,33 @@ impl Supervised {
         }
     }
 
+    /// Polls `ready` every 20 ms until it says yes; an error if the process exits first or
+    /// `timeout` passes (naming `what` and the tail of `log`, the server's own log file).
+    pub fn wait_ready(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        log: &Path,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<(), StackError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            if ready() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(StackError::NotReady {
+                    what: what.to_owned(),
+                    secs: timeout.as_secs(),
+                    log: log.to_owned(),
+                    tail: tail(log),
+                });
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL to the whole group, then reap the leader.
     pub fn kill9(&mut self) -> Result<ExitStatus, StackError> {
         self.signal_group(Signal::SIGKILL)?;

@@ -86,7 +86,7 @@ fn running(pid: u32) -> bool {
 /// A started server, or None (test skipped, said on stderr) when prosody is not installed.
 fn start(dir: &Path) -> Option<Prosody> {
     match Prosody::start(dir) {
-        Err(copilot_stack::StackError::ProsodyMissing(_)) => {
+        Err(copilot_stack::StackError::ToolMissing { .. }) => {
             eprintln!("SKIPPED: prosody is not installed (apt-get install prosody)");
             None
         }

@@ -235,3 +235,30 @@ path = "pair.sh"
         assert_eq!(seen.trim(), "2", "job {} ran alone", j.id);
     }
 }
+
+/// Arguments and environment values with newlines and tabs reach the payload byte for byte
+/// through the real XMPP server (which would turn them into spaces in attribute values).
+#[test]
+fn arguments_and_environment_arrive_byte_for_byte() {
+    let h = Harness::start(Setup::default());
+    let job = h.write_job(
+        "echo",
+        r#"
+name = "echo"
+command = ["sh", "-c", "printf '%s|%s' \"$MULTI\" \"$1\" > out.txt", "sh", "arg\nline\ttab"]
+outputs = ["out.txt"]
+
+[env]
+MULTI = "env\nline\ttab  two spaces"
+"#,
+        &[],
+    );
+    let ids = h.submit(&job);
+    let j = &h.wait_final(&ids, Duration::from_secs(60))[0];
+    assert_eq!(j.state, JobState::Done, "{:?}", j.outcome);
+    let out = h.results(j.id);
+    assert_eq!(
+        std::fs::read_to_string(out.join("out.txt")).unwrap(),
+        "env\nline\ttab  two spaces|arg\nline\ttab"
+    );
+}

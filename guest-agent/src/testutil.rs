@@ -1,0 +1,11 @@
+//! Test support shared by the agent's unit tests.
+
+/// Transfer settings for tests: two retries, 1 MiB input limit.
+pub fn settings() -> crate::config::TransferSettings {
+    crate::config::TransferSettings {
+        timeout: copilot_protocol::units::Seconds(30),
+        retries: 2,
+        max_input_size: copilot_protocol::units::Bytes(1 << 20),
+        cache_size: copilot_protocol::units::Bytes(1 << 20),
+    }
+}
