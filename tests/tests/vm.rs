@@ -34,7 +34,7 @@ fn one_vm_test_at_a_time() -> MutexGuard<'static, ()> {
 const PROBE_JOB: &str = r#"
 name = "vm-probe"
 command = ["sh", "probe.sh"]
-outputs = ["where.txt", "uid.txt", "digest.txt", "cmdline.txt"]
+outputs = ["where.txt", "uid.txt", "digest.txt", "cmdline.txt", "dmesg.txt"]
 
 [[inputs]]
 path = "probe.sh"
@@ -47,6 +47,7 @@ const PROBE_SH: &str = "cat /etc/copilot/release > where.txt
 id -u > uid.txt
 sha256sum data.txt | cut -d' ' -f1 > digest.txt
 cat /proc/cmdline > cmdline.txt
+dmesg > dmesg.txt 2>&1 || true
 ";
 
 const HOG_JOB: &str = r#"
@@ -119,6 +120,8 @@ fn the_vm_agent_runs_jobs_and_the_vm_powers_off_when_told() {
     let cmdline = read("cmdline.txt");
     assert!(cmdline.contains("console=ttyS0"), "{cmdline}");
     assert!(!cmdline.contains("copilot."), "{cmdline}");
+    let dmesg = read("dmesg.txt");
+    assert!(!dmesg.contains("copilot.password"), "{dmesg}");
 
     // A job over its memory limit: its cgroup's OOM kill makes it limit-exceeded memory.
     let job = h.write_job("hog", HOG_JOB, &[("hog.sh", HOG_SH)]);
