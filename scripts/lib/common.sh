@@ -29,6 +29,17 @@ find_qemu() {
     fi
 }
 
+# qemu_data_has QEMU FILE: whether the data dir of that qemu-system-x86_64 holds FILE.
+qemu_data_has() {
+    local dir
+    if [[ $1 == "$(qemu_prefix)/bin/qemu-system-x86_64" ]]; then
+        dir=$(qemu_prefix)/root/usr/share/qemu
+    else
+        dir=$(dirname "$(readlink -f "$1")")/../share/qemu
+    fi
+    [[ -f $dir/$2 ]]
+}
+
 # The version apt would install of package $1 (from the local package lists), or fails.
 apt_candidate() {
     local v
