@@ -18,10 +18,7 @@ use copilot_protocol::Sha256;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
-/// Archive path of the payload's stdout.
-pub const STDOUT_ENTRY: &str = "_copilot/stdout.txt";
-/// Archive path of the payload's stderr.
-pub const STDERR_ENTRY: &str = "_copilot/stderr.txt";
+pub use copilot_protocol::api::{STDERR_ENTRY, STDOUT_ENTRY};
 
 /// A written archive.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use std::path::Path;
 use copilot_protocol::api::{
     AgentList, ApiError, JobList, JobView, Stored, SubmitRequest, SubmitResponse,
 };
+use copilot_protocol::summary::{BatchView, Summary};
 use copilot_protocol::{JobId, JobState, Sha256};
 use futures::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -199,6 +200,37 @@ impl Client {
                 source,
             })
         }))
+    }
+
+    /// GET /api/summary[?window=S].
+    pub async fn summary(&self, window_secs: Option<u64>) -> Result<Summary, ClientError> {
+        let mut req = self.request(Method::GET, "/api/summary");
+        if let Some(w) = window_secs {
+            req = req.query(&[("window", w.to_string())]);
+        }
+        self.json("the summary", req).await
+    }
+
+    /// GET /api/batches/{name}.
+    pub async fn batch(&self, name: &str) -> Result<BatchView, ClientError> {
+        let mut url =
+            reqwest::Url::parse(&self.base).map_err(|_| ClientError::BadUrl(self.base.clone()))?;
+        url.path_segments_mut()
+            .map_err(|()| ClientError::BadUrl(self.base.clone()))?
+            .pop_if_empty()
+            .extend(["api", "batches", name]);
+        let req = self.http.get(url).bearer_auth(&self.token);
+        self.json(&format!("batch {name}"), req).await
+    }
+
+    /// The manager's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The API token.
+    pub fn token(&self) -> &str {
+        &self.token
     }
 
     /// GET /api/agents.

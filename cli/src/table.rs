@@ -1,55 +1,73 @@
-//! Plain-text tables for people: jobs, state counts, agents. No colours, so output is the same
-//! on a terminal, in a pipe and in a log.
+//! Plain-text tables for people: jobs, state counts, agents, causes, batches. Colours (states,
+//! online or offline) only when asked for: on a terminal, without NO_COLOR (see `main.rs`);
+//! in a pipe or a log the text is plain. Widths never count the colour codes.
 
 use std::collections::BTreeMap;
 
 use copilot_protocol::api::{AgentView, JobView, OutcomeView};
 use copilot_protocol::sandbox::SandboxReport;
+use copilot_protocol::summary::{BatchSummary, CauseCount};
+use copilot_protocol::units::ago;
 use copilot_protocol::JobState;
+
+/// An ANSI colour for a cell, or none.
+pub type Paint<'a> = &'a dyn Fn(usize, &str) -> Option<&'static str>;
+
+/// No colours.
+pub const PLAIN: Paint<'static> = &|_, _| None;
 
 /// Columns left-aligned, separated by two spaces, trailing spaces trimmed.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    render_painted(header, rows, PLAIN)
+}
+
+/// Like [`render`], each body cell wrapped in the colour `paint(column, text)` gives.
+pub fn render_painted(header: &[&str], rows: &[Vec<String>], paint: Paint<'_>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: &mut dyn Iterator<Item = &str>| {
+    let line = |cells: &mut dyn Iterator<Item = &str>, painted: bool| {
         let mut s = String::new();
-        for (cell, w) in cells.zip(&widths) {
-            s.push_str(cell);
+        for (col, (cell, w)) in cells.zip(&widths).enumerate() {
+            match paint(col, cell).filter(|_| painted) {
+                Some(code) => s.push_str(&format!("\x1b[{code}m{cell}\x1b[0m")),
+                None => s.push_str(cell),
+            }
             s.extend(std::iter::repeat_n(' ', w + 2 - cell.chars().count()));
         }
         s.truncate(s.trim_end().len());
         s.push('\n');
         s
     };
-    let mut out = line(&mut header.iter().copied());
+    let mut out = line(&mut header.iter().copied(), false);
     for row in rows {
-        out.push_str(&line(&mut row.iter().map(String::as_str)));
+        out.push_str(&line(&mut row.iter().map(String::as_str), true));
     }
     out
 }
 
-/// A short outcome for a table cell.
-pub fn outcome_cell(o: Option<&OutcomeView>) -> String {
-    match o {
-        None => "-".into(),
-        Some(o) => match (o.kind.as_str(), o.exit_code, o.signal) {
-            ("exited", Some(code), _) => format!("exit {code}"),
-            ("killed", _, Some(sig)) => format!("signal {sig}"),
-            ("limit-exceeded", _, _) => match &o.limit {
-                Some(limit) => format!("{limit} limit"),
-                None => "limit exceeded".into(),
-            },
-            (kind, _, _) => kind.to_owned(),
-        },
+/// The colour of a job state or agent status: green for done and online, red for failed,
+/// yellow for jobs in flight and lost attempts, dim for offline.
+pub fn state_colour(text: &str) -> Option<&'static str> {
+    match text {
+        "done" | "online" => Some("32"),
+        "failed" => Some("31"),
+        "assigned" | "running" | "uploading" | "lost" => Some("33"),
+        "offline" => Some("2"),
+        _ => None,
     }
 }
 
-/// The jobs table: id, name, state, attempt, agent, outcome.
-pub fn jobs(jobs: &[JobView]) -> String {
+/// A short outcome for a table cell.
+pub fn outcome_cell(o: Option<&OutcomeView>) -> String {
+    o.map_or_else(|| "-".into(), OutcomeView::short)
+}
+
+/// The jobs table: id, name, state, attempt, agent, outcome; states coloured if `colour`.
+pub fn jobs(jobs: &[JobView], colour: bool) -> String {
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
@@ -63,9 +81,11 @@ pub fn jobs(jobs: &[JobView]) -> String {
             ]
         })
         .collect();
-    render(
+    let paint = |col: usize, text: &str| (colour && col == 2).then(|| state_colour(text))?;
+    render_painted(
         &["ID", "NAME", "STATE", "ATTEMPT", "AGENT", "OUTCOME"],
         &rows,
+        &paint,
     )
 }
 
@@ -91,15 +111,33 @@ pub fn counts(counts: &BTreeMap<JobState, u64>) -> String {
     )
 }
 
-/// `12s ago`, `5m ago`, `3h ago`, `2d ago`.
-pub fn ago(now_ms: u64, then_ms: u64) -> String {
-    let s = now_ms.saturating_sub(then_ms) / 1000;
-    match s {
-        0..60 => format!("{s}s ago"),
-        60..3600 => format!("{}m ago", s / 60),
-        3600..86400 => format!("{}h ago", s / 3600),
-        _ => format!("{}d ago", s / 86400),
-    }
+/// Counts by cause, most frequent first.
+pub fn causes(rows: &[CauseCount]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|c| vec![c.count.to_string(), c.cause.clone()])
+        .collect();
+    render(&["COUNT", "CAUSE"], &rows)
+}
+
+/// The batches table: name, jobs, done, failed, other, ids.
+pub fn batches(batches: &[BatchSummary]) -> String {
+    let rows: Vec<Vec<String>> = batches
+        .iter()
+        .map(|b| {
+            let done = b.counts.get(&JobState::Done).copied().unwrap_or(0);
+            let failed = b.counts.get(&JobState::Failed).copied().unwrap_or(0);
+            vec![
+                b.name.clone(),
+                b.jobs.to_string(),
+                done.to_string(),
+                failed.to_string(),
+                (b.jobs - done - failed).to_string(),
+                format!("{}-{}", b.first_id, b.last_id),
+            ]
+        })
+        .collect();
+    render(&["BATCH", "JOBS", "DONE", "FAILED", "OTHER", "IDS"], &rows)
 }
 
 /// `full`, or what the host lacks (`missing uid,nproc`); `-` before the first report.
@@ -114,8 +152,8 @@ pub fn sandbox_cell(s: Option<&SandboxReport>) -> String {
     }
 }
 
-/// The agents table.
-pub fn agents(agents: &[AgentView], now_ms: u64) -> String {
+/// The agents table; online or offline coloured if `colour`.
+pub fn agents(agents: &[AgentView], now_ms: u64, colour: bool) -> String {
     let rows: Vec<Vec<String>> = agents
         .iter()
         .map(|a| {
@@ -135,7 +173,8 @@ pub fn agents(agents: &[AgentView], now_ms: u64) -> String {
             ]
         })
         .collect();
-    render(
+    let paint = |col: usize, text: &str| (colour && col == 1).then(|| state_colour(text))?;
+    render_painted(
         &[
             "NAME",
             "STATUS",
@@ -146,6 +185,7 @@ pub fn agents(agents: &[AgentView], now_ms: u64) -> String {
             "SANDBOX",
         ],
         &rows,
+        &paint,
     )
 }
 
@@ -192,12 +232,13 @@ mod tests {
             limit: Some("cpu".into()),
             text: "stopped at its cpu limit".into(),
         };
-        let t = jobs(&[
+        let list = [
             job(7, "mc-pi#0", JobState::Done, None),
             job(12, "fail", JobState::Failed, Some(exit3)),
             job(13, "hello", JobState::Queued, None),
             job(14, "hog", JobState::Failed, Some(cpu)),
-        ]);
+        ];
+        let t = jobs(&list, false);
         let want = "\
 ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
 7   mc-pi#0  done    1/4      agent-1  -
@@ -206,6 +247,42 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
 14  hog      failed  1/4      agent-1  cpu limit
 ";
         assert_eq!(t, want);
+        // In colour the codes wrap the state, and the columns stay where they were.
+        let c = jobs(&list, true);
+        assert!(
+            c.contains("7   mc-pi#0  \x1b[32mdone\x1b[0m    1/4"),
+            "{c:?}"
+        );
+        assert!(c.contains("\x1b[31mfailed\x1b[0m  1/4"));
+        assert!(c.contains("hello    queued  1/4"), "queued is not coloured");
+        assert!(c.starts_with("ID  NAME"), "the header is plain");
+        assert_eq!(
+            c.replace("\x1b[32m", "")
+                .replace("\x1b[31m", "")
+                .replace("\x1b[0m", ""),
+            want
+        );
+    }
+
+    #[test]
+    fn batches_and_causes_tables() {
+        let b = BatchSummary {
+            name: "mc-pi".into(),
+            jobs: 10,
+            counts: BTreeMap::from([(JobState::Done, 8), (JobState::Failed, 1)]),
+            first_id: 3,
+            last_id: 12,
+            updated_ms: 0,
+        };
+        assert_eq!(
+            batches(&[b]),
+            "BATCH  JOBS  DONE  FAILED  OTHER  IDS\nmc-pi  10    8     1       1      3-12\n"
+        );
+        let c = CauseCount {
+            cause: "exit 3".into(),
+            count: 2,
+        };
+        assert_eq!(causes(&[c]), "COUNT  CAUSE\n2      exit 3\n");
     }
 
     #[test]
@@ -225,7 +302,7 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
     }
 
     #[test]
-    fn agents_table_and_ages() {
+    fn agents_table_shows_sandbox_and_age() {
         let a = AgentView {
             name: "agent-1".into(),
             jid: Some("agent-1@localhost/x".into()),
@@ -238,6 +315,7 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
                 missing: [Protection::Uid, Protection::Nproc].into(),
                 ..SandboxReport::default()
             }),
+            volunteer: None,
         };
         let full = AgentView {
             name: "agent-2".into(),
@@ -252,7 +330,7 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
             sandbox: None,
             ..a.clone()
         };
-        let t = agents(&[a, full, fresh], 126_000);
+        let t = agents(&[a.clone(), full, fresh], 126_000, false);
         assert_eq!(
             t,
             "NAME     STATUS  VERSION  RUNNING  DONE  LAST SEEN  SANDBOX\n\
@@ -260,8 +338,7 @@ ID  NAME     STATE   ATTEMPT  AGENT    OUTCOME
              agent-2  online  0.1.0    4,5      9     2m ago     full\n\
              agent-3  online  0.1.0    4,5      9     2m ago     -\n"
         );
-        assert_eq!(ago(5_000, 1_000), "4s ago");
-        assert_eq!(ago(0, 1_000), "0s ago");
-        assert_eq!(ago(2 * 86_400_000, 0), "2d ago");
+        let off = AgentView { online: false, ..a };
+        assert!(agents(&[off], 126_000, true).contains("\x1b[2moffline\x1b[0m"));
     }
 }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use copilot_protocol::login::login_link;
 use copilot_protocol::units::Seconds;
 use copilot_stack::{default_bin_dir, LocalStack, StackError, StackOptions};
 
@@ -21,8 +22,10 @@ pub enum UpError {
     Signal(std::io::Error),
 }
 
-/// Run a stack in `dir` with `agents` agents until a signal or until a part of it dies.
-pub async fn up(dir: PathBuf, agents: usize, lease: Seconds) -> Result<(), UpError> {
+/// Run a stack in `dir` with `agents` agents until a signal or until a part of it dies. Says
+/// where the manager, its dashboard and the state dir are: as lines for people, or (`json`) as
+/// one JSON object.
+pub async fn up(dir: PathBuf, agents: usize, lease: Seconds, json: bool) -> Result<(), UpError> {
     // Take over SIGINT/SIGTERM before starting anything: a signal that came while the stack
     // starts must stop it, not kill this process and leave its children running.
     let signals = Signals::new()?;
@@ -30,18 +33,33 @@ pub async fn up(dir: PathBuf, agents: usize, lease: Seconds) -> Result<(), UpErr
     opts.agents = agents;
     opts.lease = lease;
     let stack = tokio::task::spawn_blocking(move || LocalStack::start(opts)).await??;
-    println!("manager: {}", stack.manager_url());
-    println!("state:   {}", stack.dir().display());
-    println!("use it:  export COPILOT_STACK={}", stack.dir().display());
-    let stack = tokio::task::spawn_blocking(move || {
-        if let Err(e) = stack.wait_agents_online(agents, AGENTS_TIMEOUT) {
-            eprintln!("warning: {e}");
-        } else {
-            println!("{agents} agent(s) online; Ctrl-C stops the stack");
-        }
-        stack
+    let now = copilot_manager::fleet::now_ms() / 1000;
+    let dashboard = login_link(&stack.manager_url(), stack.api_token(), now);
+    if !json {
+        println!("manager:   {}", stack.manager_url());
+        println!("dashboard: {dashboard}");
+        println!("state:     {}", stack.dir().display());
+        println!("use it:    export COPILOT_STACK={}", stack.dir().display());
+    }
+    let (stack, online) = tokio::task::spawn_blocking(move || {
+        let online = stack.wait_agents_online(agents, AGENTS_TIMEOUT);
+        (stack, online)
     })
     .await?;
+    if json {
+        let about = serde_json::json!({
+            "manager": stack.manager_url(),
+            "dashboard": dashboard,
+            "dir": stack.dir(),
+            "agents_online": online.is_ok(),
+        });
+        println!("{about}");
+    }
+    match online {
+        Err(e) => eprintln!("warning: {e}"),
+        Ok(()) if !json => println!("{agents} agent(s) online; Ctrl-C stops the stack"),
+        Ok(()) => {}
+    }
     let outcome = watch(stack, signals).await;
     match outcome {
         Ok((stack, crashed)) => {

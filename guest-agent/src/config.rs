@@ -62,6 +62,18 @@ pub struct AgentConfig {
     pub transfer: TransferSettings,
     #[serde(default)]
     pub sandbox: SandboxSettings,
+    /// The local status page (off unless `status.listen` is set).
+    #[serde(default)]
+    pub status: StatusSettings,
+}
+
+/// The agent's local status page (see `crate::status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusSettings {
+    /// Serve the page on this loopback address (port 0: any free port, logged at startup).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// How payloads are sandboxed (see `crate::sandbox`).
@@ -333,6 +345,14 @@ impl AgentConfig {
                 "idle_timeout must be at least 1s (leave it out to never end idle)".into(),
             ));
         }
+        if let Some(addr) = self.status.listen {
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid(format!(
+                    "status.listen {addr} is not a loopback address: the status page is for this \
+                     host only (use 127.0.0.1:PORT; a VM's port is forwarded by its host)"
+                )));
+            }
+        }
         if self.sandbox.base_uid == 0 {
             return Err(ConfigError::Invalid(
                 "sandbox.base_uid must not be 0 (root)".into(),
@@ -349,6 +369,24 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n";
+
+    #[test]
+    fn the_status_page_listens_on_loopback_only() {
+        let cfg = AgentConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(cfg.status.listen, None);
+        let on =
+            AgentConfig::from_toml(&format!("{MINIMAL}[status]\nlisten = \"127.0.0.1:8090\"\n"))
+                .unwrap();
+        assert_eq!(on.status.listen, Some("127.0.0.1:8090".parse().unwrap()));
+        let err =
+            AgentConfig::from_toml(&format!("{MINIMAL}[status]\nlisten = \"0.0.0.0:8090\"\n"))
+                .unwrap_err();
+        assert!(err.to_string().contains("loopback"), "{err}");
+        assert!(
+            AgentConfig::from_toml(&format!("{MINIMAL}[status]\nlisten = \"localhost\"\n"))
+                .is_err()
+        );
+    }
 
     #[test]
     fn the_documented_example_is_valid() {

@@ -9,6 +9,7 @@ pub mod executor;
 pub mod sandbox;
 pub mod session;
 pub mod stage;
+pub mod status;
 pub mod transfer;
 
 #[cfg(test)]

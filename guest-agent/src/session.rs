@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::AgentConfig;
 use crate::executor::Executor;
+use crate::status::Board;
 
 /// How long the manager may hold a work request while its queue is empty.
 const HOLD_SECS: u32 = 20;
@@ -39,6 +40,11 @@ pub enum SessionError {
     Executor(#[from] crate::executor::ExecError),
     #[error("the XMPP connection ended unexpectedly")]
     ConnectionEnded,
+    #[error("cannot serve the status page on {addr} (status.listen): {source}; pick a free port")]
+    Status {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Exponential backoff with full jitter.
@@ -73,6 +79,8 @@ struct Link {
     /// Bumped whenever the manager's session ends (the server sends us its unavailable
     /// presence): questions in flight to it will never be answered.
     manager_gone: tokio::sync::watch::Sender<u64>,
+    /// What the local status page shows.
+    board: Arc<Board>,
 }
 
 impl Link {
@@ -204,12 +212,14 @@ fn phase_of(code: u8) -> Phase {
     }
 }
 
-/// Run one assignment, renewing its lease while it runs, and return the report.
-async fn run_job(link: &Link, executor: &Executor, job: &Assignment) -> DoneReport {
+/// Run one assignment in `slot`, renewing its lease while it runs, and return the report.
+async fn run_job(link: &Link, executor: &Executor, job: &Assignment, slot: usize) -> DoneReport {
     info!(job = job.job, attempt = job.attempt, name = %job.name, "starting");
+    link.board.started(slot, job);
     let phase = AtomicU8::new(phase_code(Phase::Staging));
     let on_phase = |p: Phase| {
         phase.store(phase_code(p), Ordering::Relaxed);
+        link.board.phase(slot, p);
         // The start of the run is the one phase change the manager hears of right away; the
         // upload is seen by the storage service itself.
         if p == Phase::Running {
@@ -264,7 +274,7 @@ async fn idle_for(mut busy: tokio::sync::watch::Receiver<usize>, limit: Duration
     }
 }
 
-async fn worker(link: Arc<Link>, executor: Arc<Executor>, slots: BusySlots) {
+async fn worker(link: Arc<Link>, executor: Arc<Executor>, slot: usize, busy_slots: BusySlots) {
     let mut next: Option<Assignment> = None;
     loop {
         let job = match next.take() {
@@ -272,9 +282,10 @@ async fn worker(link: Arc<Link>, executor: Arc<Executor>, slots: BusySlots) {
             None => link.request_work().await,
         };
         // No await between the assignment and this: the slot never looks idle with a job.
-        let busy = Busy::new(&slots);
-        let mut report = run_job(&link, &executor, &job).await;
+        let busy = Busy::new(&busy_slots);
+        let mut report = run_job(&link, &executor, &job, slot).await;
         info!(job = job.job, outcome = %report.outcome.describe(), "finished");
+        link.board.finished(slot, &job.name, &report);
         report.want_more = true;
         if let Some(Next::Assign(a)) = link.report(&report).await {
             next = Some(*a);
@@ -298,24 +309,47 @@ pub async fn run(
         server: config.xmpp.server.clone(),
         plaintext_host: config.xmpp.plaintext_host,
     })?;
+    let slots = config.slots.max(1) as usize;
+    let board = Board::new(&config.name, &config.xmpp.manager, slots);
+    let status_page = match config.status.listen {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| SessionError::Status { addr, source })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            info!("status page on http://{bound}/");
+            let page = crate::status::serve(listener, board.clone(), std::future::pending());
+            Some(tokio::spawn(page))
+        }
+    };
     let jid = conn.wait_online(login_timeout).await?;
     info!(%jid, agent = %config.name, manager = %config.xmpp.manager, "online");
+    board.link("online");
     let link = Arc::new(Link {
         xmpp: conn.sender(),
         manager: copilot_protocol::wire::manager_address(&config.xmpp.manager),
         agent: config.name.clone(),
         manager_gone: tokio::sync::watch::Sender::new(0),
+        board,
     });
     link.xmpp.presence(Some(&link.manager), true)?;
 
-    let slots: BusySlots = Arc::new(tokio::sync::watch::Sender::new(0));
+    let busy_slots: BusySlots = Arc::new(tokio::sync::watch::Sender::new(0));
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..config.slots.max(1) {
-        workers.spawn(worker(link.clone(), executor.clone(), slots.clone()));
+    let mut slot_of = std::collections::HashMap::new();
+    for slot in 0..slots {
+        let task = workers.spawn(worker(
+            link.clone(),
+            executor.clone(),
+            slot,
+            busy_slots.clone(),
+        ));
+        slot_of.insert(task.id(), slot);
     }
     let idle = async {
         match config.idle_timeout {
-            Some(limit) => idle_for(slots.subscribe(), limit.as_duration()).await,
+            Some(limit) => idle_for(busy_slots.subscribe(), limit.as_duration()).await,
             None => std::future::pending().await,
         }
     };
@@ -336,12 +370,14 @@ pub async fn run(
                 }
                 Some(Incoming::Online { jid }) => {
                     info!(%jid, "online again");
+                    link.board.link("online");
                     if let Err(e) = link.xmpp.presence(Some(&link.manager), true) {
                         warn!("cannot send presence: {e}");
                     }
                 }
                 Some(Incoming::Presence { from, available: false }) if from == link.manager => {
                     info!("the manager went offline; asking again as it comes back");
+                    link.board.link("waiting for the manager");
                     link.manager_gone.send_modify(|n| *n += 1);
                 }
                 Some(Incoming::Request { from, id, payload, .. }) => {
@@ -357,14 +393,28 @@ pub async fn run(
                 }
                 Some(_) => {}
             },
-            Some(done) = workers.join_next() => {
+            Some(done) = workers.join_next_with_id() => {
                 // A worker only ends by panicking (a bug); keep the slot alive.
-                error!("a job slot stopped ({done:?}); restarting it");
-                workers.spawn(worker(link.clone(), executor.clone(), slots.clone()));
+                let id = match &done {
+                    Ok((id, ())) => *id,
+                    Err(e) => e.id(),
+                };
+                let slot = slot_of.remove(&id).unwrap_or(0);
+                error!(slot, "a job slot stopped ({done:?}); restarting it");
+                let task = workers.spawn(worker(
+                    link.clone(),
+                    executor.clone(),
+                    slot,
+                    busy_slots.clone(),
+                ));
+                slot_of.insert(task.id(), slot);
             }
         }
     }
     info!("shutting down");
+    if let Some(page) = status_page {
+        page.abort();
+    }
     workers.shutdown().await;
     conn.shutdown();
     ended

@@ -160,6 +160,25 @@ impl Blobs {
         open(&self.output_path(job, attempt)).await
     }
 
+    /// An empty file in the temp dir that is already unlinked: gone once the handle is
+    /// dropped, whatever happens. For spooling archives kept elsewhere (Chirp) to read them.
+    pub async fn scratch_file(&self) -> Result<tokio::fs::File, BlobError> {
+        let mut name = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut name);
+        let path = self
+            .tmp_dir()
+            .join(format!("{}.scratch", hex::encode(name)));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+            .map_err(io_err(&path))?;
+        tokio::fs::remove_file(&path).await.map_err(io_err(&path))?;
+        Ok(file)
+    }
+
     /// Delete the output archive of `job`/`attempt` (no error if absent).
     pub async fn remove_output(&self, job: JobId, attempt: u32) -> Result<(), BlobError> {
         let path = self.output_path(job, attempt);

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::chirp_outputs::Slot;
 use crate::fleet::FleetError;
-use crate::metrics::{outcome_kind, Metrics};
+use crate::metrics::Metrics;
 use crate::queue::{Claim, Completion, QueueError};
 use crate::Shared;
 
@@ -407,8 +407,7 @@ impl Dispatcher {
         let agent = report.agent.clone();
         let duplicate = match self.shared.queue.complete(&agent, &report) {
             Ok(Completion::Recorded(state)) => {
-                let kind = outcome_kind(&report.outcome);
-                self.shared.metrics.reports_recorded.inc(kind);
+                self.shared.metrics.recorded(&report);
                 info!(job = report.job, attempt = report.attempt, %agent, %state, outcome = %report.outcome.describe(), "reported");
                 self.shared
                     .fleet
@@ -541,6 +540,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use copilot_protocol::api::CONTENT_SHA256_HEADER;
+    use copilot_protocol::sandbox::{Protection, SandboxReport};
     use copilot_protocol::wire::{Outcome, Timings, NS};
     use copilot_protocol::{JobId, Sha256};
     use copilot_xmpp::XmppConfig;
@@ -652,6 +652,10 @@ mod tests {
             .unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
+        // Stage-in: the input read back.
+        let r = s.get(&format!("/inputs/{}", Sha256::of(b"data"))).await;
+        assert_eq!(r.bytes().await.unwrap().len(), 4);
+
         // Three jobs submitted, one assigned.
         let r = s.submit(vec![spec(), spec(), spec()]).await;
         assert_eq!(r.status(), StatusCode::CREATED);
@@ -663,6 +667,7 @@ mod tests {
         assert_eq!(at(&m, "copilot_assignments_total", &[]), 1.0);
         assert_eq!(at(&m, "copilot_agents_online", &[]), 1.0);
         assert_eq!(at(&m, "copilot_input_bytes_stored_total", &[]), 4.0);
+        assert_eq!(at(&m, "copilot_input_bytes_served_total", &[]), 4.0);
         let refused = |m: &BTreeMap<String, f64>, kind, reason| {
             at(
                 m,
@@ -691,7 +696,16 @@ mod tests {
         );
         assert_eq!(upload(&token).await.unwrap().status(), StatusCode::CREATED);
         let from = "vm-1@localhost/r".to_owned();
-        let done = report("vm-1", job, attempt, Some((Sha256::of(body), 14)));
+        let mut done = report("vm-1", job, attempt, Some((Sha256::of(body), 14)));
+        done.timings = Timings {
+            stage_in_ms: 20,
+            run_ms: 1500,
+            stage_out_ms: 40,
+        };
+        done.sandbox = SandboxReport {
+            active: [Protection::Session].into(),
+            missing: [Protection::Uid].into(),
+        };
         d.on_done(from.clone(), "r1".into(), done.clone()).await;
         d.on_done(from.clone(), "r2".into(), done).await;
         d.on_done(from.clone(), "r3".into(), report("vm-1", job, 7, None))
@@ -747,6 +761,29 @@ mod tests {
         };
         assert_eq!(recorded("succeeded"), 1.0);
         assert_eq!(recorded("exited_nonzero"), 0.0);
+        // Its phases, as the agent measured them, and its sandbox.
+        let bucket = |name: &str, le| at(&m, &format!("{name}_bucket"), &[("le", le)]);
+        assert_eq!(bucket("copilot_run_seconds", "1"), 0.0);
+        assert_eq!(bucket("copilot_run_seconds", "5"), 1.0);
+        assert_eq!(bucket("copilot_run_seconds", "+Inf"), 1.0);
+        assert_eq!(at(&m, "copilot_run_seconds_sum", &[]), 1.5);
+        assert_eq!(at(&m, "copilot_run_seconds_count", &[]), 1.0);
+        assert_eq!(bucket("copilot_stage_in_seconds", "0.01"), 0.0);
+        assert_eq!(bucket("copilot_stage_in_seconds", "0.05"), 1.0);
+        assert_eq!(at(&m, "copilot_stage_out_seconds_sum", &[]), 0.04);
+        let sandbox = |p, status| {
+            at(
+                &m,
+                "copilot_sandbox_reports_total",
+                &[("protection", p), ("status", status)],
+            )
+        };
+        assert_eq!(sandbox("session", "active"), 1.0);
+        assert_eq!(sandbox("uid", "missing"), 1.0);
+        assert_eq!(
+            (sandbox("uid", "active"), sandbox("netns", "missing")),
+            (0.0, 0.0)
+        );
         assert_eq!(at(&m, "copilot_reports_duplicate_total", &[]), 1.0);
         let refused_reports =
             |reason| at(&m, "copilot_reports_refused_total", &[("reason", reason)]);
@@ -799,7 +836,7 @@ mod tests {
                 &[("route", route), ("status", status)],
             )
         };
-        assert_eq!(http("inputs", "2xx"), 1.0);
+        assert_eq!(http("inputs", "2xx"), 2.0);
         assert_eq!(http("inputs", "4xx"), 2.0);
         assert_eq!(http("outputs", "2xx"), 1.0);
         assert_eq!(http("outputs", "4xx"), 1.0);

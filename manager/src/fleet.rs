@@ -182,6 +182,8 @@ impl Fleet {
                 jobs_done: e.jobs_done,
                 last_seen_ms: e.last_seen_ms,
                 sandbox: e.sandbox.clone(),
+                // Agents do not tell the manager whom they compute for yet (BOINC wrapper).
+                volunteer: None,
             })
             .collect();
         agents.sort_by(|a, b| b.online.cmp(&a.online).then_with(|| a.name.cmp(&b.name)));

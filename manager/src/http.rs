@@ -1,6 +1,7 @@
-//! The manager's HTTP side: the storage service (inputs in, output archives in, both out) and the
-//! JSON API (submit, list, show, results, agents), as in `copilot_protocol::api`, and the
-//! Prometheus metrics (`GET /metrics`, see [`crate::metrics`]).
+//! The manager's HTTP side: the storage service (inputs in, output archives in, both out), the
+//! JSON API (submit, list, show, results, agents), as in `copilot_protocol::api`, its
+//! aggregated views for people (`views`, as in `copilot_protocol::summary`), the web dashboard
+//! under `/ui` (`web`), and the Prometheus metrics (`GET /metrics`, see [`crate::metrics`]).
 //!
 //! Authorization is a bearer token: the API token for everything people do, an attempt's upload
 //! token for its output upload and its stored inputs. Bodies stream to disk through
@@ -24,6 +25,7 @@ use copilot_protocol::api::{
 };
 use copilot_protocol::job::InputSource;
 use copilot_protocol::{JobId, JobState, Sha256};
+use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio_util::io::ReaderStream;
 
@@ -35,29 +37,83 @@ use crate::Shared;
 /// Largest submit request body.
 const MAX_SUBMIT_BYTES: usize = 32 << 20;
 
-/// Serve the storage service and API on `listener` until `shutdown` resolves.
+mod views;
+mod web;
+
+/// Serve the storage service, API and dashboard on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(shared).await?)
-        .with_graceful_shutdown(shutdown)
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    axum::serve(listener, app_until(shared, stop.clone()).await?)
+        .with_graceful_shutdown(web::stopped(stop))
         .await
 }
 
-/// The HTTP service of `shared` as a router (its blob store opened).
+/// The HTTP service of `shared` as a router (its blob store opened). Its dashboard's event
+/// streams end when the router is dropped.
 pub async fn app(shared: Arc<Shared>) -> std::io::Result<Router> {
+    // The sender is dropped at once: nothing will say stop.
+    app_until(shared, tokio::sync::watch::channel(false).1).await
+}
+
+/// [`app`], whose dashboard's event streams also end once `stop` says so (so that a graceful
+/// shutdown does not wait for open pages).
+async fn app_until(
+    shared: Arc<Shared>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<Router> {
     let blobs = Blobs::open(&shared.config.data_dir)
         .await
         .map_err(std::io::Error::other)?;
-    Ok(router(App { shared, blobs }))
+    let views = Arc::new(views::Views::new());
+    let (stamp_tx, stamps) = tokio::sync::watch::channel(String::new());
+    tokio::spawn(web::watch_stamps(
+        shared.clone(),
+        views.clone(),
+        stamp_tx,
+        stop,
+    ));
+    Ok(router(App {
+        shared,
+        blobs,
+        views,
+        stamps,
+    }))
 }
 
 #[derive(Clone)]
 struct App {
     shared: Arc<Shared>,
     blobs: Blobs,
+    views: Arc<views::Views>,
+    /// The latest stamp of jobs and agents (see [`stamp`]), for the dashboard's events.
+    stamps: tokio::sync::watch::Receiver<String>,
+}
+
+/// A stamp of the state of jobs and agents: it changes whenever a job changes state or an
+/// agent comes, goes, takes or finishes a job.
+async fn stamp(shared: &Arc<Shared>) -> Answer<String> {
+    use std::hash::{Hash, Hasher};
+    let last = db(shared, |q| q.last_event_id()).await?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for a in shared.fleet.list().agents {
+        (a.name, a.online, a.running, a.version, a.jobs_done).hash(&mut h);
+    }
+    Ok(format!("{last}-{:x}", h.finish()))
+}
+
+impl App {
+    /// See [`stamp`].
+    async fn stamp(&self) -> Answer<String> {
+        stamp(&self.shared).await
+    }
 }
 
 fn router(app: App) -> Router {
@@ -67,10 +123,16 @@ fn router(app: App) -> Router {
         .route("/api/jobs", get(list_jobs).post(submit))
         .route("/api/jobs/{id}", get(show_job))
         .route("/api/jobs/{id}/output", get(job_output))
+        .route("/api/jobs/{id}/events", get(views::job_events))
+        .route("/api/jobs/{id}/files/{*path}", get(views::job_file))
         .route("/api/agents", get(agents))
+        .route("/api/summary", get(views::summary))
+        .route("/api/batches/{name}", get(views::batch))
+        .route("/api/contributions", get(views::contributions))
         // No token by default (`http.metrics_public`): Prometheus scrapes it, and it reveals
         // only counts (no job names, agent names, addresses or tokens).
         .route("/metrics", get(metrics))
+        .merge(web::routes())
         .fallback(|| async { fail(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app)
@@ -85,8 +147,13 @@ fn route_class(path: &str) -> &'static str {
         ["api", "jobs"] => "jobs",
         ["api", "jobs", _] => "job",
         ["api", "jobs", _, "output"] => "job_output",
+        ["api", "jobs", _, "events"] | ["api", "jobs", _, "files", ..] => "job_files",
         ["api", "agents"] => "agents",
+        ["api", "summary"] => "summary",
+        ["api", "batches", _] => "batch",
+        ["api", "contributions"] => "contributions",
         ["metrics"] => "metrics",
+        [""] | ["ui", ..] => "ui",
         _ => "other",
     }
 }
@@ -238,11 +305,22 @@ fn stored(created: bool, st: Stored) -> Response {
     (status, Json(st)).into_response()
 }
 
+/// Which counter of bytes sent a download adds to.
+#[derive(Clone, Copy, Debug)]
+enum Served {
+    Input,
+    Output,
+}
+
+/// A response streaming `body` (`size` bytes, its digest in `x-content-sha256` when known),
+/// counting the bytes sent.
 fn download(
-    body: impl tokio::io::AsyncRead + Send + 'static,
+    app: &App,
+    body: impl Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
     size: u64,
     sha256: Option<Sha256>,
     kind: &'static str,
+    served: Served,
 ) -> Response {
     let mut headers = vec![
         (header::CONTENT_TYPE, kind.to_owned()),
@@ -254,9 +332,20 @@ fn download(
             sha.to_string(),
         ));
     }
-    let mut resp = Body::from_stream(ReaderStream::new(body)).into_response();
+    let shared = app.shared.clone();
+    let body = body.inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            let m = &shared.metrics;
+            let counter = match served {
+                Served::Input => &m.input_bytes_served,
+                Served::Output => &m.output_bytes_served,
+            };
+            Metrics::add(counter, c.len() as u64);
+        }
+    });
+    let mut resp = Body::from_stream(body).into_response();
     for (name, value) in headers {
-        // Both values are decimal or hex digits, which are valid header values.
+        // The values are MIME types, decimal or hex digits: valid header values.
         if let Ok(v) = value.parse() {
             resp.headers_mut().insert(name, v);
         }
@@ -320,10 +409,12 @@ async fn get_input(
     }
     match app.blobs.open_input(&sha).await? {
         Some(blob) => Ok(download(
-            blob.file,
+            &app,
+            ReaderStream::new(blob.file),
             blob.size,
             Some(sha),
             "application/octet-stream",
+            Served::Input,
         )),
         None => Err(fail(
             StatusCode::NOT_FOUND,
@@ -507,39 +598,63 @@ async fn job_output(
     headers: HeaderMap,
 ) -> Answer<Response> {
     require_api(&app, &headers)?;
-    let id = job_id(id)?;
-    let none = || {
-        fail(
-            StatusCode::NOT_FOUND,
-            format!("job {id} has no stored output archive (yet)"),
-        )
-    };
+    serve_output(&app, job_id(id)?).await
+}
+
+/// Where the stored output archive of job `id` is: the attempt that made it, what was stored,
+/// and its Chirp URL when it is not in the manager's own store.
+async fn stored_archive(app: &App, id: JobId) -> Answer<(u32, Stored, Option<String>)> {
     let (attempt, st) = db(&app.shared, move |q| q.archive_of(id))
         .await?
-        .ok_or_else(none)?;
-    if let Some(url) = db(&app.shared, move |q| q.archive_url_of(id)).await? {
-        return chirp_output(&app, url, st);
+        .ok_or_else(|| no_archive(id))?;
+    let url = db(&app.shared, move |q| q.archive_url_of(id)).await?;
+    Ok((attempt, st, url))
+}
+
+fn no_archive(id: JobId) -> Fail {
+    fail(
+        StatusCode::NOT_FOUND,
+        format!("job {id} has no stored output archive (yet)"),
+    )
+}
+
+/// The Chirp output store that holds the archive at `url`.
+fn chirp_store(app: &App, url: &str) -> Answer<Arc<crate::chirp_outputs::ChirpOutputs>> {
+    app.shared.outputs.clone().ok_or_else(|| {
+        fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the archive is in {url}, but this manager has no Chirp output store configured"
+            ),
+        )
+    })
+}
+
+/// The stored output archive of job `id`, from the storage service or the Chirp output store.
+async fn serve_output(app: &App, id: JobId) -> Answer<Response> {
+    let (attempt, st, url) = stored_archive(app, id).await?;
+    if let Some(url) = url {
+        return chirp_output(app, url, st);
     }
-    let blob = app.blobs.open_output(id, attempt).await?.ok_or_else(none)?;
+    let blob = app
+        .blobs
+        .open_output(id, attempt)
+        .await?
+        .ok_or_else(|| no_archive(id))?;
     Ok(download(
-        blob.file,
+        app,
+        ReaderStream::new(blob.file),
         blob.size,
         Some(st.sha256),
         "application/gzip",
+        Served::Output,
     ))
 }
 
 /// Streams an archive kept in the Chirp output store. A failure half-way cuts the body (the
 /// client sees fewer bytes than the length says, and its digest check fails).
 fn chirp_output(app: &App, url: String, st: Stored) -> Answer<Response> {
-    let Some(outputs) = app.shared.outputs.clone() else {
-        return Err(fail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the archive is in {url}, but this manager has no Chirp output store configured"
-            ),
-        ));
-    };
+    let outputs = chirp_store(app, &url)?;
     let (mut writer, reader) = tokio::io::duplex(256 * 1024);
     tokio::spawn(async move {
         if let Err(e) = outputs.read(&url, &mut writer).await {
@@ -547,10 +662,12 @@ fn chirp_output(app: &App, url: String, st: Stored) -> Answer<Response> {
         }
     });
     Ok(download(
-        reader,
+        app,
+        ReaderStream::new(reader),
         st.size,
         Some(st.sha256),
         "application/gzip",
+        Served::Output,
     ))
 }
 
@@ -672,17 +789,18 @@ pub(crate) mod tests {
                 .unwrap()
         }
 
-        fn upload(
+        pub(crate) fn upload(
             &self,
             c: &Claim,
             attempt: u32,
             token: &str,
-            body: &'static [u8],
+            body: impl Into<reqwest::Body> + AsRef<[u8]>,
         ) -> RequestBuilder {
+            let sha = Sha256::of(body.as_ref());
             self.http
                 .put(format!("{}/outputs/{}/{attempt}", self.base, c.job))
                 .bearer_auth(token)
-                .header(CONTENT_SHA256_HEADER, Sha256::of(body).to_string())
+                .header(CONTENT_SHA256_HEADER, sha.to_string())
                 .body(body)
         }
     }
@@ -971,7 +1089,11 @@ pub(crate) mod tests {
             .claim("agent", HOUR, Duration::ZERO)
             .unwrap()
             .unwrap();
-        let r = s.upload(&c, 1, &c.upload_token, b"x").send().await.unwrap();
+        let r = s
+            .upload(&c, 1, &c.upload_token, &b"x"[..])
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert!(error_of(r).await.contains("expired"));
         assert_eq!(s.shared.queue.archive_of(c.job).unwrap(), None);

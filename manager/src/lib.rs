@@ -1,6 +1,7 @@
 //! The copilot job manager: a durable job queue with leases (SQLite), a storage service and JSON
 //! API over HTTP, and a dispatcher that hands jobs to agents over XMPP.
 
+pub mod archive;
 pub mod blobs;
 pub mod chirp_outputs;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod queue;
+pub mod stats;
 
 use fleet::Fleet;
 

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use copilot_protocol::wire::Outcome;
+use copilot_protocol::sandbox::Protection;
+use copilot_protocol::wire::{DoneReport, Outcome};
 use copilot_protocol::JobState;
 
 /// A counter (or gauge) per label value, the values fixed at compile time.
@@ -47,15 +48,53 @@ impl<const N: usize> Family<N> {
     }
 }
 
-/// Route classes of the HTTP service, for `copilot_http_requests_total`.
-pub const ROUTES: [&str; 8] = [
+/// Upper bounds (seconds) of the buckets of the phase duration histograms.
+const SECONDS_BUCKETS: [f64; 12] = [
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0,
+];
+
+/// A Prometheus histogram of durations: a count per bucket of [`SECONDS_BUCKETS`] (and one
+/// for the rest) and their sum in milliseconds.
+#[derive(Debug)]
+pub struct Seconds {
+    buckets: [AtomicU64; SECONDS_BUCKETS.len() + 1],
+    sum_ms: AtomicU64,
+}
+
+impl Seconds {
+    const fn new() -> Self {
+        Self {
+            buckets: [const { AtomicU64::new(0) }; SECONDS_BUCKETS.len() + 1],
+            sum_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Count one duration of `ms` milliseconds.
+    pub fn observe_ms(&self, ms: u64) {
+        let secs = ms as f64 / 1000.0;
+        let i = SECONDS_BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(SECONDS_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+}
+
+/// Route classes of the HTTP service, for `copilot_http_requests_total`; `other` last.
+pub const ROUTES: [&str; 13] = [
     "inputs",
     "outputs",
     "jobs",
     "job",
     "job_output",
+    "job_files",
     "agents",
+    "summary",
+    "batch",
+    "contributions",
     "metrics",
+    "ui",
     "other",
 ];
 /// Status classes for `copilot_http_requests_total`.
@@ -110,6 +149,16 @@ pub struct Metrics {
     pub held_requests: AtomicU64,
     pub input_bytes_stored: AtomicU64,
     pub output_bytes_stored: AtomicU64,
+    /// Bytes of stored inputs sent (to agents staging them in, or anyone with the API token).
+    pub input_bytes_served: AtomicU64,
+    /// Bytes of output archives and files sent (results downloads, the dashboard).
+    pub output_bytes_served: AtomicU64,
+    /// Phase durations of recorded reports, as the agents measured them.
+    pub stage_in_seconds: Seconds,
+    pub run_seconds: Seconds,
+    pub stage_out_seconds: Seconds,
+    /// Recorded reports by sandbox protection, active or missing (see [`Metrics::recorded`]).
+    sandbox: [[AtomicU64; 2]; Protection::ALL.len()],
     /// Input upload refusals by reason (see [`refusal_reason`]).
     pub input_refusals: Family<9>,
     /// Output upload refusals by reason (see [`refusal_reason`]).
@@ -117,7 +166,7 @@ pub struct Metrics {
     /// Malformed or unexpected stanzas from agents.
     pub bad_stanzas: AtomicU64,
     /// HTTP requests by route class ([`ROUTES`]) and status class.
-    http: [[AtomicU64; 5]; 8],
+    http: [[AtomicU64; 5]; ROUTES.len()],
 }
 
 const REFUSAL_REASONS: [&str; 9] = [
@@ -172,16 +221,40 @@ impl Metrics {
             held_requests: AtomicU64::new(0),
             input_bytes_stored: AtomicU64::new(0),
             output_bytes_stored: AtomicU64::new(0),
+            input_bytes_served: AtomicU64::new(0),
+            output_bytes_served: AtomicU64::new(0),
+            stage_in_seconds: Seconds::new(),
+            run_seconds: Seconds::new(),
+            stage_out_seconds: Seconds::new(),
+            sandbox: [const { [const { AtomicU64::new(0) }; 2] }; Protection::ALL.len()],
             input_refusals: Family::new(REFUSAL_REASONS),
             output_refusals: Family::new(REFUSAL_REASONS),
             bad_stanzas: AtomicU64::new(0),
-            http: [const { [const { AtomicU64::new(0) }; 5] }; 8],
+            http: [const { [const { AtomicU64::new(0) }; 5] }; ROUTES.len()],
         }
     }
 
     /// Add `n` to `counter`.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Count a recorded done report: its outcome, its phase durations, and the sandbox
+    /// protections its payload had or lacked (reports of payloads that never started say
+    /// nothing about the sandbox).
+    pub fn recorded(&self, report: &DoneReport) {
+        self.reports_recorded.inc(outcome_kind(&report.outcome));
+        let t = report.timings;
+        self.stage_in_seconds.observe_ms(t.stage_in_ms);
+        self.run_seconds.observe_ms(t.run_ms);
+        self.stage_out_seconds.observe_ms(t.stage_out_ms);
+        for (i, p) in Protection::ALL.iter().enumerate() {
+            if report.sandbox.active.contains(p) {
+                self.sandbox[i][0].fetch_add(1, Ordering::Relaxed);
+            } else if report.sandbox.missing.contains(p) {
+                self.sandbox[i][1].fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Count a work request as held until the returned guard is dropped.
@@ -192,7 +265,10 @@ impl Metrics {
 
     /// Count an HTTP request to a route class (one of [`ROUTES`]) answered with `status`.
     pub fn http_request(&self, route: &str, status: u16) {
-        let r = ROUTES.iter().position(|x| *x == route).unwrap_or(7);
+        let r = ROUTES
+            .iter()
+            .position(|x| *x == route)
+            .unwrap_or(ROUTES.len() - 1);
         let s = usize::from(status / 100).clamp(1, 5) - 1;
         self.http[r][s].fetch_add(1, Ordering::Relaxed);
     }
@@ -267,6 +343,49 @@ impl Metrics {
             "Bytes of output archives stored.",
             get(&self.output_bytes_stored),
         );
+        out.counter(
+            "copilot_input_bytes_served_total",
+            "Bytes of stored inputs sent (stage-in by agents, or downloads with the API token).",
+            get(&self.input_bytes_served),
+        );
+        out.counter(
+            "copilot_output_bytes_served_total",
+            "Bytes of output archives and files sent (results and dashboard downloads).",
+            get(&self.output_bytes_served),
+        );
+        for (name, help, h) in [
+            (
+                "copilot_stage_in_seconds",
+                "Time agents spent staging inputs in, per recorded report.",
+                &self.stage_in_seconds,
+            ),
+            (
+                "copilot_run_seconds",
+                "Time payloads ran, per recorded report.",
+                &self.run_seconds,
+            ),
+            (
+                "copilot_stage_out_seconds",
+                "Time agents spent packing and uploading outputs, per recorded report.",
+                &self.stage_out_seconds,
+            ),
+        ] {
+            out.histogram(name, help, h);
+        }
+        out.head(
+            "copilot_sandbox_reports_total",
+            "counter",
+            "Recorded reports whose payload had (active) or lacked (missing) each sandbox protection.",
+        );
+        for (p, row) in Protection::ALL.iter().zip(&self.sandbox) {
+            for (status, n) in ["active", "missing"].iter().zip(row) {
+                out.sample(
+                    "copilot_sandbox_reports_total",
+                    &[("protection", p.as_str()), ("status", status)],
+                    get(n),
+                );
+            }
+        }
         out.head(
             "copilot_upload_refusals_total",
             "counter",
@@ -321,6 +440,10 @@ impl Out {
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.sample_text(name, labels, &value.to_string());
+    }
+
+    fn sample_text(&mut self, name: &str, labels: &[(&str, &str)], value: &str) {
         self.0.push_str(name);
         if !labels.is_empty() {
             self.0.push('{');
@@ -333,6 +456,22 @@ impl Out {
             self.0.push('}');
         }
         let _ = writeln!(self.0, " {value}");
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &Seconds) {
+        self.head(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        let mut cumulative = 0;
+        for (le, n) in SECONDS_BUCKETS.iter().zip(&h.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            self.sample(&bucket, &[("le", &le.to_string())], cumulative);
+        }
+        // The last bucket counts everything above the largest bound.
+        cumulative += h.buckets[SECONDS_BUCKETS.len()].load(Ordering::Relaxed);
+        self.sample(&bucket, &[("le", "+Inf")], cumulative);
+        let sum = h.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        self.sample_text(&format!("{name}_sum"), &[], &sum.to_string());
+        self.sample(&format!("{name}_count"), &[], cumulative);
     }
 
     fn counter(&mut self, name: &str, help: &str, value: u64) {
@@ -452,7 +591,8 @@ pub(crate) mod tests {
 
     /// Parse a text exposition (format 0.0.4), panicking on anything the format does not allow
     /// or that we never write: every sample after its family's `# TYPE`, families contiguous,
-    /// valid names, label values properly escaped, no duplicate samples, counters not negative.
+    /// valid names, label values properly escaped, no duplicate samples, counters not negative,
+    /// histogram buckets in order, cumulative, and ending in `+Inf` equal to `_count`.
     /// Returns the samples by [`key`].
     pub(crate) fn parse_strict(text: &str) -> BTreeMap<String, f64> {
         assert!(text.ends_with('\n'), "the exposition ends with a newline");
@@ -461,6 +601,8 @@ pub(crate) mod tests {
         let mut done: HashSet<String> = HashSet::new();
         let mut current: Option<String> = None;
         let mut samples = BTreeMap::new();
+        // A histogram's last bucket so far: its bound and value.
+        let mut last_bucket: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         let mut enter = |name: &str, current: &mut Option<String>| {
             if current.as_deref() != Some(name) {
                 assert!(!done.contains(name), "family {name} is not contiguous");
@@ -516,10 +658,17 @@ pub(crate) mod tests {
                 .unwrap_or_else(|| panic!("no value: {line}"));
             let name = &line[..name_end];
             assert!(valid_metric_name(name), "bad metric name {name:?}");
+            // A histogram's samples are <family>_bucket, _sum and _count.
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|suffix| name.strip_suffix(suffix))
+                .find(|base| types.get(*base).is_some_and(|t| t == "histogram"))
+                .unwrap_or(name);
             let kind = types
-                .get(name)
-                .unwrap_or_else(|| panic!("sample {name} without a preceding TYPE"));
-            enter(name, &mut current);
+                .get(family)
+                .unwrap_or_else(|| panic!("sample {name} without a preceding TYPE"))
+                .clone();
+            enter(family, &mut current);
             let (labels, rest) = match line[name_end..].strip_prefix('{') {
                 Some(r) => parse_labels(r),
                 None => (Vec::new(), &line[name_end..]),
@@ -541,8 +690,35 @@ pub(crate) mod tests {
                     .unwrap_or_else(|_| panic!("bad timestamp: {line}"));
             }
             assert!(fields.next().is_none(), "trailing fields: {line}");
-            if kind == "counter" {
+            if kind == "counter" || kind == "histogram" {
                 assert!(value >= 0.0, "negative counter: {line}");
+            }
+            if kind == "histogram" && name.ends_with("_bucket") {
+                let le = labels
+                    .iter()
+                    .find(|(k, _)| k == "le")
+                    .unwrap_or_else(|| panic!("bucket without le: {line}"));
+                let bound = match le.1.as_str() {
+                    "+Inf" => f64::INFINITY,
+                    v => v
+                        .parse::<f64>()
+                        .unwrap_or_else(|_| panic!("bad le: {line}")),
+                };
+                let (prev_bound, prev) = last_bucket
+                    .insert(family.to_owned(), (bound, value))
+                    .unwrap_or((f64::NEG_INFINITY, 0.0));
+                assert!(bound > prev_bound, "buckets not in order: {line}");
+                assert!(value >= prev, "buckets not cumulative: {line}");
+            }
+            if kind == "histogram" && name.ends_with("_count") {
+                let (bound, inf) = last_bucket
+                    .get(family)
+                    .copied()
+                    .unwrap_or_else(|| panic!("count before buckets: {line}"));
+                assert!(
+                    bound == f64::INFINITY && inf == value,
+                    "the +Inf bucket is not the count: {line}"
+                );
             }
             let labels: Vec<(&str, &str)> = labels
                 .iter()
@@ -561,6 +737,9 @@ pub(crate) mod tests {
         let ok = "# HELP a_total x \\\\ y\n# TYPE a_total counter\na_total{k=\"q\\\"\\\\\\n\"} 3\n";
         let s = parse_strict(ok);
         assert_eq!(s[&key("a_total", &[("k", "q\"\\\n")])], 3.0);
+        let h = "# HELP h x\n# TYPE h histogram\nh_bucket{le=\"0.5\"} 1\nh_bucket{le=\"+Inf\"} 3\nh_sum 2.25\nh_count 3\n";
+        let s = parse_strict(h);
+        assert_eq!(s[&key("h_sum", &[])], 2.25);
         for bad in [
             "a 1\n",
             "# TYPE a gauge\na{k=\"x\\t\"} 1\n",
@@ -572,6 +751,11 @@ pub(crate) mod tests {
             "# TYPE a counter\na -1\n",
             "# TYPE a gauge\na one\n",
             "# TYPE a gauge\na 1",
+            "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n",
+            "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_bucket{le=\"1\"} 1\nh_sum 1\nh_count 1\n",
+            "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 1\n",
+            "# TYPE h histogram\nh_bucket 1\nh_sum 1\nh_count 1\n",
+            "# TYPE h gauge\nh_bucket{le=\"1\"} 1\n",
         ] {
             assert!(
                 std::panic::catch_unwind(|| parse_strict(bad)).is_err(),

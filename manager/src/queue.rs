@@ -17,6 +17,7 @@ use std::time::Duration;
 use copilot_protocol::api::{FileView, JobList, JobView, OutcomeView, Stored};
 use copilot_protocol::job::InputSource;
 use copilot_protocol::state::BadTransition;
+use copilot_protocol::summary::{batch_of, BatchSummary, CauseCount, HostContribution};
 use copilot_protocol::wire::{DoneReport, Outcome, Phase};
 use copilot_protocol::{JobId, JobSpec, JobState, Sha256};
 use rand::RngCore;
@@ -121,6 +122,9 @@ pub enum Completion {
 /// The durable job queue. Cheap operations behind one connection; `Send + Sync`.
 pub struct Queue {
     conn: Mutex<Connection>,
+    /// A read-only connection for the reads for people (dashboard, summaries): in WAL mode it
+    /// reads a snapshot without waiting for, or holding up, the connection that dispatches.
+    reader: Mutex<Connection>,
     clock: Clock,
 }
 
@@ -435,8 +439,14 @@ impl Queue {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut conn)?;
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(Duration::from_secs(5))?;
         Ok(Queue {
             conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
             clock,
         })
     }
@@ -907,6 +917,278 @@ impl Queue {
             .iter()
             .any(|i| matches!(&i.source, InputSource::Stored { sha256: s, .. } if s == sha256)))
     }
+}
+
+/// One row of the `events` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRow {
+    pub id: i64,
+    pub job: JobId,
+    pub attempt: u32,
+    /// `new` for the submission.
+    pub from: String,
+    pub to: JobState,
+    pub at: u64,
+    pub why: String,
+}
+
+/// Reads for people (the dashboard and the summary API), on the read-only connection: none of
+/// them writes or takes the lock the dispatch path uses. Each is one statement over an index or
+/// the row id, except the batch, failure and contribution summaries, which scan the jobs and
+/// reports tables once.
+impl Queue {
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        // A read-only connection holds no transaction between calls: keep serving.
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Up to `limit` events after event `after`, oldest first (the row id orders them).
+    pub fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, QueueError> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, job, attempt, from_state, to_state, at, why FROM events
+             WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit], event_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// Every event of `job`, oldest first.
+    pub fn job_events(&self, job: JobId) -> Result<Vec<EventRow>, QueueError> {
+        if !storable(job) {
+            return Ok(Vec::new());
+        }
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, job, attempt, from_state, to_state, at, why FROM events
+             WHERE job = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([job], event_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// The id of the latest event (0 before the first): it changes whenever a job does.
+    pub fn last_event_id(&self) -> Result<i64, QueueError> {
+        let conn = self.read();
+        Ok(conn.query_row_cached("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
+    }
+
+    /// The newest `limit` jobs, newest first.
+    pub fn recent(&self, limit: u32) -> Result<Vec<JobView>, QueueError> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached("SELECT * FROM jobs ORDER BY id DESC LIMIT ?1")?;
+        let jobs = stmt.query_map([limit], view)?;
+        jobs.map(|r| r?).collect()
+    }
+
+    /// The jobs of batch `name` (named `name#0`, `name#1`, …, or `name` itself), by id.
+    pub fn batch_jobs(&self, name: &str) -> Result<Vec<JobView>, QueueError> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT * FROM jobs WHERE name = ?1
+             OR (substr(name, 1, length(?1) + 1) = ?1 || '#'
+                 AND length(name) > length(?1) + 1
+                 AND substr(name, length(?1) + 2) NOT GLOB '*[^0-9]*')
+             ORDER BY id",
+        )?;
+        let jobs = stmt.query_map([name], view)?;
+        jobs.map(|r| r?).collect()
+    }
+
+    /// Every batch with its counts by state, newest first.
+    pub fn batches(&self) -> Result<Vec<BatchSummary>, QueueError> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, state, COUNT(*), MIN(id), MAX(id), MAX(updated) FROM jobs
+             GROUP BY name, state",
+        )?;
+        let mut by_name: BTreeMap<String, BatchSummary> = BTreeMap::new();
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u64>(2)?,
+                r.get::<_, JobId>(3)?,
+                r.get::<_, JobId>(4)?,
+                r.get::<_, u64>(5)?,
+            ))
+        })?;
+        for row in rows {
+            let (name, state, n, first, last, updated) = row?;
+            let batch = batch_of(&name).to_owned();
+            let b = by_name
+                .entry(batch.clone())
+                .or_insert_with(|| BatchSummary {
+                    name: batch,
+                    jobs: 0,
+                    counts: JobState::ALL.iter().map(|s| (*s, 0)).collect(),
+                    first_id: first,
+                    last_id: last,
+                    updated_ms: updated,
+                });
+            b.jobs += n;
+            *b.counts.entry(parse_state(&state)?).or_default() += n;
+            b.first_id = b.first_id.min(first);
+            b.last_id = b.last_id.max(last);
+            b.updated_ms = b.updated_ms.max(updated);
+        }
+        let mut list: Vec<BatchSummary> = by_name.into_values().collect();
+        list.sort_by_key(|b| std::cmp::Reverse(b.last_id));
+        Ok(list)
+    }
+
+    /// Failed jobs by cause, most frequent first (see [`failure_cause`]).
+    pub fn failure_causes(&self) -> Result<Vec<CauseCount>, QueueError> {
+        let conn = self.read();
+        let mut stmt =
+            conn.prepare_cached("SELECT outcome, note FROM jobs WHERE state = 'failed'")?;
+        let mut causes: BTreeMap<String, u64> = BTreeMap::new();
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?,
+                r.get::<_, Option<String>>(1)?,
+            ))
+        })?;
+        for row in rows {
+            let (outcome, note) = row?;
+            let outcome: Option<OutcomeView> = outcome.as_deref().map(from_json).transpose()?;
+            *causes
+                .entry(failure_cause(outcome.as_ref(), note.as_deref()))
+                .or_default() += 1;
+        }
+        Ok(by_count(causes))
+    }
+
+    /// What each agent did, from the recorded reports: jobs done and failed, host failures, and
+    /// the run time of its done jobs; most jobs done first.
+    pub fn host_contributions(&self) -> Result<Vec<HostContribution>, QueueError> {
+        let conn = self.read();
+        let mut hosts: BTreeMap<String, HostContribution> = BTreeMap::new();
+        let mut stmt = conn
+            .prepare_cached("SELECT agent, state, COUNT(*) FROM reports GROUP BY agent, state")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u64>(2)?,
+            ))
+        })?;
+        let mut counted = Vec::new();
+        for row in rows {
+            counted.push(row?);
+        }
+        let mut stmt = conn.prepare_cached(
+            "SELECT agent, SUM(json_extract(timings, '$[1]')) FROM jobs
+             WHERE state = 'done' AND agent IS NOT NULL GROUP BY agent",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<f64>>(1)?))
+        })?;
+        let mut run = Vec::new();
+        for row in rows {
+            run.push(row?);
+        }
+        for (agent, state, n) in counted {
+            let h = hosts
+                .entry(agent.clone())
+                .or_insert_with(|| new_host(agent));
+            match parse_state(&state)? {
+                JobState::Done => h.jobs_done += n,
+                JobState::Failed => h.jobs_failed += n,
+                _ => h.host_failures += n,
+            }
+        }
+        for (agent, ms) in run {
+            let h = hosts
+                .entry(agent.clone())
+                .or_insert_with(|| new_host(agent));
+            h.run_seconds += ms.unwrap_or(0.0) / 1000.0;
+        }
+        let mut list: Vec<HostContribution> = hosts.into_values().collect();
+        list.sort_by(|a, b| {
+            b.jobs_done
+                .cmp(&a.jobs_done)
+                .then_with(|| a.agent.cmp(&b.agent))
+        });
+        Ok(list)
+    }
+}
+
+fn new_host(agent: String) -> HostContribution {
+    HostContribution {
+        agent,
+        jobs_done: 0,
+        jobs_failed: 0,
+        host_failures: 0,
+        run_seconds: 0.0,
+        volunteer: None,
+    }
+}
+
+fn event_row(r: &Row<'_>) -> rusqlite::Result<Result<EventRow, QueueError>> {
+    let to: String = r.get(4)?;
+    let row = (
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(5)?,
+        r.get(6)?,
+    );
+    Ok(parse_state(&to).map(|to| EventRow {
+        id: row.0,
+        job: row.1,
+        attempt: row.2,
+        from: row.3,
+        to,
+        at: row.4,
+        why: row.5,
+    }))
+}
+
+/// Counts by cause, most frequent first (then by name).
+pub fn by_count(causes: BTreeMap<String, u64>) -> Vec<CauseCount> {
+    let mut list: Vec<CauseCount> = causes
+        .into_iter()
+        .map(|(cause, count)| CauseCount { cause, count })
+        .collect();
+    list.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.cause.cmp(&b.cause)));
+    list
+}
+
+/// Why an attempt was lost, from the reason the queue logged (see [`lose`]): one of a few
+/// fixed causes.
+pub fn lost_cause(why: &str) -> &'static str {
+    if why.starts_with("lease expired") {
+        "lease expired"
+    } else if why.ends_with("agent went offline") {
+        "agent went offline"
+    } else if why.starts_with("stage-in failed") {
+        "stage-in failed"
+    } else if why.starts_with("setup failed") {
+        "setup failed"
+    } else if why.starts_with("stage-out failed") {
+        "stage-out failed"
+    } else {
+        "other"
+    }
+}
+
+/// Why a job failed for good: its payload's outcome (`exit 3`, `cpu limit`, …), or, when its
+/// last attempt was lost with no retry left, `retries used up (<lost cause>)`.
+pub fn failure_cause(outcome: Option<&OutcomeView>, note: Option<&str>) -> String {
+    // lose() writes "attempt N lost (WHY); no retries left of M".
+    if let Some(why) = note
+        .filter(|n| n.contains("; no retries left of "))
+        .and_then(|n| n.split_once(" lost (").map(|(_, rest)| rest))
+        .and_then(|rest| {
+            rest.rsplit_once("); no retries left of ")
+                .map(|(why, _)| why)
+        })
+    {
+        return format!("retries used up ({})", lost_cause(why));
+    }
+    outcome.map_or_else(|| "unknown".into(), OutcomeView::short)
 }
 
 /// Ids of leased jobs matching `cond`.
@@ -1392,6 +1674,115 @@ mod tests {
         assert_eq!(queued.jobs.len(), 1);
         assert_eq!(queued.jobs[0].id, ids[1]);
         assert_eq!(f.q.job(999).unwrap(), None);
+    }
+
+    #[test]
+    fn reads_for_people_group_batches_failures_and_hosts() {
+        let f = Fixture::new();
+        let names = ["mc#0", "mc#1", "mc#12", "mc#x", "mc", "mcx#1", "other"];
+        let specs: Vec<JobSpec> = names.iter().map(|n| spec(n)).collect();
+        let ids = f.q.submit(&specs, 0).unwrap();
+        let batch: Vec<JobId> = f.q.batch_jobs("mc").unwrap().iter().map(|j| j.id).collect();
+        assert_eq!(
+            batch,
+            [ids[0], ids[1], ids[2], ids[4]],
+            "mc#x and mcx#1 are not in mc"
+        );
+        assert_eq!(f.q.batch_jobs("mc#x").unwrap().len(), 1);
+        assert!(f.q.batch_jobs("m").unwrap().is_empty());
+        // Four jobs end: done on a, exit 3 on b, a lease lost with no retry left, a host failure.
+        let c = claim(&f, "a", TTL);
+        f.q.complete("a", &report(&c, OK, None)).unwrap();
+        let c = claim(&f, "b", TTL);
+        f.q.complete("b", &report(&c, Outcome::Exited { code: 3 }, None))
+            .unwrap();
+        claim(&f, "b", 5 * MS);
+        f.advance(6);
+        f.q.expire_leases().unwrap();
+        let c = claim(&f, "a", TTL);
+        f.q.complete("a", &report(&c, Outcome::SetupFailed("no sh".into()), None))
+            .unwrap();
+        let batches = f.q.batches().unwrap();
+        let by_name: BTreeMap<&str, &BatchSummary> =
+            batches.iter().map(|b| (b.name.as_str(), b)).collect();
+        assert_eq!(batches[0].name, "other", "newest first");
+        let mc = by_name["mc"];
+        assert_eq!((mc.jobs, mc.first_id, mc.last_id), (4, ids[0], ids[4]));
+        assert_eq!(mc.counts[&JobState::Done], 1);
+        assert_eq!(mc.counts[&JobState::Failed], 2);
+        assert_eq!(mc.counts[&JobState::Queued], 1);
+        assert_eq!(by_name["mc#x"].counts[&JobState::Failed], 1);
+        let causes = f.q.failure_causes().unwrap();
+        let causes: Vec<(&str, u64)> = causes.iter().map(|c| (c.cause.as_str(), c.count)).collect();
+        assert_eq!(
+            causes,
+            [
+                ("exit 3", 1),
+                ("retries used up (lease expired)", 1),
+                ("retries used up (setup failed)", 1)
+            ]
+        );
+        let hosts = f.q.host_contributions().unwrap();
+        assert_eq!(hosts.len(), 2);
+        let a = &hosts[0];
+        assert_eq!(
+            (
+                a.agent.as_str(),
+                a.jobs_done,
+                a.jobs_failed,
+                a.host_failures
+            ),
+            ("a", 1, 1, 0),
+            "the host failure failed the job for good: no retries were left"
+        );
+        assert!((a.run_seconds - 0.002).abs() < 1e-9, "{a:?}");
+        assert_eq!((hosts[1].agent.as_str(), hosts[1].jobs_failed), ("b", 1));
+        // Events, all and one job's, by row id.
+        let all = f.q.events_after(0, 1000).unwrap();
+        assert_eq!(all.last().unwrap().id, f.q.last_event_id().unwrap());
+        assert_eq!(f.q.events_after(all[2].id, 2).unwrap(), all[3..5]);
+        let one = f.q.job_events(ids[0]).unwrap();
+        let states: Vec<JobState> = one.iter().map(|e| e.to).collect();
+        assert_eq!(
+            states,
+            [JobState::Queued, JobState::Assigned, JobState::Done]
+        );
+        assert!(f.q.job_events(999).unwrap().is_empty());
+        // While the dispatching connection is busy in a write, people still read.
+        let writer = f.q.lock();
+        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let recent: Vec<JobId> = f.q.recent(2).unwrap().iter().map(|j| j.id).collect();
+        assert_eq!(recent, [ids[6], ids[5]]);
+        writer.execute_batch("ROLLBACK").unwrap();
+    }
+
+    #[test]
+    fn causes_come_from_the_logged_reasons() {
+        assert_eq!(
+            lost_cause("lease expired, no progress from a"),
+            "lease expired"
+        );
+        assert_eq!(lost_cause("vm-1: agent went offline"), "agent went offline");
+        assert_eq!(lost_cause("stage-in failed: 404"), "stage-in failed");
+        assert_eq!(lost_cause("setup failed: no sh"), "setup failed");
+        assert_eq!(lost_cause("stage-out failed: x"), "stage-out failed");
+        assert_eq!(lost_cause("cosmic rays"), "other");
+        let exit = OutcomeView {
+            kind: "exited".into(),
+            exit_code: Some(2),
+            signal: None,
+            limit: None,
+            text: String::new(),
+        };
+        assert_eq!(failure_cause(Some(&exit), None), "exit 2");
+        assert_eq!(
+            failure_cause(
+                Some(&exit),
+                Some("attempt 4 lost (x: agent went offline); no retries left of 3")
+            ),
+            "retries used up (agent went offline)"
+        );
+        assert_eq!(failure_cause(None, Some("odd")), "unknown");
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! | GET | `/api/jobs/{id}/output` | → the stored tar.gz |
 //! | GET | `/api/agents` | → [`AgentList`] |
 //!
-//! Errors come as [`ApiError`] with a fitting HTTP status.
+//! The aggregated views for people (summary, job events and files, batches, contributions) are
+//! in [`crate::summary`]; docs/API.md describes every route. Errors come as [`ApiError`] with a
+//! fitting HTTP status.
 
 use std::collections::BTreeMap;
 
@@ -24,6 +26,11 @@ use crate::{JobId, Sha256};
 
 /// Header carrying the sha256 the uploader computed; the server refuses a body that differs.
 pub const CONTENT_SHA256_HEADER: &str = "x-content-sha256";
+
+/// Path of the payload's stdout in a job's output archive.
+pub const STDOUT_ENTRY: &str = "_copilot/stdout.txt";
+/// Path of the payload's stderr in a job's output archive.
+pub const STDERR_ENTRY: &str = "_copilot/stderr.txt";
 
 /// A request to queue jobs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -68,6 +75,21 @@ pub struct OutcomeView {
     pub limit: Option<String>,
     /// A one-line description for people.
     pub text: String,
+}
+
+impl OutcomeView {
+    /// A few words for a table cell: `exit 3`, `signal 9`, `cpu limit`, `timed-out`, …
+    pub fn short(&self) -> String {
+        match (self.kind.as_str(), self.exit_code, self.signal) {
+            ("exited", Some(code), _) => format!("exit {code}"),
+            ("killed", _, Some(sig)) => format!("signal {sig}"),
+            ("limit-exceeded", _, _) => match &self.limit {
+                Some(limit) => format!("{limit} limit"),
+                None => "limit exceeded".into(),
+            },
+            (kind, _, _) => kind.to_owned(),
+        }
+    }
 }
 
 /// One job as the API shows it.
@@ -132,6 +154,19 @@ pub struct AgentView {
     /// Its sandbox as of its last report of a job it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxReport>,
+    /// The BOINC volunteer it computes for, when it runs under BOINC and has said so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volunteer: Option<BoincVolunteer>,
+}
+
+/// Whom an agent running under BOINC computes for: ids on the BOINC project.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BoincVolunteer {
+    pub user_id: u64,
+    pub host_id: u64,
+    /// 0: no team.
+    #[serde(default)]
+    pub team_id: u64,
 }
 
 /// All agents the manager has heard from.

@@ -1,12 +1,16 @@
-//! Shared types of copilot: job files, job states, the XMPP wire payloads and the manager's JSON
-//! API. This crate does no I/O; every parser in it is strict, bounded and never panics on input.
+//! Shared types of copilot: job files, job states, the XMPP wire payloads, the manager's JSON
+//! API and its aggregated views, histograms returned by jobs, and dashboard login codes. This
+//! crate does no I/O; every parser in it is strict, bounded and never panics on input.
 
 pub mod api;
 pub mod digest;
 pub mod fuzzing;
+pub mod histogram;
 pub mod job;
+pub mod login;
 pub mod sandbox;
 pub mod state;
+pub mod summary;
 pub mod units;
 pub mod wire;
 

@@ -24,6 +24,18 @@ pub enum UnitError {
     Size(String),
 }
 
+/// How long before `now_ms` the time `then_ms` was (both unix milliseconds), for people:
+/// `12s ago`, `5m ago`, `3h ago`, `2d ago`.
+pub fn ago(now_ms: u64, then_ms: u64) -> String {
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
 impl Seconds {
     /// As a std duration.
     pub fn as_duration(self) -> Duration {
@@ -129,6 +141,14 @@ mod tests {
         assert_eq!("10m".parse::<Seconds>().unwrap(), Seconds(600));
         assert_eq!("1h 30m".parse::<Seconds>().unwrap(), Seconds(5400));
         assert!("ten minutes".parse::<Seconds>().is_err());
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(ago(5_000, 1_000), "4s ago");
+        assert_eq!(ago(0, 1_000), "0s ago");
+        assert_eq!(ago(126_000, 1_000), "2m ago");
+        assert_eq!(ago(2 * 86_400_000, 0), "2d ago");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! through the `copilot` CLI like a physicist would, and reads the manager's JSON API to check
 //! what happened. Everything is stopped by PID when the harness is dropped.
 
+pub mod browser;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
