@@ -4,9 +4,10 @@
 //! also come from the environment. Unknown fields are errors. Environment variables override
 //! the file: `COPILOT_AGENT_NAME`, `COPILOT_AGENT_JID`, `COPILOT_AGENT_PASSWORD`,
 //! `COPILOT_AGENT_SERVER`, `COPILOT_AGENT_MANAGER`, `COPILOT_AGENT_WORK_DIR`,
-//! `COPILOT_AGENT_SLOTS`.
+//! `COPILOT_AGENT_SLOTS`, `COPILOT_AGENT_IDLE_TIMEOUT`, `COPILOT_AGENT_PLAINTEXT_HOST`.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use copilot_protocol::units::{Bytes, Seconds};
@@ -47,6 +48,10 @@ pub struct AgentConfig {
     /// Jobs run at once.
     #[serde(default = "default_slots")]
     pub slots: u32,
+    /// End the session (the process exits with status 0) once no slot has held a job for this
+    /// long. Unset: serve until stopped. The VM image powers off when the session ends.
+    #[serde(default)]
+    pub idle_timeout: Option<Seconds>,
     #[serde(default)]
     pub xmpp: XmppSettings,
     /// Defaults for jobs that do not set a limit. `wall_time` and `output` are always set
@@ -178,6 +183,11 @@ pub struct XmppSettings {
     /// Bare JID of the job manager.
     #[serde(default = "default_manager")]
     pub manager: String,
+    /// Besides loopback, the one address the server may be reached at in plaintext: the
+    /// host's loopback as seen from a VM under user-mode networking (10.0.2.2). Unset:
+    /// loopback only.
+    #[serde(default)]
+    pub plaintext_host: Option<IpAddr>,
 }
 
 /// HTTP transfer settings (inputs and output archives).
@@ -247,6 +257,7 @@ impl Default for XmppSettings {
             password: String::new(),
             server: default_server(),
             manager: default_manager(),
+            plaintext_host: None,
         }
     }
 }
@@ -258,6 +269,7 @@ impl fmt::Debug for XmppSettings {
             .field("password", &"<redacted>")
             .field("server", &self.server)
             .field("manager", &self.manager)
+            .field("plaintext_host", &self.plaintext_host)
             .finish()
     }
 }
@@ -324,6 +336,22 @@ impl AgentConfig {
                 reason: format!("{v:?} is not a whole number"),
             })?;
         }
+        if let Some(v) = env("COPILOT_AGENT_IDLE_TIMEOUT") {
+            let t =
+                v.parse()
+                    .map_err(|e: copilot_protocol::units::UnitError| ConfigError::Env {
+                        var: "COPILOT_AGENT_IDLE_TIMEOUT",
+                        reason: e.to_string(),
+                    })?;
+            self.idle_timeout = Some(t);
+        }
+        if let Some(v) = env("COPILOT_AGENT_PLAINTEXT_HOST") {
+            let ip = v.trim().parse().map_err(|_| ConfigError::Env {
+                var: "COPILOT_AGENT_PLAINTEXT_HOST",
+                reason: format!("{v:?} is not an IP address"),
+            })?;
+            self.xmpp.plaintext_host = Some(ip);
+        }
         Ok(())
     }
 
@@ -358,6 +386,11 @@ impl AgentConfig {
                     "volunteer.host_token must be 64 lower-case hex digits".into(),
                 ));
             }
+        }
+        if self.idle_timeout == Some(Seconds(0)) {
+            return Err(ConfigError::Invalid(
+                "idle_timeout must be at least 1s (leave it out to never end idle)".into(),
+            ));
         }
         if let Some(addr) = self.status.listen {
             if !addr.ip().is_loopback() {
@@ -425,12 +458,14 @@ mod tests {
         assert_eq!(cfg.slots, 1);
         assert_eq!(cfg.xmpp.server, "127.0.0.1:5222");
         assert_eq!(cfg.xmpp.manager, "manager@localhost");
+        assert_eq!(cfg.xmpp.plaintext_host, None);
         assert_eq!(cfg.limits.wall_time, Some(Seconds(3600)));
         assert_eq!(cfg.limits.output, Some(Bytes(16 << 20)));
         assert_eq!(cfg.transfer, TransferSettings::default());
         assert_eq!(cfg.transfer.max_input_size, Bytes(4 << 30));
         assert_eq!(cfg.sandbox.base_uid, 61000);
         assert_eq!(cfg.sandbox.lock_dir, PathBuf::from("/run/copilot-agent"));
+        assert_eq!(cfg.idle_timeout, None);
     }
 
     #[test]
@@ -439,11 +474,13 @@ mod tests {
 name = "agent-1"
 work_dir = "/tmp/agent"
 slots = 2
+idle_timeout = "5m"
 [xmpp]
 jid = "agent-1@localhost"
 password = "pw"
 server = "127.0.0.1:5223"
 manager = "boss@localhost"
+plaintext_host = "10.0.2.2"
 [limits]
 wall_time = "2m"
 [transfer]
@@ -454,7 +491,9 @@ max_input_size = "1MiB"
         let cfg = AgentConfig::from_toml(text).unwrap();
         assert_eq!(cfg.name, "agent-1");
         assert_eq!(cfg.slots, 2);
+        assert_eq!(cfg.idle_timeout, Some(Seconds(300)));
         assert_eq!(cfg.xmpp.manager, "boss@localhost");
+        assert_eq!(cfg.xmpp.plaintext_host, Some("10.0.2.2".parse().unwrap()));
         assert_eq!(cfg.limits.wall_time, Some(Seconds(120)));
         assert_eq!(cfg.limits.output, Some(DEFAULT_OUTPUT), "filled in");
         assert_eq!(cfg.transfer.timeout, Seconds(30));
@@ -476,6 +515,8 @@ max_input_size = "1MiB"
         assert!(err.to_string().contains("COPILOT_AGENT_JID"), "{err}");
         let err = AgentConfig::from_toml(&format!("{MINIMAL}slots = 0\n")).unwrap_err();
         assert!(err.to_string().contains("slots"), "{err}");
+        let err = AgentConfig::from_toml(&format!("idle_timeout = 0\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("idle_timeout"), "{err}");
     }
 
     #[test]
@@ -488,6 +529,8 @@ max_input_size = "1MiB"
             ("COPILOT_AGENT_MANAGER", "m@localhost"),
             ("COPILOT_AGENT_WORK_DIR", "/srv/jobs"),
             ("COPILOT_AGENT_SLOTS", "4"),
+            ("COPILOT_AGENT_IDLE_TIMEOUT", "90s"),
+            ("COPILOT_AGENT_PLAINTEXT_HOST", "10.0.2.2"),
         ]
         .into();
         let lookup = |v: &str| env.get(v).map(|s| s.to_string());
@@ -499,12 +542,21 @@ max_input_size = "1MiB"
         assert_eq!(cfg.xmpp.manager, "m@localhost");
         assert_eq!(cfg.work_dir, PathBuf::from("/srv/jobs"));
         assert_eq!(cfg.slots, 4);
+        assert_eq!(cfg.idle_timeout, Some(Seconds(90)));
+        assert_eq!(cfg.xmpp.plaintext_host, Some("10.0.2.2".parse().unwrap()));
 
-        let err = AgentConfig::from_toml_with_env(MINIMAL, |v| {
-            (v == "COPILOT_AGENT_SLOTS").then(|| "many".to_string())
-        })
-        .unwrap_err();
-        assert!(matches!(err, ConfigError::Env { .. }), "{err}");
+        for var in [
+            "COPILOT_AGENT_SLOTS",
+            "COPILOT_AGENT_IDLE_TIMEOUT",
+            "COPILOT_AGENT_PLAINTEXT_HOST",
+        ] {
+            let err = AgentConfig::from_toml_with_env(MINIMAL, |v| {
+                (v == var).then(|| "many".to_string())
+            })
+            .unwrap_err();
+            assert!(matches!(err, ConfigError::Env { .. }), "{err}");
+            assert!(err.to_string().contains(var), "{err}");
+        }
     }
 
     #[test]

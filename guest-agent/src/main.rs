@@ -1,6 +1,11 @@
 //! `copilot-agent`: the guest agent binary. Loads the config, logs in to XMPP and serves jobs
-//! until SIGTERM or Ctrl-C (jobs still running are released: the manager requeues them), or
-//! until it has drained after SIGUSR1 or at the config's `drain_at` (exit 0).
+//! until SIGTERM or Ctrl-C (jobs still running are released: the manager requeues them), until
+//! it has been idle for its `idle_timeout`, or until it has drained after SIGUSR1 or at the
+//! config's `drain_at`.
+//!
+//! Exit status: 0 when the session is over (stopped, idle for the timeout, or drained), 1 on
+//! any error (bad config, no login, a lost connection). The VM image's init powers the VM off
+//! after a 0 and restarts the agent after anything else.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -8,6 +8,10 @@
 //! ties to SIGUSR1): workers ask for no new job, finish and report the one they run (asking for
 //! no next one), and the session ends once all are idle. A job that was being assigned just then
 //! is released when the agent goes offline, and the manager requeues it.
+//!
+//! The session ends (and [`run`] returns `Ok`) when `shutdown` resolves or, with
+//! `idle_timeout` set, once no slot has held a job for that long: the agent's exit status 0
+//! then means "session over", which the VM image answers by powering off.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +43,8 @@ pub enum SessionError {
     Xmpp(#[from] XmppError),
     #[error("cannot prepare job execution: {0}")]
     Executor(#[from] crate::executor::ExecError),
+    #[error("the XMPP connection ended unexpectedly")]
+    ConnectionEnded,
     #[error("cannot serve the status page on {addr} (status.listen): {source}; pick a free port")]
     Status {
         addr: std::net::SocketAddr,
@@ -258,11 +264,47 @@ fn payload_cpu_ms_since_last_report() -> Option<u64> {
     Some(delta / 1000)
 }
 
+/// The number of slots holding a job, watched for the idle timeout.
+type BusySlots = Arc<tokio::sync::watch::Sender<usize>>;
+
+/// Counts one slot as busy while it lives (also through a panic).
+#[derive(Debug)]
+struct Busy(BusySlots);
+
+impl Busy {
+    fn new(slots: &BusySlots) -> Busy {
+        slots.send_modify(|n| *n += 1);
+        Busy(slots.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Resolves once no slot has been busy for `limit` in a row.
+async fn idle_for(mut busy: tokio::sync::watch::Receiver<usize>, limit: Duration) {
+    loop {
+        let idle = *busy.borrow_and_update() == 0;
+        if idle {
+            if tokio::time::timeout(limit, busy.changed()).await.is_err() {
+                return;
+            }
+        } else if busy.changed().await.is_err() {
+            // The count can no longer change: the slots are gone, and so is the work.
+            return;
+        }
+    }
+}
+
 /// A worker: ask for a job, run it, report it, until draining. Returns only once draining.
 async fn worker(
     link: Arc<Link>,
     executor: Arc<Executor>,
     slot: usize,
+    busy_slots: BusySlots,
     mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut next: Option<Assignment> = None;
@@ -279,6 +321,8 @@ async fn worker(
                 }
             }
         };
+        // No await between the assignment and this: the slot never looks idle with a job.
+        let busy = Busy::new(&busy_slots);
         let mut report = run_job(&link, &executor, &job, slot).await;
         info!(job = job.job, outcome = %report.outcome.describe(), "finished");
         link.board.finished(slot, &job.name, &report);
@@ -288,6 +332,7 @@ async fn worker(
         if let Some(Next::Assign(a)) = link.report(&report).await {
             next = Some(*a);
         }
+        drop(busy);
     }
 }
 
@@ -302,9 +347,10 @@ async fn drain_time(at: Option<u64>) {
     tokio::time::sleep(Duration::from_secs(at.saturating_sub(now))).await;
 }
 
-/// Log in, then serve jobs until `shutdown` resolves, or until the session has drained (from
-/// the config's `drain_at`, or once `drain` resolves). Fails if the first login does not
-/// succeed within `login_timeout`; later disconnects are survived.
+/// Log in, then serve jobs until `shutdown` resolves, the agent has been idle for its
+/// `idle_timeout`, or the session has drained (from the config's `drain_at`, or once `drain`
+/// resolves). Fails if the first login does not succeed within `login_timeout`; later
+/// disconnects are survived.
 pub async fn run(
     config: AgentConfig,
     login_timeout: Duration,
@@ -316,6 +362,7 @@ pub async fn run(
         jid: config.xmpp.jid.clone(),
         password: config.xmpp.password.clone(),
         server: config.xmpp.server.clone(),
+        plaintext_host: config.xmpp.plaintext_host,
     })?;
     let slots = config.slots.max(1) as usize;
     let board = Board::new(&config.name, &config.xmpp.manager, slots);
@@ -345,6 +392,7 @@ pub async fn run(
     link.xmpp.presence(Some(&link.manager), true)?;
 
     let draining = tokio::sync::watch::Sender::new(false);
+    let busy_slots: BusySlots = Arc::new(tokio::sync::watch::Sender::new(0));
     let mut workers = tokio::task::JoinSet::new();
     let mut slot_of = std::collections::HashMap::new();
     for slot in 0..slots {
@@ -352,10 +400,17 @@ pub async fn run(
             link.clone(),
             executor.clone(),
             slot,
+            busy_slots.clone(),
             draining.subscribe(),
         ));
         slot_of.insert(task.id(), slot);
     }
+    let idle = async {
+        match config.idle_timeout {
+            Some(limit) => idle_for(busy_slots.subscribe(), limit.as_duration()).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(shutdown);
     let drain_requested = async {
         tokio::select! {
@@ -365,16 +420,25 @@ pub async fn run(
     };
     tokio::pin!(drain_requested);
     let mut drain_pending = true;
+    tokio::pin!(idle);
+    let mut ended = Ok(());
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            () = &mut idle => {
+                info!(idle_timeout = ?config.idle_timeout, "no job for the idle timeout: ending the session");
+                break;
+            }
             () = &mut drain_requested, if drain_pending => {
                 drain_pending = false;
                 info!("draining: no new jobs; ending once the running ones are reported");
                 draining.send_replace(true);
             }
             ev = conn.next() => match ev {
-                None => break,
+                None => {
+                    ended = Err(SessionError::ConnectionEnded);
+                    break;
+                }
                 Some(Incoming::Online { jid }) => {
                     info!(%jid, "online again");
                     link.board.link("online");
@@ -419,6 +483,7 @@ pub async fn run(
                     link.clone(),
                     executor.clone(),
                     slot,
+                    busy_slots.clone(),
                     draining.subscribe(),
                 ));
                 slot_of.insert(task.id(), slot);
@@ -431,5 +496,42 @@ pub async fn run(
     }
     workers.shutdown().await;
     conn.shutdown();
-    Ok(())
+    ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_millis(50);
+
+    #[tokio::test]
+    async fn idle_means_no_busy_slot_for_the_whole_limit() {
+        let slots: BusySlots = Arc::new(tokio::sync::watch::Sender::new(0));
+        let idle = idle_for(slots.subscribe(), LIMIT);
+        tokio::pin!(idle);
+        // A busy slot keeps the session going however long it takes.
+        let busy = Busy::new(&slots);
+        assert_eq!(*slots.borrow(), 1);
+        let waited = tokio::time::timeout(LIMIT * 6, &mut idle).await;
+        assert!(waited.is_err(), "idle while a slot was busy");
+        // Once the slot is free again, the limit runs out.
+        drop(busy);
+        assert_eq!(*slots.borrow(), 0);
+        tokio::time::timeout(Duration::from_secs(10), &mut idle)
+            .await
+            .expect("idle after the slot was freed");
+    }
+
+    #[tokio::test]
+    async fn a_slot_that_panics_is_not_counted_busy_any_more() {
+        let slots: BusySlots = Arc::new(tokio::sync::watch::Sender::new(0));
+        let held = slots.clone();
+        let task = tokio::spawn(async move {
+            let _busy = Busy::new(&held);
+            panic!("a job slot fails");
+        });
+        assert!(task.await.is_err());
+        assert_eq!(*slots.borrow(), 0);
+    }
 }

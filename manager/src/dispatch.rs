@@ -562,6 +562,7 @@ mod tests {
             jid: "m@localhost/manager".into(),
             password: "pw".into(),
             server: "127.0.0.1:1".into(),
+            plaintext_host: None,
         })
         .unwrap();
         (Dispatcher::new(s.shared.clone(), conn.sender()), conn)

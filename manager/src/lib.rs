@@ -106,6 +106,7 @@ pub async fn run(
         jid: copilot_protocol::wire::manager_address(&config.xmpp.jid),
         password: config.xmpp.password.clone(),
         server: config.xmpp.server.clone(),
+        plaintext_host: None,
     })?;
     let shared = Arc::new(Shared::open(config, outputs.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

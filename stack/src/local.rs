@@ -47,6 +47,9 @@ pub struct StackOptions {
     pub extra_manager_toml: Option<String>,
     /// TOML merged over each generated agent-N.toml.
     pub extra_agent_toml: Option<String>,
+    /// The host agents use to reach the manager's HTTP port (its `public_url`); default
+    /// 127.0.0.1. A VM under QEMU's user networking reaches the host's loopback at 10.0.2.2.
+    pub public_host: Option<String>,
 }
 
 impl StackOptions {
@@ -59,6 +62,7 @@ impl StackOptions {
             lease: Seconds(60),
             extra_manager_toml: None,
             extra_agent_toml: None,
+            public_host: None,
         }
     }
 }
@@ -113,8 +117,21 @@ impl LocalStack {
         let token = random_secret();
         let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let manager_config = dir.join("manager.toml");
+        let public_url = format!(
+            "http://{}:{}",
+            opts.public_host.as_deref().unwrap_or("127.0.0.1"),
+            http.port()
+        );
         let text = merge_extra(
-            manager_toml(&dir, &prosody.server(), &password, &token, http, opts.lease),
+            manager_toml(
+                &dir,
+                &prosody.server(),
+                &password,
+                &token,
+                http,
+                &public_url,
+                opts.lease,
+            ),
             opts.extra_manager_toml.as_deref(),
             "manager",
         )?;
@@ -187,17 +204,12 @@ impl LocalStack {
     pub fn add_agent(&mut self) -> Result<usize, StackError> {
         let n = self.agents.len() + 1;
         let name = Self::agent_name(n);
-        let password = random_secret();
-        self.prosody.register(&name, &password)?;
         let work_dir = self.dir.join(&name);
         std::fs::create_dir_all(&work_dir)
             .map_err(io(format!("creating {}", work_dir.display())))?;
         let config = self.dir.join(format!("{name}.toml"));
-        let text = merge_extra(
-            agent_toml(&name, &work_dir, &self.prosody.server(), &password),
-            self.opts.extra_agent_toml.as_deref(),
-            "agent",
-        )?;
+        let server = self.prosody.server();
+        let text = self.register_agent(&name, &server, Some(&work_dir))?;
         write(&config, &text)?;
         self.agents.push(Agent {
             config,
@@ -205,6 +217,25 @@ impl LocalStack {
         });
         self.start_agent(n)?;
         Ok(n)
+    }
+
+    /// Register the account of an agent this stack does not run (one in a VM, say) and return
+    /// its agent.toml: the XMPP server as that agent reaches it (`server`), this stack's
+    /// manager, `work_dir` if given (else the agent's default), with `extra_agent_toml` merged
+    /// over it.
+    pub fn register_agent(
+        &self,
+        name: &str,
+        server: &str,
+        work_dir: Option<&Path>,
+    ) -> Result<String, StackError> {
+        let password = random_secret();
+        self.prosody.register(name, &password)?;
+        merge_extra(
+            agent_toml(name, work_dir, server, &password),
+            self.opts.extra_agent_toml.as_deref(),
+            "agent",
+        )
     }
 
     /// Start agent `n` again (after `kill_agent`/`stop_agent`), same config and account.
@@ -402,6 +433,7 @@ fn manager_toml(
     password: &str,
     token: &str,
     http: SocketAddr,
+    public_url: &str,
     lease: Seconds,
 ) -> Table {
     table([
@@ -419,7 +451,7 @@ fn manager_toml(
             "http",
             Value::Table(table([
                 ("listen", Value::from(http.to_string())),
-                ("public_url", Value::from(format!("http://{http}"))),
+                ("public_url", Value::from(public_url)),
             ])),
         ),
         (
@@ -430,10 +462,9 @@ fn manager_toml(
 }
 
 /// agent-N.toml per the contract.
-fn agent_toml(name: &str, work_dir: &Path, server: &str, password: &str) -> Table {
-    table([
+fn agent_toml(name: &str, work_dir: Option<&Path>, server: &str, password: &str) -> Table {
+    let mut t = table([
         ("name", Value::from(name)),
-        ("work_dir", path_value(work_dir)),
         (
             "xmpp",
             Value::Table(table([
@@ -446,7 +477,11 @@ fn agent_toml(name: &str, work_dir: &Path, server: &str, password: &str) -> Tabl
                 ),
             ])),
         ),
-    ])
+    ]);
+    if let Some(dir) = work_dir {
+        t.insert("work_dir".to_owned(), path_value(dir));
+    }
+    t
 }
 
 /// Merge `extra` (TOML text) over `base`: tables merge recursively, other values replace.
@@ -490,6 +525,7 @@ mod tests {
             "pw",
             "tok",
             "127.0.0.1:20002".parse().unwrap(),
+            "http://10.0.2.2:20002",
             Seconds(7),
         );
         let text = merge_extra(
@@ -504,7 +540,7 @@ mod tests {
         assert_eq!(t["http"]["listen"].as_str(), Some("127.0.0.1:20003"));
         assert_eq!(
             t["http"]["public_url"].as_str(),
-            Some("http://127.0.0.1:20002")
+            Some("http://10.0.2.2:20002")
         );
         assert_eq!(t["xmpp"]["server"].as_str(), Some("127.0.0.1:20001"));
         assert_eq!(t["data_dir"].as_str(), Some("/s/manager"));
@@ -518,10 +554,13 @@ mod tests {
 
     #[test]
     fn agent_config_names_the_manager() {
-        let t = agent_toml("agent-3", Path::new("/w"), "127.0.0.1:1", "pw");
+        let t = agent_toml("agent-3", Some(Path::new("/w")), "127.0.0.1:1", "pw");
         assert_eq!(t["xmpp"]["jid"].as_str(), Some("agent-3@localhost"));
         assert_eq!(t["xmpp"]["manager"].as_str(), Some("manager@localhost"));
         assert_eq!(t["work_dir"].as_str(), Some("/w"));
+        let vm = agent_toml("vm-1", None, "10.0.2.2:5222", "pw");
+        assert_eq!(vm["xmpp"]["server"].as_str(), Some("10.0.2.2:5222"));
+        assert!(vm.get("work_dir").is_none(), "{vm}");
     }
 
     #[test]

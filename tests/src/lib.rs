@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use copilot_protocol::api::{JobList, JobView};
+use copilot_protocol::api::{AgentList, JobList, JobView};
 use copilot_protocol::units::Seconds;
 use copilot_protocol::JobId;
 use copilot_stack::{LocalStack, StackOptions};
 use serde::de::DeserializeOwned;
 
 pub mod boinc;
+pub mod vm;
 
 /// The directory holding the workspace's binaries (`target/debug` for `cargo test`).
 /// Test executables live in `target/<profile>/deps`.
@@ -57,6 +58,8 @@ pub struct Setup {
     pub manager_toml: Option<String>,
     /// TOML merged over each agent's config.
     pub agent_toml: Option<String>,
+    /// The host in the manager's `public_url` (default 127.0.0.1; 10.0.2.2 for a VM).
+    pub public_host: Option<String>,
 }
 
 impl Default for Setup {
@@ -66,6 +69,7 @@ impl Default for Setup {
             lease: Seconds(30),
             manager_toml: None,
             agent_toml: None,
+            public_host: None,
         }
     }
 }
@@ -82,6 +86,7 @@ impl Harness {
         opts.lease = setup.lease;
         opts.extra_manager_toml = setup.manager_toml;
         opts.extra_agent_toml = setup.agent_toml;
+        opts.public_host = setup.public_host;
         let stack = LocalStack::start(opts).unwrap_or_else(|e| panic!("starting the stack: {e}"));
         stack
             .wait_agents_online(setup.agents, Duration::from_secs(30))
@@ -160,6 +165,27 @@ impl Harness {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Poll the manager's agent list until the agent `name` is listed with `online`, or panic
+    /// after `timeout`.
+    pub fn wait_agent(&self, name: &str, online: bool, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let agents: AgentList = self.api("/api/agents");
+            if agents
+                .agents
+                .iter()
+                .any(|a| a.name == name && a.online == online)
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{name} did not become online={online} within {timeout:?}: {agents:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// All jobs.

@@ -55,6 +55,7 @@ impl Rogue {
             jid: format!("{ROGUE}@localhost"),
             password: ROGUE_PASSWORD.into(),
             server,
+            plaintext_host: None,
         })
         .unwrap();
         rt.block_on(conn.wait_online(ANSWER))

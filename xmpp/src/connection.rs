@@ -29,6 +29,10 @@ pub struct XmppConfig {
     pub password: String,
     /// `host:port` of the server's client port.
     pub server: String,
+    /// Besides loopback, the one address plaintext XMPP may go to: the host's loopback as a
+    /// VM under QEMU's or VirtualBox's user networking reaches it (10.0.2.2). `None`:
+    /// loopback only.
+    pub plaintext_host: Option<std::net::IpAddr>,
 }
 
 /// The kind of an IQ request.
@@ -381,7 +385,7 @@ async fn worker(
     let mut client = Client::new_with_connector(
         jid,
         config.password,
-        LoopbackConnector::new(config.server),
+        LoopbackConnector::new(config.server, config.plaintext_host),
         Timeouts::tight(),
     );
     let mut pending: HashMap<String, ReplySlot> = HashMap::new();

@@ -2,11 +2,14 @@
 //!
 //! tokio-xmpp's own TCP connector leaves Nagle's algorithm on, which delays every small stanza
 //! by ~40 ms. Plaintext is refused for non-loopback addresses: credentials must not cross a
-//! network in clear (STARTTLS with a pinned project CA is on the roadmap). Every byte read
+//! network in clear (STARTTLS with a pinned project CA is on the roadmap). The one exception is
+//! an address the config names explicitly (`plaintext_host`): a VM under user-mode networking
+//! reaches the host's loopback at 10.0.2.2, through the hypervisor and no network. Every byte read
 //! passes a [`DepthGuard`], so hostile nesting cannot reach the recursive XML parser.
 
 use std::borrow::Cow;
 use std::io;
+use std::net::IpAddr;
 
 use sasl::common::ChannelBinding;
 use tokio::io::BufStream;
@@ -18,16 +21,26 @@ use tokio_xmpp::Error;
 
 use crate::depth::DepthGuard;
 
-/// Connects over plain TCP to `addr` (host:port), which must resolve to a loopback address.
+/// Connects over plain TCP to `addr` (host:port), which must resolve to a loopback address
+/// or to `plaintext_host`.
 #[derive(Debug, Clone)]
 pub struct LoopbackConnector {
     addr: String,
+    plaintext_host: Option<IpAddr>,
 }
 
 impl LoopbackConnector {
-    /// A connector for `addr` (`host:port`).
-    pub fn new(addr: impl Into<String>) -> Self {
-        Self { addr: addr.into() }
+    /// A connector for `addr` (`host:port`), allowed to reach `plaintext_host` too.
+    pub fn new(addr: impl Into<String>, plaintext_host: Option<IpAddr>) -> Self {
+        Self {
+            addr: addr.into(),
+            plaintext_host,
+        }
+    }
+
+    /// Whether plaintext may go to `ip`.
+    fn allowed(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || Some(ip) == self.plaintext_host
     }
 }
 
@@ -42,12 +55,13 @@ impl ServerConnector for LoopbackConnector {
     ) -> Result<(PendingFeaturesRecv<Self::Stream>, ChannelBinding), Error> {
         let addr = tokio::net::lookup_host(&self.addr)
             .await?
-            .find(|a| a.ip().is_loopback())
+            .find(|a| self.allowed(a.ip()))
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!(
-                        "{} is not a loopback address: plaintext XMPP is allowed only on loopback",
+                        "{} is not a loopback address: plaintext XMPP is allowed only on loopback \
+                         (and to an address set as plaintext_host)",
                         self.addr
                     ),
                 )
@@ -62,5 +76,23 @@ impl ServerConnector for LoopbackConnector {
         let pending =
             initiate_stream(BufStream::new(DepthGuard::new(tcp)), ns, header, timeouts).await?;
         Ok((pending, ChannelBinding::None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_goes_to_loopback_and_the_named_host_only() {
+        let nat: IpAddr = "10.0.2.2".parse().unwrap();
+        let strict = LoopbackConnector::new("127.0.0.1:5222", None);
+        assert!(strict.allowed("127.0.0.1".parse().unwrap()));
+        assert!(strict.allowed("::1".parse().unwrap()));
+        assert!(!strict.allowed(nat));
+        let vm = LoopbackConnector::new("10.0.2.2:5222", Some(nat));
+        assert!(vm.allowed(nat));
+        assert!(vm.allowed("127.0.0.1".parse().unwrap()));
+        assert!(!vm.allowed("10.0.2.3".parse().unwrap()));
     }
 }

@@ -141,6 +141,7 @@ async fn login(server: &str, user: &str) -> Result<Client> {
         jid: format!("{user}@{XMPP_DOMAIN}"),
         password: PASSWORD.into(),
         server: server.into(),
+        plaintext_host: None,
     })?;
     let jid = conn
         .wait_online(LOGIN_TIMEOUT)
