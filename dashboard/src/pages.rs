@@ -858,18 +858,19 @@ pub fn contributions(c: &Contributions) -> Page {
                     v.hosts.to_string(),
                     v.jobs_done.to_string(),
                     html::seconds(v.run_seconds),
+                    html::seconds(v.cpu_seconds),
                 ]
             })
             .collect();
         b.push_str(&table(
             "volunteers",
-            &["Volunteer", "Hosts", "Jobs done", "Run time"],
+            &["Volunteer", "Hosts", "Jobs done", "Run time", "CPU time"],
             &rows,
         ));
     }
     b.push_str(
         "<p class=\"note\">Run time is the wall-clock time of the payloads of done jobs, as each \
-         agent measured it.</p></section>",
+         agent measured it; CPU time is what their payloads used, as credited to the volunteer.</p></section>",
     );
     Page {
         title: "Contributions".into(),

@@ -201,6 +201,9 @@ pub struct VolunteerContribution {
     pub hosts: u64,
     pub jobs_done: u64,
     pub run_seconds: f64,
+    /// CPU seconds of the payloads of its credited jobs (the manager's credit table).
+    #[serde(default)]
+    pub cpu_seconds: f64,
 }
 
 /// A batch: its jobs and a plot for every histogram its replicas returned.

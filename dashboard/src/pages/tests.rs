@@ -292,11 +292,13 @@ fn contributions_list_hosts_and_volunteers() {
             hosts: 1,
             jobs_done: 8,
             run_seconds: 90.0,
+            cpu_seconds: 61.0,
         }],
     };
     let b = contributions(&c).body;
     assert!(b.contains("<tr data-agent=\"agent-1\" data-jobs-done=\"8\">"));
     assert!(b.contains("1 min 30 s"));
+    assert!(b.contains("1 min 1 s"), "the volunteer's CPU time");
     assert!(b.contains("user 42, host 7"));
     assert!(b.contains("<td>user 42</td><td>1</td><td>8</td>"));
     let b = contributions(&Contributions::default()).body;

@@ -199,6 +199,7 @@ impl App {
 
     pub(super) async fn contributions(&self) -> Answer<Contributions> {
         let mut hosts = db(&self.shared, |q| q.host_contributions()).await?;
+        let credit = db(&self.shared, |q| q.volunteers()).await?;
         let fleet = self.shared.fleet.list().agents;
         let mut volunteers: BTreeMap<u64, VolunteerContribution> = BTreeMap::new();
         for h in &mut hosts {
@@ -214,6 +215,12 @@ impl App {
                         hosts: 0,
                         jobs_done: 0,
                         run_seconds: 0.0,
+                        cpu_seconds: credit
+                            .volunteers
+                            .iter()
+                            .filter(|c| c.user_id == v.user_id)
+                            .map(|c| c.cpu_seconds)
+                            .sum(),
                     });
                 c.hosts += 1;
                 c.jobs_done += h.jobs_done;
