@@ -6,6 +6,7 @@
 mod chirp;
 mod error;
 mod http;
+mod link;
 mod local;
 mod port;
 mod prosody;
@@ -13,6 +14,7 @@ mod supervised;
 
 pub use chirp::ChirpServer;
 pub use error::StackError;
+pub use link::Link;
 pub use local::{default_bin_dir, LocalStack, StackOptions, AGENT_BIN, CLI_BIN};
 pub use port::free_port;
 pub use prosody::{Prosody, XMPP_DOMAIN};

@@ -19,7 +19,7 @@ use toml::{Table, Value};
 
 use crate::error::io;
 use crate::prosody::XMPP_DOMAIN;
-use crate::{free_port, http, Prosody, StackError, Supervised};
+use crate::{free_port, http, Link, Prosody, StackError, Supervised};
 
 /// The CLI binary (it runs the manager with `copilot manager --config F`).
 pub const CLI_BIN: &str = "copilot";
@@ -50,6 +50,9 @@ pub struct StackOptions {
     /// The host agents use to reach the manager's HTTP port (its `public_url`); default
     /// 127.0.0.1. A VM under QEMU's user networking reaches the host's loopback at 10.0.2.2.
     pub public_host: Option<String>,
+    /// Agents reach Prosody and the manager's HTTP port through [`Link`]s the caller can cut
+    /// (fault tests); otherwise directly.
+    pub links: bool,
 }
 
 impl StackOptions {
@@ -63,6 +66,7 @@ impl StackOptions {
             extra_manager_toml: None,
             extra_agent_toml: None,
             public_host: None,
+            links: false,
         }
     }
 }
@@ -83,6 +87,13 @@ struct Agent {
     process: Option<Supervised>,
 }
 
+/// The links between the agents and the servers, when [`StackOptions::links`] asks for them.
+#[derive(Debug)]
+struct Links {
+    xmpp: Link,
+    http: Link,
+}
+
 /// A running local stack. Dropping it stops everything (agents, manager, then Prosody).
 #[derive(Debug)]
 pub struct LocalStack {
@@ -93,6 +104,7 @@ pub struct LocalStack {
     manager_config: PathBuf,
     // Field order is drop order: agents first, the server last.
     agents: Vec<Agent>,
+    links: Option<Links>,
     manager: Option<Supervised>,
     prosody: Prosody,
 }
@@ -117,10 +129,19 @@ impl LocalStack {
         let token = random_secret();
         let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let manager_config = dir.join("manager.toml");
+        let links = if opts.links {
+            let xmpp = SocketAddr::from((Ipv4Addr::LOCALHOST, prosody.port()));
+            Some(Links {
+                xmpp: Link::start(xmpp)?,
+                http: Link::start(http)?,
+            })
+        } else {
+            None
+        };
         let public_url = format!(
             "http://{}:{}",
             opts.public_host.as_deref().unwrap_or("127.0.0.1"),
-            http.port()
+            links.as_ref().map_or(http.port(), |l| l.http.port())
         );
         let text = merge_extra(
             manager_toml(
@@ -148,6 +169,7 @@ impl LocalStack {
             token,
             manager_config,
             agents: Vec::new(),
+            links,
             manager: None,
             prosody,
         };
@@ -176,6 +198,17 @@ impl LocalStack {
     /// The XMPP server, e.g. to restart or kill it.
     pub fn prosody(&mut self) -> &mut Prosody {
         &mut self.prosody
+    }
+
+    /// The link between the agents and Prosody, if the stack was started with links.
+    pub fn xmpp_link(&self) -> Option<&Link> {
+        self.links.as_ref().map(|l| &l.xmpp)
+    }
+
+    /// The link between the agents and the manager's HTTP port (inputs, outputs), if the
+    /// stack was started with links.
+    pub fn http_link(&self) -> Option<&Link> {
+        self.links.as_ref().map(|l| &l.http)
     }
 
     /// Agent numbers so far (1-based; killed agents keep their number).
@@ -208,7 +241,10 @@ impl LocalStack {
         std::fs::create_dir_all(&work_dir)
             .map_err(io(format!("creating {}", work_dir.display())))?;
         let config = self.dir.join(format!("{name}.toml"));
-        let server = self.prosody.server();
+        let server = match &self.links {
+            Some(l) => l.xmpp.addr().to_string(),
+            None => self.prosody.server(),
+        };
         let text = self.register_agent(&name, &server, Some(&work_dir))?;
         write(&config, &text)?;
         self.agents.push(Agent {
