@@ -17,6 +17,7 @@ use copilot_stack::{LocalStack, StackOptions};
 use serde::de::DeserializeOwned;
 
 pub mod boinc;
+pub mod squares;
 pub mod vm;
 
 /// The directory holding the workspace's binaries (`target/debug` for `cargo test`).

@@ -9,45 +9,8 @@ use copilot_protocol::sandbox::Protection;
 use copilot_protocol::units::Seconds;
 use copilot_protocol::JobState;
 use copilot_stack::LocalStack;
+use copilot_tests::squares::{check_square, squares, SQUARE_SH};
 use copilot_tests::{Harness, Setup};
-
-/// A job file with `count` instances; each writes the square of its instance number.
-fn squares(count: u32, sleep: &str) -> String {
-    format!(
-        r#"
-name = "square"
-command = ["sh", "square.sh"]
-outputs = ["square.txt"]
-count = {count}
-max_retries = 3
-
-[[inputs]]
-path = "square.sh"
-
-[env]
-NAP = "{sleep}"
-"#
-    )
-}
-
-const SQUARE_SH: &str = "sleep \"$NAP\"\nn=$COPILOT_INSTANCE\necho $((n * n)) > square.txt\n";
-
-/// Fetch a job's results with the CLI (which verifies every digest) and check the square.
-fn check_square(h: &Harness, job: &JobView) {
-    assert_eq!(
-        job.state,
-        JobState::Done,
-        "job {}: {:?}",
-        job.id,
-        job.outcome
-    );
-    let n: u64 = job.spec.env["COPILOT_INSTANCE"].parse().unwrap();
-    let dir = h.results(job.id);
-    let got = std::fs::read_to_string(dir.join("square.txt")).unwrap();
-    assert_eq!(got.trim(), (n * n).to_string(), "job {}", job.id);
-    let declared: Vec<&str> = job.files.iter().map(|f| f.path.as_str()).collect();
-    assert!(declared.contains(&"square.txt"), "{declared:?}");
-}
 
 fn agent_index(stack: &LocalStack, name: &str) -> usize {
     (1..=stack.agent_count())
