@@ -31,6 +31,13 @@ pub enum BlobError {
     Io { path: PathBuf, source: io::Error },
 }
 
+impl BlobError {
+    /// The file system under the data dir is full (ENOSPC): a condition that passes.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, BlobError::Io { source, .. } if source.kind() == io::ErrorKind::StorageFull)
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BlobError + '_ {
     move |source| BlobError::Io {
         path: path.to_owned(),

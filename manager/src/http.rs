@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use axum::body::{to_bytes, Body};
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -33,6 +33,7 @@ use crate::blobs::{BlobError, Blobs};
 use crate::metrics::{refusal_reason, Metrics};
 use crate::queue::{same_token, Queue, QueueError};
 use crate::Shared;
+use copilot_xmpp::LogLimiter;
 
 /// Largest submit request body.
 const MAX_SUBMIT_BYTES: usize = 32 << 20;
@@ -207,6 +208,24 @@ fn internal(e: impl std::fmt::Display) -> Fail {
     )
 }
 
+/// The manager's disk is full: 507, which agents retry with backoff, and a warning logged a
+/// few times a minute (a full disk fails every write until someone frees space).
+fn disk_full(e: impl std::fmt::Display) -> Fail {
+    static LOG: LazyLock<Mutex<LogLimiter>> =
+        LazyLock::new(|| Mutex::new(LogLimiter::new(5, std::time::Duration::from_secs(60))));
+    let allowed = LOG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .check(std::time::Instant::now());
+    if let Some(suppressed) = allowed {
+        tracing::warn!(suppressed, "storage full, refusing a write: {e}");
+    }
+    fail(
+        StatusCode::INSUFFICIENT_STORAGE,
+        format!("the manager's storage is full ({e}); try again later"),
+    )
+}
+
 impl IntoResponse for Fail {
     fn into_response(self) -> Response {
         (self.0, Json(ApiError { error: self.1 })).into_response()
@@ -219,6 +238,7 @@ impl From<QueueError> for Fail {
             QueueError::UnknownJob(_) => StatusCode::NOT_FOUND,
             QueueError::StaleLease { .. } | QueueError::BadTransition(_) => StatusCode::CONFLICT,
             QueueError::TokenInvalid => StatusCode::FORBIDDEN,
+            QueueError::Sqlite(_) if e.is_disk_full() => return disk_full(e),
             QueueError::Sqlite(_) | QueueError::Corrupt(_) => return internal(e),
         };
         fail(status, e.to_string())
@@ -231,6 +251,7 @@ impl From<BlobError> for Fail {
             BlobError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BlobError::DigestMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             BlobError::Body(_) => StatusCode::BAD_REQUEST,
+            BlobError::Io { .. } if e.is_disk_full() => return disk_full(e),
             BlobError::Io { .. } => return internal(e),
         };
         fail(status, e.to_string())
@@ -1197,5 +1218,30 @@ pub(crate) mod tests {
         let r = s.get("/nothing/here").await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert!(error_of(r).await.contains("no such endpoint"));
+    }
+
+    #[test]
+    fn a_full_disk_is_507_and_other_storage_errors_are_500() {
+        let full = BlobError::Io {
+            path: "/data/tmp/x.part".into(),
+            source: std::io::ErrorKind::StorageFull.into(),
+        };
+        assert_eq!(Fail::from(full).0, StatusCode::INSUFFICIENT_STORAGE);
+        let denied = BlobError::Io {
+            path: "/data/tmp/x.part".into(),
+            source: std::io::ErrorKind::PermissionDenied.into(),
+        };
+        assert_eq!(Fail::from(denied).0, StatusCode::INTERNAL_SERVER_ERROR);
+        let sqlite = |code| {
+            QueueError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        let full = sqlite(rusqlite::ffi::SQLITE_FULL);
+        assert!(full.is_disk_full());
+        assert_eq!(Fail::from(full).0, StatusCode::INSUFFICIENT_STORAGE);
+        let busy = sqlite(rusqlite::ffi::SQLITE_BUSY);
+        assert_eq!(Fail::from(busy).0, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

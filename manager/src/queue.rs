@@ -117,6 +117,17 @@ pub enum QueueError {
     Corrupt(String),
 }
 
+impl QueueError {
+    /// SQLite could not write because the disk (or the database's size limit) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
+}
+
 /// A job handed to an agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
