@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use copilot_protocol::units::{Bytes, Seconds};
 use copilot_protocol::Limits;
+use copilot_xmpp::{Security, TrustError};
 use serde::Deserialize;
 
 /// Default wall-clock limit of a job that does not set one.
@@ -183,11 +184,33 @@ pub struct XmppSettings {
     /// Bare JID of the job manager.
     #[serde(default = "default_manager")]
     pub manager: String,
-    /// Besides loopback, the one address the server may be reached at in plaintext: the
-    /// host's loopback as seen from a VM under user-mode networking (10.0.2.2). Unset:
-    /// loopback only.
+    /// The project CA to pin (a PEM file): STARTTLS is required and the server's certificate
+    /// must chain to it.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The project CA's PEM itself, instead of `ca`.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+    /// No CA: plaintext, to loopback (and `plaintext_host`) only. For a server on this machine.
+    #[serde(default)]
+    pub insecure_loopback: bool,
+    /// With `insecure_loopback`, the one address besides loopback the server may be reached at
+    /// in plaintext: the host's loopback as seen from a VM under user-mode networking
+    /// (10.0.2.2).
     #[serde(default)]
     pub plaintext_host: Option<IpAddr>,
+}
+
+impl XmppSettings {
+    /// How to protect the connection, as these settings ask (reads the CA file).
+    pub fn security(&self) -> Result<Security, TrustError> {
+        Security::from_config(
+            self.ca.as_deref(),
+            self.ca_pem.as_deref(),
+            self.insecure_loopback,
+            self.plaintext_host,
+        )
+    }
 }
 
 /// HTTP transfer settings (inputs and output archives).
@@ -257,6 +280,9 @@ impl Default for XmppSettings {
             password: String::new(),
             server: default_server(),
             manager: default_manager(),
+            ca: None,
+            ca_pem: None,
+            insecure_loopback: false,
             plaintext_host: None,
         }
     }
@@ -269,6 +295,12 @@ impl fmt::Debug for XmppSettings {
             .field("password", &"<redacted>")
             .field("server", &self.server)
             .field("manager", &self.manager)
+            .field("ca", &self.ca)
+            .field(
+                "ca_pem",
+                &self.ca_pem.as_ref().map(|p| format!("<{} bytes>", p.len())),
+            )
+            .field("insecure_loopback", &self.insecure_loopback)
             .field("plaintext_host", &self.plaintext_host)
             .finish()
     }
@@ -352,6 +384,23 @@ impl AgentConfig {
             })?;
             self.xmpp.plaintext_host = Some(ip);
         }
+        if let Some(v) = env("COPILOT_AGENT_CA") {
+            // A CA given here replaces the file's, whichever form that had.
+            self.xmpp.ca = Some(PathBuf::from(v));
+            self.xmpp.ca_pem = None;
+        }
+        if let Some(v) = env("COPILOT_AGENT_INSECURE_LOOPBACK") {
+            self.xmpp.insecure_loopback = match v.trim() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "COPILOT_AGENT_INSECURE_LOOPBACK",
+                        reason: format!("{v:?} is not true or false"),
+                    })
+                }
+            };
+        }
         Ok(())
     }
 
@@ -376,6 +425,9 @@ impl AgentConfig {
         if self.slots == 0 {
             return Err(ConfigError::Invalid("slots must be at least 1".into()));
         }
+        self.xmpp
+            .security()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if let Some(t) = self
             .volunteer
             .as_ref()
@@ -415,7 +467,7 @@ mod tests {
 
     use super::*;
 
-    const MINIMAL: &str = "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n";
+    use crate::testutil::CONFIG as MINIMAL;
 
     #[test]
     fn the_status_page_listens_on_loopback_only() {
@@ -443,7 +495,16 @@ mod tests {
             .nth(2)
             .and_then(|s| s.split("```").next())
             .unwrap();
-        let cfg = AgentConfig::from_toml(example).unwrap();
+        // The example pins /etc/copilot/ca.pem, which this host may not have: the file must be
+        // read (a missing CA is an error at startup), so point it at nothing to see that, then
+        // let the rest parse in insecure_loopback mode.
+        let pinned = r#"ca = "/etc/copilot/ca.pem""#;
+        assert!(example.contains(pinned));
+        let err = AgentConfig::from_toml(&example.replace(pinned, r#"ca = "/nonexistent/ca.pem""#))
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        let cfg =
+            AgentConfig::from_toml(&example.replace(pinned, "insecure_loopback = true")).unwrap();
         assert_eq!(cfg.name, "vm-0042");
         assert_eq!(cfg.limits.output, Some(Bytes(16 << 20)));
         assert_eq!(cfg.sandbox.base_uid, 61000);
@@ -480,6 +541,7 @@ jid = "agent-1@localhost"
 password = "pw"
 server = "127.0.0.1:5223"
 manager = "boss@localhost"
+insecure_loopback = true
 plaintext_host = "10.0.2.2"
 [limits]
 wall_time = "2m"

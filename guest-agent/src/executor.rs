@@ -420,8 +420,7 @@ mod tests {
     async fn setup() -> Setup {
         let root = tempfile::tempdir().unwrap();
         let work_dir = root.path().join("work");
-        let mut cfg =
-            AgentConfig::from_toml("[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n").unwrap();
+        let mut cfg = AgentConfig::from_toml(crate::testutil::CONFIG).unwrap();
         cfg.work_dir = work_dir.clone();
         cfg.transfer = settings();
         let exec = Executor::new(&cfg).unwrap();
@@ -470,8 +469,7 @@ mod tests {
         for name in ["job-3-1", "job-3-1.agent", "keep", "job-x-1", "job-3-1.old"] {
             std::fs::create_dir(s.work_dir.join(name)).unwrap();
         }
-        let mut cfg =
-            AgentConfig::from_toml("[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n").unwrap();
+        let mut cfg = AgentConfig::from_toml(crate::testutil::CONFIG).unwrap();
         cfg.work_dir = s.work_dir.clone();
         Executor::new(&cfg).unwrap();
         let mut left: Vec<String> = std::fs::read_dir(&s.work_dir)

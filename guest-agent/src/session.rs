@@ -43,6 +43,8 @@ pub enum SessionError {
     Xmpp(#[from] XmppError),
     #[error("cannot prepare job execution: {0}")]
     Executor(#[from] crate::executor::ExecError),
+    #[error("XMPP security settings: {0}")]
+    Security(String),
     #[error("the XMPP connection ended unexpectedly")]
     ConnectionEnded,
     #[error("cannot serve the status page on {addr} (status.listen): {source}; pick a free port")]
@@ -362,7 +364,10 @@ pub async fn run(
         jid: config.xmpp.jid.clone(),
         password: config.xmpp.password.clone(),
         server: config.xmpp.server.clone(),
-        plaintext_host: config.xmpp.plaintext_host,
+        security: config
+            .xmpp
+            .security()
+            .map_err(|e| SessionError::Security(e.to_string()))?,
     })?;
     let slots = config.slots.max(1) as usize;
     let board = Board::new(&config.name, &config.xmpp.manager, slots);

@@ -9,3 +9,7 @@ pub fn settings() -> crate::config::TransferSettings {
         cache_size: copilot_protocol::units::Bytes(1 << 20),
     }
 }
+
+/// The smallest valid agent config: an account on a loopback server.
+pub(crate) const CONFIG: &str =
+    "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\ninsecure_loopback = true\n";

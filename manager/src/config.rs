@@ -38,6 +38,24 @@ pub struct XmppConfig {
     pub password: String,
     /// host:port to connect to.
     pub server: String,
+    /// The project CA to pin (a PEM file, resolved against the config's directory).
+    pub ca: Option<PathBuf>,
+    /// The project CA's PEM itself, instead of `ca`.
+    pub ca_pem: Option<String>,
+    /// No CA: plaintext to a loopback address.
+    pub insecure_loopback: bool,
+}
+
+impl XmppConfig {
+    /// How to protect the connection, as these settings ask (reads the CA file).
+    pub fn security(&self) -> Result<copilot_xmpp::Security, copilot_xmpp::TrustError> {
+        copilot_xmpp::Security::from_config(
+            self.ca.as_deref(),
+            self.ca_pem.as_deref(),
+            self.insecure_loopback,
+            None,
+        )
+    }
 }
 
 /// The HTTP storage service and API.
@@ -194,6 +212,12 @@ struct RawXmpp {
     password: Option<String>,
     #[serde(default = "default_server")]
     server: String,
+    #[serde(default)]
+    ca: Option<PathBuf>,
+    #[serde(default)]
+    ca_pem: Option<String>,
+    #[serde(default)]
+    insecure_loopback: bool,
 }
 
 #[derive(Deserialize)]
@@ -348,6 +372,9 @@ impl ManagerConfig {
                 jid: raw.xmpp.jid,
                 password,
                 server: raw.xmpp.server,
+                ca: raw.xmpp.ca.map(|ca| base.join(ca)),
+                ca_pem: raw.xmpp.ca_pem,
+                insecure_loopback: raw.xmpp.insecure_loopback,
             },
             http,
             jobs: raw.jobs,
@@ -370,6 +397,9 @@ impl ManagerConfig {
         if !self.xmpp.server.contains(':') {
             return Err(invalid("xmpp.server", "must be host:port"));
         }
+        self.xmpp
+            .security()
+            .map_err(|e| invalid("xmpp", e.to_string()))?;
         let url = &self.http.public_url;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(invalid(
@@ -420,6 +450,9 @@ impl ManagerConfig {
                 jid: "m@localhost".into(),
                 password: "pw".into(),
                 server: "127.0.0.1:5222".into(),
+                ca: None,
+                ca_pem: None,
+                insecure_loopback: true,
             },
             http: HttpConfig {
                 listen,
@@ -442,7 +475,7 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str =
-        "api_token = \"secret-token\"\n[xmpp]\njid = \"manager@localhost\"\npassword = \"pw\"\n";
+        "api_token = \"secret-token\"\n[xmpp]\ninsecure_loopback = true\njid = \"manager@localhost\"\npassword = \"pw\"\n";
 
     fn no_env(_: &str) -> Option<String> {
         None
@@ -462,7 +495,19 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("api-token"), "a-token-from-a-file").unwrap();
-        let c = ManagerConfig::resolve(example, dir.path(), no_env).unwrap();
+        // The example pins /etc/copilot/ca.pem, which this host may not have: a missing CA is
+        // an error at startup; the rest is checked in insecure_loopback mode.
+        let pinned = r#"ca = "/etc/copilot/ca.pem""#;
+        assert!(example.contains(pinned));
+        let err = ManagerConfig::resolve(
+            &example.replace(pinned, r#"ca = "/nonexistent/ca.pem""#),
+            dir.path(),
+            no_env,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        let example = example.replace(pinned, "insecure_loopback = true");
+        let c = ManagerConfig::resolve(&example, dir.path(), no_env).unwrap();
         assert_eq!(c.api_token, "a-token-from-a-file");
         assert_eq!(c.http.public_url, "http://10.0.2.2:8080");
         assert_eq!(c.jobs.max_limits.wall_time, Some(Seconds(24 * 3600)));
@@ -486,6 +531,7 @@ mod tests {
 data_dir = "/tmp/x"
 api_token = "secret-token"
 [xmpp]
+insecure_loopback = true
 jid = "m@h"
 password = "pw"
 server = "127.0.0.1:5333"
@@ -590,7 +636,7 @@ hold = "10s"
 
     #[test]
     fn environment_overrides_token_and_password() {
-        let text = "[xmpp]\njid = \"m@h\"\n";
+        let text = "[xmpp]\ninsecure_loopback = true\njid = \"m@h\"\n";
         assert!(matches!(
             parse(text),
             Err(ConfigError::Missing("api_token", _))
@@ -612,7 +658,7 @@ hold = "10s"
         let cfg = dir.path().join("manager.toml");
         std::fs::write(
             &cfg,
-            "api_token_file = \"token\"\n[xmpp]\njid = \"m@h\"\npassword = \"pw\"\n",
+            "api_token_file = \"token\"\n[xmpp]\ninsecure_loopback = true\njid = \"m@h\"\npassword = \"pw\"\n",
         )
         .unwrap();
         // The process environment may set COPILOT_API_TOKEN; resolve without it.
@@ -653,7 +699,9 @@ hold = "10s"
             })
         ));
         assert!(matches!(
-            parse("api_token = \"secret-token\"\n[xmpp]\njid = \"m@h\"\n"),
+            parse(
+                "api_token = \"secret-token\"\n[xmpp]\ninsecure_loopback = true\njid = \"m@h\"\n"
+            ),
             Err(ConfigError::Missing("xmpp.password", _))
         ));
     }

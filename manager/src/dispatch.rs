@@ -562,7 +562,9 @@ mod tests {
             jid: "m@localhost/manager".into(),
             password: "pw".into(),
             server: "127.0.0.1:1".into(),
-            plaintext_host: None,
+            security: copilot_xmpp::Security::InsecureLoopback {
+                plaintext_host: None,
+            },
         })
         .unwrap();
         (Dispatcher::new(s.shared.clone(), conn.sender()), conn)

@@ -64,6 +64,8 @@ pub enum ManagerError {
     },
     #[error("HTTP service failed: {0}")]
     Http(std::io::Error),
+    #[error("XMPP security settings: {0}")]
+    XmppSecurity(#[from] copilot_xmpp::TrustError),
     #[error("XMPP: {0}")]
     Xmpp(#[from] copilot_xmpp::XmppError),
     #[error(transparent)]
@@ -106,7 +108,7 @@ pub async fn run(
         jid: copilot_protocol::wire::manager_address(&config.xmpp.jid),
         password: config.xmpp.password.clone(),
         server: config.xmpp.server.clone(),
-        plaintext_host: None,
+        security: config.xmpp.security()?,
     })?;
     let shared = Arc::new(Shared::open(config, outputs.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

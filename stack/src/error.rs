@@ -15,6 +15,8 @@ pub enum StackError {
     // The cause is part of the message (not a `source`), so `{e}` alone says everything.
     #[error("{what}: {error}")]
     Io { what: String, error: std::io::Error },
+    #[error("{what} failed: {output}")]
+    Tool { what: String, output: String },
     #[error("no free TCP port on 127.0.0.1 between {low} and {high}")]
     NoFreePort { low: u16, high: u16 },
     #[error("{what} did not become ready within {secs} s; see {log}:\n{tail}")]

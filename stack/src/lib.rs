@@ -1,4 +1,4 @@
-//! A local copilot stack built from real processes: a private Prosody, the manager, agents and
+//! A local copilot stack built from real processes: a private Prosody (TLS with a private CA), the manager, agents and
 //! a private Chirp server, each a supervised child in its own process group. Used by `copilot up`
 //! and by the end-to-end tests. Everything is blocking (std::process, std::net); call it from `spawn_blocking` inside
 //! an async runtime if blocking matters there.
@@ -11,6 +11,7 @@ mod local;
 mod port;
 mod prosody;
 mod supervised;
+mod tls;
 
 pub use chirp::ChirpServer;
 pub use error::StackError;
@@ -19,6 +20,7 @@ pub use local::{default_bin_dir, LocalStack, StackOptions, AGENT_BIN, CLI_BIN};
 pub use port::free_port;
 pub use prosody::{Prosody, XMPP_DOMAIN};
 pub use supervised::Supervised;
+pub use tls::ProjectCa;
 
 /// The name of the user this process runs as (what a Chirp server calls `unix:<name>`).
 pub fn unix_user() -> String {

@@ -144,14 +144,17 @@ impl LocalStack {
             links.as_ref().map_or(http.port(), |l| l.http.port())
         );
         let text = merge_extra(
-            manager_toml(
-                &dir,
-                &prosody.server(),
-                &password,
-                &token,
-                http,
-                &public_url,
-                opts.lease,
+            pin_ca(
+                manager_toml(
+                    &dir,
+                    &prosody.server(),
+                    &password,
+                    &token,
+                    http,
+                    &public_url,
+                    opts.lease,
+                ),
+                prosody.ca_pem(),
             ),
             opts.extra_manager_toml.as_deref(),
             "manager",
@@ -193,6 +196,11 @@ impl LocalStack {
     /// The state dir (absolute).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The CA the XMPP server's certificate chains to (PEM): what clients pin.
+    pub fn ca_pem(&self) -> &str {
+        self.prosody.ca_pem()
     }
 
     /// The XMPP server, e.g. to restart or kill it.
@@ -268,7 +276,10 @@ impl LocalStack {
         let password = random_secret();
         self.prosody.register(name, &password)?;
         merge_extra(
-            agent_toml(name, work_dir, server, &password),
+            pin_ca(
+                agent_toml(name, work_dir, server, &password),
+                self.prosody.ca_pem(),
+            ),
             self.opts.extra_agent_toml.as_deref(),
             "agent",
         )
@@ -462,6 +473,14 @@ fn table<const N: usize>(entries: [(&str, Value); N]) -> Table {
         .collect()
 }
 
+/// `config` with `xmpp.ca_pem` set: the client pins the stack's CA and uses STARTTLS.
+fn pin_ca(mut config: Table, ca_pem: &str) -> Table {
+    if let Some(Value::Table(xmpp)) = config.get_mut("xmpp") {
+        xmpp.insert("ca_pem".into(), Value::from(ca_pem));
+    }
+    config
+}
+
 /// manager.toml per the contract.
 fn manager_toml(
     dir: &Path,
@@ -597,6 +616,12 @@ mod tests {
         let vm = agent_toml("vm-1", None, "10.0.2.2:5222", "pw");
         assert_eq!(vm["xmpp"]["server"].as_str(), Some("10.0.2.2:5222"));
         assert!(vm.get("work_dir").is_none(), "{vm}");
+        let pinned = pin_ca(vm, "-----BEGIN CERTIFICATE-----");
+        assert_eq!(
+            pinned["xmpp"]["ca_pem"].as_str(),
+            Some("-----BEGIN CERTIFICATE-----")
+        );
+        assert_eq!(pinned["xmpp"]["server"].as_str(), Some("10.0.2.2:5222"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `Prosody`: a private XMPP server for one stack. It writes its own config into a state dir,
-//! runs `prosody -F` as a supervised child on a free loopback port, and registers accounts with
-//! `prosodyctl`.
+//! with a private CA and a certificate for its domain ([`ProjectCa`]: clients must use
+//! STARTTLS and pin that CA), runs `prosody -F` as a supervised child on a free loopback port,
+//! and registers accounts with `prosodyctl`.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write as _};
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use crate::error::io;
 use crate::supervised::tail;
-use crate::{free_port, require_tool, StackError, Supervised};
+use crate::{free_port, require_tool, ProjectCa, StackError, Supervised};
 
 /// The XMPP domain of the stack's virtual host.
 pub const XMPP_DOMAIN: &str = "localhost";
@@ -20,12 +21,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long `stop()` waits after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// A private Prosody listening on `127.0.0.1:port()`, plain TCP (loopback only).
+/// A private Prosody listening on `127.0.0.1:port()`, STARTTLS required.
 #[derive(Debug)]
 pub struct Prosody {
     dir: PathBuf,
     config: PathBuf,
     port: u16,
+    ca: ProjectCa,
     process: Option<Supervised>,
 }
 
@@ -41,13 +43,15 @@ impl Prosody {
         }
         let dir = std::fs::canonicalize(dir).map_err(io(format!("resolving {}", dir.display())))?;
         let port = free_port()?;
+        let ca = ProjectCa::create_or_reuse(&dir.join("certs"), XMPP_DOMAIN)?;
         let config = dir.join("prosody.cfg.lua");
-        std::fs::write(&config, config_text(&dir, port))
+        std::fs::write(&config, config_text(&dir, port, &ca))
             .map_err(io(format!("writing {}", config.display())))?;
         let mut p = Prosody {
             dir,
             config,
             port,
+            ca,
             process: None,
         };
         p.launch()?;
@@ -57,6 +61,11 @@ impl Prosody {
     /// The client port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The CA the server's certificate chains to (PEM): what clients pin.
+    pub fn ca_pem(&self) -> &str {
+        self.ca.ca_pem()
     }
 
     /// `127.0.0.1:<port>`, as written into `xmpp.server` of the configs.
@@ -207,8 +216,9 @@ fn lua_str(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// The server config: private files in `dir`, one plain c2s port on loopback, nothing else.
-fn config_text(dir: &Path, port: u16) -> String {
+/// The server config: private files in `dir`, one c2s port on loopback with STARTTLS required
+/// (certificate and key from `ca`), nothing else.
+fn config_text(dir: &Path, port: u16, ca: &ProjectCa) -> String {
     let d = |name: &str| lua_str(&dir.join(name).to_string_lossy());
     let mut c = String::new();
     // Writing to a String cannot fail.
@@ -233,13 +243,13 @@ https_ports = {{ }}
 
 -- No mod_smacks: stream resumption makes tokio-xmpp 6 reconnect in a tight loop after a server
 -- restart, and it delays the offline presence of a killed client. No mod_limits: it throttles.
-modules_enabled = {{ "disco", "roster", "saslauth", "ping", "register", "posix" }}
-modules_disabled = {{ "s2s", "offline", "tls", "limits", "smacks" }}
+modules_enabled = {{ "disco", "roster", "saslauth", "tls", "ping", "register", "posix" }}
+modules_disabled = {{ "s2s", "offline", "limits", "smacks" }}
 
--- Plain TCP and PLAIN auth are allowed because the server listens on 127.0.0.1 only.
--- TLS (a private CA and a leaf certificate for the host) is on the roadmap.
-c2s_require_encryption = false
-allow_unencrypted_plain_auth = true
+-- Clients must use STARTTLS; the certificate chains to the stack's private CA, which they pin.
+ssl = {{ certificate = {cert}; key = {key}; }}
+c2s_require_encryption = true
+allow_unencrypted_plain_auth = false
 authentication = "internal_hashed"
 storage = "internal"
 allow_registration = false
@@ -252,6 +262,8 @@ VirtualHost "{domain}"
         data = d("data"),
         certs = d("certs"),
         log = d("prosody.log"),
+        cert = lua_str(&ca.cert().to_string_lossy()),
+        key = lua_str(&ca.key().to_string_lossy()),
         domain = XMPP_DOMAIN,
     );
     c
@@ -262,8 +274,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_is_loopback_plain_and_private() {
-        let c = config_text(Path::new("/tmp/st\"ate"), 23456);
+    fn config_is_loopback_tls_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ProjectCa::create_or_reuse(dir.path(), XMPP_DOMAIN).unwrap();
+        let c = config_text(Path::new("/tmp/st\"ate"), 23456, &ca);
+        assert!(c.contains("c2s_require_encryption = true"), "{c}");
+        assert!(
+            c.contains(&format!("certificate = \"{}\"", ca.cert().display())),
+            "{c}"
+        );
         assert!(c.contains("c2s_ports = { 23456 }"), "{c}");
         assert!(c.contains("interfaces = { \"127.0.0.1\" }"), "{c}");
         assert!(c.contains("data_path = \"/tmp/st\\\"ate/data\""), "{c}");

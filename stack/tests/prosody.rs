@@ -1,5 +1,5 @@
-//! The private Prosody for real: start, register, log in with SASL PLAIN over the loopback port,
-//! restart on the same port, stop; no server process is left behind.
+//! The private Prosody for real: start, register, refuse plaintext, log in over STARTTLS with
+//! the stack's CA pinned, restart on the same port, stop; no server process is left behind.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -7,29 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use copilot_stack::{Prosody, XMPP_DOMAIN};
+use copilot_xmpp::{Connection, Security, TlsTrust, XmppConfig};
 
-fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Read until `needle` or one of `stops` appears; returns what was read.
+/// Read until one of `any_of` appears; returns what was read.
 fn read_until(s: &mut TcpStream, any_of: &[&str]) -> String {
     let mut got = String::new();
     let mut buf = [0u8; 4096];
@@ -41,9 +21,9 @@ fn read_until(s: &mut TcpStream, any_of: &[&str]) -> String {
     got
 }
 
-/// Open a stream and try SASL PLAIN; true on <success/>, false on <failure/>. A refused
-/// connection fails the test with the server's state and log, so a flaky start can be told apart.
-fn plain_login(p: &mut Prosody, dir: &Path, user: &str, password: &str) -> bool {
+/// The stream features a plaintext client sees. A refused connection fails the test with the
+/// server's state and log, so a flaky start can be told apart.
+fn plaintext_features(p: &mut Prosody, dir: &Path) -> String {
     let mut s = match TcpStream::connect(("127.0.0.1", p.port())) {
         Ok(s) => s,
         Err(e) => panic!(
@@ -60,20 +40,29 @@ fn plain_login(p: &mut Prosody, dir: &Path, user: &str, password: &str) -> bool 
          xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
     )
     .unwrap();
-    let features = read_until(&mut s, &["</stream:features>"]);
-    assert!(features.contains(">PLAIN<"), "{features}");
-    assert!(
-        !features.contains("<required"),
-        "encryption must not be required: {features}"
-    );
-    let creds = base64(format!("\0{user}\0{password}").as_bytes());
-    write!(
-        s,
-        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
-    )
+    read_until(&mut s, &["</stream:features>"])
+}
+
+/// Log in over STARTTLS, pinning the server's CA; true once online, false if not within 5 s
+/// (a refused login is only retried by the client, never reported).
+fn tls_login(p: &Prosody, user: &str, password: &str) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let trust = TlsTrust::from_pem(p.ca_pem().as_bytes()).unwrap();
+    let mut conn = Connection::start(XmppConfig {
+        jid: format!("{user}@{XMPP_DOMAIN}"),
+        password: password.into(),
+        server: p.server(),
+        security: Security::Tls(trust),
+    })
     .unwrap();
-    let answer = read_until(&mut s, &["<success", "<failure"]);
-    answer.contains("<success")
+    let online = rt
+        .block_on(conn.wait_online(Duration::from_secs(5)))
+        .is_ok();
+    conn.shutdown();
+    online
 }
 
 fn running(pid: u32) -> bool {
@@ -101,16 +90,21 @@ fn prosody_starts_registers_restarts_and_stops() {
         return;
     };
     p.register("alice", "w0nderland").unwrap();
-    assert!(plain_login(&mut p, dir.path(), "alice", "w0nderland"));
-    assert!(!plain_login(&mut p, dir.path(), "alice", "wrong"));
+    // Before TLS the server offers STARTTLS, required, and no way to send a password.
+    let features = plaintext_features(&mut p, dir.path());
+    assert!(features.contains("<starttls"), "{features}");
+    assert!(features.contains("<required"), "{features}");
+    assert!(!features.contains("mechanism"), "{features}");
+    assert!(tls_login(&p, "alice", "w0nderland"));
+    assert!(!tls_login(&p, "alice", "wrong"));
 
     let (port, first) = (p.port(), p.pid().unwrap());
     p.restart().unwrap();
     assert_eq!(p.port(), port);
     assert!(!running(first));
     assert!(
-        plain_login(&mut p, dir.path(), "alice", "w0nderland"),
-        "account survives a restart"
+        tls_login(&p, "alice", "w0nderland"),
+        "account and certificate survive a restart"
     );
 
     let second = p.pid().unwrap();

@@ -108,6 +108,13 @@ impl Harness {
         }
     }
 
+    /// XMPP security for an extra client of this stack's server: STARTTLS, its CA pinned.
+    pub fn xmpp_security(&self) -> copilot_xmpp::Security {
+        let trust = copilot_xmpp::TlsTrust::from_pem(self.stack.ca_pem().as_bytes())
+            .expect("the stack's CA is a PEM certificate");
+        copilot_xmpp::Security::Tls(trust)
+    }
+
     /// A scratch path inside the harness's temp dir.
     pub fn path(&self, name: &str) -> PathBuf {
         self.tmp.path().join(name)

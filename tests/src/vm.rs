@@ -98,14 +98,14 @@ pub fn image_or_skip(test: &str) -> Option<&'static Path> {
     }
 }
 
-/// A harness whose manager tells agents its 10.0.2.2 address, and whose agents' configs allow
-/// plaintext XMPP to 10.0.2.2 (the host's loopback, through QEMU), with `top` (top-level
-/// settings) before that.
+/// A harness whose manager tells agents its 10.0.2.2 address (the host's loopback, through
+/// QEMU), with `top` (top-level settings) in its agents' configs. The agents reach Prosody there
+/// too, over STARTTLS with the stack's CA pinned like every agent of the stack.
 pub fn harness(top: &str) -> Harness {
     Harness::start(Setup {
         agents: 0,
         public_host: Some(HOST.into()),
-        agent_toml: Some(format!("{top}[xmpp]\nplaintext_host = \"{HOST}\"\n")),
+        agent_toml: (!top.is_empty()).then(|| top.to_owned()),
         ..Setup::default()
     })
 }
@@ -145,7 +145,24 @@ impl Vm {
         let mut append = String::new();
         let (file, text) = match how {
             Context::AgentToml => (format!("{name}.toml"), config.to_string()),
-            Context::UserData => (format!("{name}.user-data"), user_data(&config)),
+            Context::UserData => {
+                // A tar of user-data and the project CA: a PEM has no place in KEY=VALUE lines.
+                let dir = h.path(&format!("{name}.context"));
+                std::fs::create_dir_all(&dir).expect("a context dir");
+                std::fs::write(dir.join("user-data"), user_data(&config)).expect("user-data");
+                std::fs::write(dir.join("ca.pem"), h.stack.ca_pem()).expect("ca.pem");
+                let tar = h.path(&format!("{name}.context.tar"));
+                let st = Command::new("tar")
+                    .arg("-cf")
+                    .arg(&tar)
+                    .arg("-C")
+                    .arg(&dir)
+                    .args(["user-data", "ca.pem"])
+                    .status()
+                    .expect("running tar");
+                assert!(st.success(), "tar failed");
+                (format!("{name}.context.tar"), String::new())
+            }
             Context::PasswordOnCommandLine => {
                 let xmpp = config["xmpp"].as_table_mut().expect("an [xmpp] table");
                 let password = xmpp.remove("password").expect("a password");
@@ -154,7 +171,9 @@ impl Vm {
             }
         };
         let context = h.path(&file);
-        std::fs::write(&context, text).expect("writing the context");
+        if !text.is_empty() {
+            std::fs::write(&context, text).expect("writing the context");
+        }
         let console = h.path(&format!("{name}.console"));
         let qmp = h.path(&format!("{name}.qmp"));
         let mut cmd = Command::new(workspace().join("scripts/run-vm"));
@@ -278,6 +297,8 @@ fn user_data(config: &toml::Table) -> String {
     let xmpp = config["xmpp"].as_table().expect("an [xmpp] table");
     for (key, value) in config.iter().chain(xmpp) {
         let value = match value {
+            // The CA travels as ca.pem beside the user-data.
+            toml::Value::String(_) if key == "ca_pem" => continue,
             toml::Value::String(s) => s.clone(),
             toml::Value::Table(_) => continue,
             other => other.to_string(),

@@ -19,6 +19,8 @@ use copilot_protocol::{JobId, JobState, Sha256};
 use copilot_stack::LocalStack;
 use copilot_tests::{Harness, Setup};
 use copilot_xmpp::{Connection, Element, IqKind, XmppConfig, XmppError};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::{ClientConnection, StreamOwned};
 
 const ROGUE: &str = "rogue";
 const ROGUE_PASSWORD: &str = "rogue-password-1";
@@ -47,6 +49,7 @@ struct Rogue {
 impl Rogue {
     fn connect(h: &mut Harness) -> Rogue {
         let server = register_rogue(h);
+        let security = h.xmpp_security();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -55,7 +58,7 @@ impl Rogue {
             jid: format!("{ROGUE}@localhost"),
             password: ROGUE_PASSWORD.into(),
             server,
-            plaintext_host: None,
+            security,
         })
         .unwrap();
         rt.block_on(conn.wait_online(ANSWER))
@@ -149,23 +152,36 @@ fn files(n: usize) -> String {
         .collect()
 }
 
-/// A bare-hands XMPP client (plain TCP, SASL PLAIN, bind) that sends stanza text as is: for
-/// stanzas a well-behaved XMPP library will not produce, e.g. nesting deep enough to overflow a
-/// recursive serializer.
+/// A bare-hands XMPP client (STARTTLS with the stack's CA pinned, SASL PLAIN, bind) that sends
+/// stanza text as is: for stanzas a well-behaved XMPP library will not produce, e.g. nesting
+/// deep enough to overflow a recursive serializer.
 struct RawClient {
-    tcp: TcpStream,
+    tcp: Box<dyn ReadWrite>,
     inbox: String,
 }
 
+/// A byte stream: plain TCP until STARTTLS, TLS after.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
 impl RawClient {
-    fn connect(server: &str, user: &str, password: &str) -> RawClient {
+    fn connect(h: &Harness, server: &str, user: &str, password: &str) -> RawClient {
         let tcp = TcpStream::connect(server).unwrap();
         tcp.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let mut c = RawClient {
-            tcp,
+            tcp: Box::new(tcp.try_clone().unwrap()),
             inbox: String::new(),
         };
+        c.open_stream();
+        c.read_until("</stream:features>").unwrap();
+        c.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+        c.read_until("<proceed").unwrap();
+        c.read_until(">").unwrap();
+        let trust = copilot_xmpp::TlsTrust::from_pem(h.stack.ca_pem().as_bytes()).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let tls = ClientConnection::new(trust.client_config(), name).unwrap();
+        c.tcp = Box::new(StreamOwned::new(tls, tcp));
         c.open_stream();
         c.read_until("</stream:features>").unwrap();
         let plain = base64(format!("\0{user}\0{password}").as_bytes());
@@ -336,7 +352,7 @@ fn ping_until_answered(
 /// logs why, logs in again and keeps serving.
 fn manager_survives_deep_payloads(h: &mut Harness) {
     let server = register_rogue(h);
-    let mut raw = RawClient::connect(&server, ROGUE, ROGUE_PASSWORD);
+    let mut raw = RawClient::connect(h, &server, ROGUE, ROGUE_PASSWORD);
     let manager = manager_address("manager@localhost");
     for depth in DEPTHS {
         let xml = done_xml(ROGUE, 1, 1, &nested(depth));
@@ -360,7 +376,7 @@ fn manager_survives_deep_payloads(h: &mut Harness) {
 /// keeps running.
 fn agent_survives_deep_messages(h: &mut Harness) {
     let server = register_rogue(h);
-    let mut raw = RawClient::connect(&server, ROGUE, ROGUE_PASSWORD);
+    let mut raw = RawClient::connect(h, &server, ROGUE, ROGUE_PASSWORD);
     let agent_log = || {
         std::fs::read_to_string(h.stack.dir().join("logs").join("agent-1.log")).unwrap_or_default()
     };

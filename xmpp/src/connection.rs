@@ -18,7 +18,7 @@ use tokio_xmpp::xmlstream::Timeouts;
 use tokio_xmpp::{Client, Event, Stanza};
 use tracing::{debug, info, warn};
 
-use crate::connector::LoopbackConnector;
+use crate::connector::{Connector, Security};
 
 /// How to reach and log in to the XMPP server.
 #[derive(Clone, Debug)]
@@ -29,10 +29,8 @@ pub struct XmppConfig {
     pub password: String,
     /// `host:port` of the server's client port.
     pub server: String,
-    /// Besides loopback, the one address plaintext XMPP may go to: the host's loopback as a
-    /// VM under QEMU's or VirtualBox's user networking reaches it (10.0.2.2). `None`:
-    /// loopback only.
-    pub plaintext_host: Option<std::net::IpAddr>,
+    /// STARTTLS with a pinned CA, or plaintext to loopback only.
+    pub security: Security,
 }
 
 /// The kind of an IQ request.
@@ -72,7 +70,11 @@ pub enum XmppError {
     Closed,
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    #[error("not logged in after {0:?}: check the server address, the JID and the password")]
+    #[error(
+        "not logged in after {0:?}: check the server address, the JID, the password and the TLS \
+         settings (the log says what failed; a server that requires STARTTLS offers an \
+         insecure_loopback client no way to log in)"
+    )]
     NotOnline(Duration),
     #[error("the peer answered with an error ({condition}){}", problem.as_ref().map(|p| format!(": {} {}", p.code.as_str(), p.text)).unwrap_or_default())]
     Remote {
@@ -385,7 +387,7 @@ async fn worker(
     let mut client = Client::new_with_connector(
         jid,
         config.password,
-        LoopbackConnector::new(config.server, config.plaintext_host),
+        Connector::new(config.server, config.security),
         Timeouts::tight(),
     );
     let mut pending: HashMap<String, ReplySlot> = HashMap::new();

@@ -115,6 +115,11 @@ impl<S> DepthGuard<S> {
             counter: DepthCounter::new(MAX_STREAM_DEPTH),
         }
     }
+
+    /// The guarded stream.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for DepthGuard<S> {

@@ -136,12 +136,19 @@ struct Client {
     jid: String,
 }
 
-async fn login(server: &str, user: &str) -> Result<Client> {
+/// The benchmark's XMPP server: its address and the CA its certificate chains to.
+struct Xmpp {
+    server: String,
+    ca_pem: String,
+}
+
+async fn login(xmpp: &Xmpp, user: &str) -> Result<Client> {
+    let trust = copilot_xmpp::TlsTrust::from_pem(xmpp.ca_pem.as_bytes())?;
     let mut conn = Connection::start(XmppConfig {
         jid: format!("{user}@{XMPP_DOMAIN}"),
         password: PASSWORD.into(),
-        server: server.into(),
-        plaintext_host: None,
+        server: xmpp.server.clone(),
+        security: copilot_xmpp::Security::Tls(trust),
     })?;
     let jid = conn
         .wait_online(LOGIN_TIMEOUT)
@@ -196,13 +203,13 @@ fn spawn_echo(
 /// every agent account to B in parallel.
 async fn raw_xmpp(
     args: &Args,
-    server: &str,
+    xmpp: &Xmpp,
     agents: &[Client],
     probe: &CpuProbe,
     deadline: Duration,
 ) -> Result<Vec<Row>> {
-    let a = login(server, "bench-a").await?;
-    let b = login(server, "bench-b").await?;
+    let a = login(xmpp, "bench-a").await?;
+    let b = login(xmpp, "bench-b").await?;
     let all_in = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let echo = spawn_echo(b.conn, args.messages, all_in.clone(), stop_rx);
@@ -498,7 +505,7 @@ async fn job_counts(
 /// No-op jobs through an in-process manager and simulated agents.
 async fn simulated(
     args: &Args,
-    server: &str,
+    xmpp: &Xmpp,
     agents: &[Client],
     probe: &CpuProbe,
     deadline: Duration,
@@ -508,8 +515,11 @@ async fn simulated(
     let config = ManagerConfig::from_toml(&format!(
         "data_dir = '{}'\napi_token = 'bench-api-token'\n\
          [xmpp]\njid = 'manager@{XMPP_DOMAIN}'\npassword = '{PASSWORD}'\nserver = '{server}'\n\
+         ca_pem = '''{ca_pem}'''\n\
          [http]\nlisten = '127.0.0.1:{port}'\n",
-        data.path().display()
+        data.path().display(),
+        server = xmpp.server,
+        ca_pem = xmpp.ca_pem,
     ))?;
     let token = config.api_token.clone();
     let manager = manager_address(&config.xmpp.jid);
@@ -777,7 +787,11 @@ async fn run(args: Args) -> Result<()> {
     let deadline = Duration::from_secs(args.timeout);
     let dir = tempfile::tempdir()?;
     let prosody = Prosody::start(&dir.path().join("prosody"))?;
-    let server = prosody.server();
+    let xmpp = Xmpp {
+        server: prosody.server(),
+        ca_pem: prosody.ca_pem().to_owned(),
+    };
+    let server = &xmpp.server;
     let agent_users: Vec<String> = (0..args.agents).map(|i| format!("sim-{i}")).collect();
     let mut users = vec!["bench-a".into(), "bench-b".into(), "manager".into()];
     users.extend(agent_users.iter().cloned());
@@ -790,16 +804,16 @@ async fn run(args: Args) -> Result<()> {
     );
     let mut agents = Vec::with_capacity(args.agents);
     for u in &agent_users {
-        agents.push(login(&server, u).await?);
+        agents.push(login(&xmpp, u).await?);
     }
 
     let probe = CpuProbe::new(
         prosody.pid().map(|p| ("prosody", p)).into_iter().collect(),
         true,
     );
-    let mut rows = raw_xmpp(&args, &server, &agents, &probe, deadline).await?;
+    let mut rows = raw_xmpp(&args, &xmpp, &agents, &probe, deadline).await?;
     let raw_rate = rows[0].rate();
-    let (jobs, submit, stanzas) = simulated(&args, &server, &agents, &probe, deadline).await?;
+    let (jobs, submit, stanzas) = simulated(&args, &xmpp, &agents, &probe, deadline).await?;
     let ratio = jobs.rate() / raw_rate;
     rows.push(jobs);
     rows.push(submit);
