@@ -421,7 +421,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let work_dir = root.path().join("work");
         let mut cfg =
-            AgentConfig::from_toml("[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n").unwrap();
+            AgentConfig::from_toml(
+                "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n[trust]\ninsecure_unsigned_jobs = true\n",
+            )
+            .unwrap();
         cfg.work_dir = work_dir.clone();
         cfg.transfer = settings();
         let exec = Executor::new(&cfg).unwrap();
@@ -447,6 +450,7 @@ mod tests {
             network: true,
             upload_url: format!("{}/outputs/17/2", server.base),
             upload_token: "tok".into(),
+            seal: None,
         }
     }
 
@@ -471,7 +475,10 @@ mod tests {
             std::fs::create_dir(s.work_dir.join(name)).unwrap();
         }
         let mut cfg =
-            AgentConfig::from_toml("[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n").unwrap();
+            AgentConfig::from_toml(
+                "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n[trust]\ninsecure_unsigned_jobs = true\n",
+            )
+            .unwrap();
         cfg.work_dir = s.work_dir.clone();
         Executor::new(&cfg).unwrap();
         let mut left: Vec<String> = std::fs::read_dir(&s.work_dir)

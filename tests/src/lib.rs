@@ -60,6 +60,8 @@ pub struct Setup {
     pub agent_toml: Option<String>,
     /// The host in the manager's `public_url` (default 127.0.0.1; 10.0.2.2 for a VM).
     pub public_host: Option<String>,
+    /// Whether the stack signs its work (the default; see `StackOptions::signed`).
+    pub signed: bool,
 }
 
 impl Default for Setup {
@@ -70,6 +72,7 @@ impl Default for Setup {
             manager_toml: None,
             agent_toml: None,
             public_host: None,
+            signed: true,
         }
     }
 }
@@ -87,6 +90,7 @@ impl Harness {
         opts.extra_manager_toml = setup.manager_toml;
         opts.extra_agent_toml = setup.agent_toml;
         opts.public_host = setup.public_host;
+        opts.signed = setup.signed;
         let stack = LocalStack::start(opts).unwrap_or_else(|e| panic!("starting the stack: {e}"));
         stack
             .wait_agents_online(setup.agents, Duration::from_secs(30))

@@ -65,8 +65,9 @@ fn rig_with(
         .register("boinc-agent", password)
         .expect("registering the agent's account");
     let agent_toml = format!(
-        "[xmpp]\njid = \"boinc-agent@{XMPP_DOMAIN}\"\npassword = \"{password}\"\nserver = \"{}\"\nmanager = \"manager@{XMPP_DOMAIN}\"\n",
-        h.stack.prosody().server()
+        "[xmpp]\njid = \"boinc-agent@{XMPP_DOMAIN}\"\npassword = \"{password}\"\nserver = \"{}\"\nmanager = \"manager@{XMPP_DOMAIN}\"\n{}",
+        h.stack.prosody().server(),
+        h.stack.agent_trust_toml()
     );
     let bins = bin_dir();
     assert!(
