@@ -9,8 +9,8 @@
 # setting SOURCE KEY VALUE: records one KEY=VALUE for the agent's environment.
 setting() {
     case "$2" in
-    name | jid | password | server | manager | slots | idle_timeout | ca | insecure_loopback | plaintext_host) ;;
-    *) fail "$1: unknown setting '$2' (known: name jid password server manager slots idle_timeout ca insecure_loopback plaintext_host)" ;;
+    name | jid | password | server | manager | manager_key | slots | idle_timeout | ca | insecure_loopback | plaintext_host) ;;
+    *) fail "$1: unknown setting '$2' (known: name jid password server manager manager_key slots idle_timeout ca insecure_loopback plaintext_host)" ;;
     esac
     case "$3" in
     *[![:print:]]*) fail "$1: the value of $2 has control characters" ;;

@@ -2,6 +2,7 @@
 //! A thin layer over the modules: argument parsing, settings, and error reporting.
 
 mod client;
+mod keygen;
 mod results;
 mod settings;
 mod submit;
@@ -138,6 +139,16 @@ enum Command {
     Agents,
     /// Print a link that logs a browser in to the manager's web dashboard (valid 12 hours)
     Dashboard,
+    /// Create the project's signing key pair: the manager signs assignments with the private
+    /// key, agents verify them with the public key (prints the agent config's lines)
+    Keygen {
+        /// Directory for manager.key (private, mode 0600) and manager.pub (created if missing)
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing key pair
+        #[arg(long)]
+        force: bool,
+    },
     /// Run a local stack (Prosody, manager, agents) in the foreground until Ctrl-C
     Up {
         /// State dir (configs, logs, databases)
@@ -307,6 +318,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!(
                     "open it in a browser: it logs you in for a week (the link works for 12 hours)"
                 );
+            }
+        }
+        Command::Keygen { out, force } => {
+            let pair = keygen::keygen(out, *force)?;
+            if json {
+                print_json(&serde_json::json!({
+                    "private_key": pair.private_key,
+                    "public_key_file": pair.public_key_file,
+                    "public_key": pair.public_key.to_string(),
+                }))?;
+            } else {
+                eprintln!(
+                    "wrote {} (keep it on the manager: [trust] signing_key in manager.toml) and {}",
+                    pair.private_key.display(),
+                    pair.public_key_file.display()
+                );
+                eprintln!("every agent's config needs:");
+                out!("[trust]\nmanager_key = \"{}\"", pair.public_key)?;
             }
         }
         Command::Up { dir, agents, lease } => {

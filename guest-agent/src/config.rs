@@ -4,12 +4,18 @@
 //! also come from the environment. Unknown fields are errors. Environment variables override
 //! the file: `COPILOT_AGENT_NAME`, `COPILOT_AGENT_JID`, `COPILOT_AGENT_PASSWORD`,
 //! `COPILOT_AGENT_SERVER`, `COPILOT_AGENT_MANAGER`, `COPILOT_AGENT_WORK_DIR`,
-//! `COPILOT_AGENT_SLOTS`, `COPILOT_AGENT_IDLE_TIMEOUT`, `COPILOT_AGENT_PLAINTEXT_HOST`.
+//! `COPILOT_AGENT_SLOTS`, `COPILOT_AGENT_IDLE_TIMEOUT`, `COPILOT_AGENT_PLAINTEXT_HOST`,
+//! `COPILOT_AGENT_MANAGER_KEY`.
+//!
+//! `[trust]` says whose assignments the agent acts on: those signed with the private half of
+//! `manager_key`. Without one, the agent refuses to start unless `insecure_unsigned_jobs` says
+//! that any assignment will do (development only).
 
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use copilot_protocol::signing::PublicKey;
 use copilot_protocol::units::{Bytes, Seconds};
 use copilot_protocol::Limits;
 use copilot_xmpp::{Security, TrustError};
@@ -75,6 +81,22 @@ pub struct AgentConfig {
     /// The local status page (off unless `status.listen` is set).
     #[serde(default)]
     pub status: StatusSettings,
+    /// Whose assignments the agent acts on.
+    #[serde(default)]
+    pub trust: TrustSettings,
+}
+
+/// `[trust]`: the key that must have signed every assignment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSettings {
+    /// The project's public key in base64 (`copilot keygen` prints it).
+    #[serde(default)]
+    pub manager_key: Option<PublicKey>,
+    /// Act on unsigned assignments (and do not check signatures): for development only, as
+    /// anyone who can send this agent XMPP stanzas as its manager can then run code on it.
+    #[serde(default)]
+    pub insecure_unsigned_jobs: bool,
 }
 
 /// Who the agent computes for, as the BOINC wrapper writes it.
@@ -377,6 +399,15 @@ impl AgentConfig {
                     })?;
             self.idle_timeout = Some(t);
         }
+        if let Some(v) = env("COPILOT_AGENT_MANAGER_KEY") {
+            let key = v
+                .parse()
+                .map_err(|e: copilot_protocol::signing::KeyError| ConfigError::Env {
+                    var: "COPILOT_AGENT_MANAGER_KEY",
+                    reason: e.to_string(),
+                })?;
+            self.trust.manager_key = Some(key);
+        }
         if let Some(v) = env("COPILOT_AGENT_PLAINTEXT_HOST") {
             let ip = v.trim().parse().map_err(|_| ConfigError::Env {
                 var: "COPILOT_AGENT_PLAINTEXT_HOST",
@@ -452,6 +483,22 @@ impl AgentConfig {
                 )));
             }
         }
+        match (&self.trust.manager_key, self.trust.insecure_unsigned_jobs) {
+            (None, false) => {
+                return Err(ConfigError::Invalid(
+                    "trust.manager_key is not set: give the project's public key (`copilot \
+                     keygen` prints it; or COPILOT_AGENT_MANAGER_KEY), or, for development \
+                     only, set trust.insecure_unsigned_jobs = true"
+                        .into(),
+                ))
+            }
+            (Some(_), true) => {
+                return Err(ConfigError::Invalid(
+                    "give trust.manager_key or trust.insecure_unsigned_jobs, not both".into(),
+                ))
+            }
+            _ => {}
+        }
         if self.sandbox.base_uid == 0 {
             return Err(ConfigError::Invalid(
                 "sandbox.base_uid must not be 0 (root)".into(),
@@ -467,7 +514,45 @@ mod tests {
 
     use super::*;
 
-    use crate::testutil::CONFIG as MINIMAL;
+    /// RFC 8032's first test key.
+    const KEY: &str = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+    const MINIMAL: &str =
+        "trust = { manager_key = \"11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\" }\n\
+                           [xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\ninsecure_loopback = true\n";
+    const ACCOUNT: &str =
+        "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\ninsecure_loopback = true\n";
+
+    #[test]
+    fn the_agent_trusts_one_key_or_explicitly_none() {
+        let cfg = AgentConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(cfg.trust.manager_key, Some(KEY.parse().unwrap()));
+        assert!(!cfg.trust.insecure_unsigned_jobs);
+        let err = AgentConfig::from_toml(ACCOUNT).unwrap_err();
+        assert!(
+            err.to_string().contains("trust.manager_key is not set"),
+            "{err}"
+        );
+        let dev = AgentConfig::from_toml(&format!(
+            "{ACCOUNT}[trust]\ninsecure_unsigned_jobs = true\n"
+        ))
+        .unwrap();
+        assert_eq!(dev.trust.manager_key, None);
+        let both = format!("{MINIMAL}[trust]\ninsecure_unsigned_jobs = true\n");
+        assert!(AgentConfig::from_toml(&both).is_err());
+        let both = format!(
+            "trust = {{ manager_key = \"{KEY}\", insecure_unsigned_jobs = true }}\n{ACCOUNT}"
+        );
+        let err = AgentConfig::from_toml(&both).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let err = AgentConfig::from_toml(&format!("{ACCOUNT}[trust]\nmanager_key = \"AAAA\"\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("public key"), "{err}");
+        let from_env = AgentConfig::from_toml_with_env(ACCOUNT, |v| {
+            (v == "COPILOT_AGENT_MANAGER_KEY").then(|| KEY.to_string())
+        })
+        .unwrap();
+        assert_eq!(from_env.trust.manager_key, cfg.trust.manager_key);
+    }
 
     #[test]
     fn the_status_page_listens_on_loopback_only() {
@@ -536,6 +621,7 @@ name = "agent-1"
 work_dir = "/tmp/agent"
 slots = 2
 idle_timeout = "5m"
+trust = { manager_key = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=" }
 [xmpp]
 jid = "agent-1@localhost"
 password = "pw"
@@ -611,6 +697,7 @@ max_input_size = "1MiB"
             "COPILOT_AGENT_SLOTS",
             "COPILOT_AGENT_IDLE_TIMEOUT",
             "COPILOT_AGENT_PLAINTEXT_HOST",
+            "COPILOT_AGENT_MANAGER_KEY",
         ] {
             let err = AgentConfig::from_toml_with_env(MINIMAL, |v| {
                 (v == var).then(|| "many".to_string())

@@ -446,6 +446,7 @@ mod tests {
             network: true,
             upload_url: format!("{}/outputs/17/2", server.base),
             upload_token: "tok".into(),
+            seal: None,
         }
     }
 

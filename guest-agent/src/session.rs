@@ -4,6 +4,11 @@
 //! backoff and jitter; a report is the same bytes every time, so the manager deduplicates it.
 //! Nothing a job does can end the session: a panicking worker is restarted.
 //!
+//! Every assignment passes the [`Gate`] before anything of it is staged or run: one that is
+//! unsigned, badly signed, for another agent, expired or replayed is reported to the manager
+//! as refused (outcome `refused`, with the reason), logged (rate-limited: whoever can forge
+//! stanzas can provoke it), and the worker asks again after a growing pause.
+//!
 //! Draining (at the config's `drain_at`, or when `run`'s `drain` future resolves, which `main`
 //! ties to SIGUSR1): workers ask for no new job, finish and report the one they run (asking for
 //! no next one), and the session ends once all are idle. A job that was being assigned just then
@@ -17,16 +22,19 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use copilot_protocol::signing::{bare_jid, Recipient};
 use copilot_protocol::wire::{
-    Assignment, DoneReport, ErrorCode, Next, Payload, Phase, Progress, WorkRequest,
+    Assignment, DoneReport, ErrorCode, Next, Outcome, Payload, Phase, Progress, Refusal,
+    WorkRequest,
 };
-use copilot_xmpp::{Connection, Incoming, IqKind, Sender, XmppConfig, XmppError};
+use copilot_xmpp::{Connection, Incoming, IqKind, LogLimiter, Sender, XmppConfig, XmppError};
 use rand::Rng;
 use tracing::{debug, error, info, warn};
 
 use crate::config::AgentConfig;
 use crate::executor::Executor;
 use crate::status::Board;
+use crate::trust::Gate;
 
 /// How long the manager may hold a work request while its queue is empty.
 const HOLD_SECS: u32 = 20;
@@ -90,9 +98,60 @@ struct Link {
     volunteer: Option<copilot_protocol::wire::Volunteer>,
     /// What the local status page shows.
     board: Arc<Board>,
+    /// Which assignments may be acted on.
+    gate: Gate,
+    /// This agent's bare JID as the server bound it: assignments are signed for it.
+    jid: Mutex<String>,
+    /// Refused assignments are logged at most this often.
+    refusal_log: Mutex<LogLimiter>,
 }
 
 impl Link {
+    /// Whether this agent may act on `job` now.
+    fn admit(&self, job: &Assignment) -> Result<(), Refusal> {
+        let jid = self.jid.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let me = Recipient {
+            agent: &self.agent,
+            jid: &jid,
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.gate.admit(job, &me, now)
+    }
+
+    /// Log a refused assignment (rate-limited) and tell the manager, without asking for more.
+    async fn refuse(&self, job: &Assignment, why: Refusal) {
+        {
+            let mut log = self.refusal_log.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(suppressed) = log.check(std::time::Instant::now()) {
+                if suppressed > 0 {
+                    warn!("{suppressed} more refused assignments were not logged");
+                }
+                warn!(
+                    job = job.job,
+                    attempt = job.attempt,
+                    reason = why.as_str(),
+                    "assignment refused, nothing of it staged or run: {}",
+                    why.describe()
+                );
+            }
+        }
+        let report = DoneReport {
+            agent: self.agent.clone(),
+            job: job.job,
+            attempt: job.attempt,
+            outcome: Outcome::Refused(why),
+            timings: Default::default(),
+            archive: None,
+            files: Vec::new(),
+            sandbox: Default::default(),
+            volunteer: self.volunteer.clone(),
+            want_more: false,
+        };
+        self.report(&report).await;
+    }
+
     async fn ask(
         &self,
         kind: IqKind,
@@ -310,6 +369,9 @@ async fn worker(
     mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut next: Option<Assignment> = None;
+    // Grows with each refused assignment in a row: a manager with the wrong key, or a forger,
+    // is not answered at full speed.
+    let mut refusals = Backoff::new();
     loop {
         let job = match next.take() {
             Some(j) => j,
@@ -323,6 +385,12 @@ async fn worker(
                 }
             }
         };
+        if let Err(why) = link.admit(&job) {
+            link.refuse(&job, why).await;
+            refusals.wait().await;
+            continue;
+        }
+        refusals.reset();
         // No await between the assignment and this: the slot never looks idle with a job.
         let busy = Busy::new(&busy_slots);
         let mut report = run_job(&link, &executor, &job, slot).await;
@@ -393,7 +461,13 @@ pub async fn run(
         manager_gone: tokio::sync::watch::Sender::new(0),
         volunteer: config.volunteer.as_ref().map(|v| v.to_wire()),
         board,
+        gate: Gate::new(config.trust.manager_key),
+        jid: Mutex::new(bare_jid(&jid).to_owned()),
+        refusal_log: Mutex::new(LogLimiter::new(10, Duration::from_secs(60))),
     });
+    if config.trust.manager_key.is_none() {
+        warn!("trust.insecure_unsigned_jobs: acting on unsigned assignments (development only)");
+    }
     link.xmpp.presence(Some(&link.manager), true)?;
 
     let draining = tokio::sync::watch::Sender::new(false);
@@ -446,6 +520,7 @@ pub async fn run(
                 }
                 Some(Incoming::Online { jid }) => {
                     info!(%jid, "online again");
+                    *link.jid.lock().unwrap_or_else(|p| p.into_inner()) = bare_jid(&jid).to_owned();
                     link.board.link("online");
                     if let Err(e) = link.xmpp.presence(Some(&link.manager), true) {
                         warn!("cannot send presence: {e}");

@@ -299,6 +299,7 @@ mod tests {
             network: true,
             upload_url: "http://127.0.0.1:1/outputs/1/1".into(),
             upload_token: "secret".into(),
+            seal: None,
         }
     }
 

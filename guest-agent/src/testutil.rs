@@ -10,6 +10,6 @@ pub fn settings() -> crate::config::TransferSettings {
     }
 }
 
-/// The smallest valid agent config: an account on a loopback server.
-pub(crate) const CONFIG: &str =
-    "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\ninsecure_loopback = true\n";
+/// The smallest valid agent config: an account on a loopback server, unsigned work.
+pub(crate) const CONFIG: &str = "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\n\
+                                 insecure_loopback = true\n[trust]\ninsecure_unsigned_jobs = true\n";

@@ -1,11 +1,14 @@
 //! The manager's configuration: `manager.toml` (see the contract / docs), its defaults, the
 //! environment overrides `COPILOT_MANAGER_PASSWORD` and `COPILOT_API_TOKEN`, and `api_token_file`.
-//! Everything is checked when loaded, so the rest of the manager can trust the values.
+//! Everything is checked when loaded, so the rest of the manager can trust the values; the
+//! signing key (`[trust] signing_key`) is read then too, and refused if others may read it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use copilot_protocol::job::MAX_RETRIES;
+use copilot_protocol::signing::SigningKey;
 use copilot_protocol::units::{Bytes, Seconds};
 use copilot_protocol::Limits;
 use serde::Deserialize;
@@ -103,6 +106,9 @@ pub struct JobsConfig {
     pub retry_after: Seconds,
     /// Longest a work request is held waiting for work.
     pub hold: Seconds,
+    /// How long after it is sent an assignment's signature stays valid: agents refuse it
+    /// later (their clocks must not run ahead of the manager's by more).
+    pub assignment_ttl: Seconds,
     /// The most a job may ask for in its `[limits]`.
     pub max_limits: MaxLimits,
 }
@@ -186,6 +192,7 @@ impl Default for JobsConfig {
             max_input_size: Bytes(1 << 30),
             retry_after: Seconds(5),
             hold: Seconds(20),
+            assignment_ttl: Seconds(15 * 60),
             max_limits: MaxLimits::default(),
         }
     }
@@ -202,6 +209,18 @@ pub struct ManagerConfig {
     pub http: HttpConfig,
     pub jobs: JobsConfig,
     pub outputs: OutputsConfig,
+    /// The project's private key, which signs every assignment (`[trust] signing_key`). None:
+    /// assignments go out unsigned, and only agents configured for unsigned work take them.
+    pub signing_key: Option<Arc<SigningKey>>,
+}
+
+/// `[trust]`: the key that signs assignments.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrust {
+    /// PKCS#8 PEM file (`copilot keygen` writes one), relative to the config file; mode 0600.
+    #[serde(default)]
+    signing_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -236,6 +255,8 @@ struct RawConfig {
     jobs: JobsConfig,
     #[serde(default)]
     outputs: OutputsConfig,
+    #[serde(default)]
+    trust: RawTrust,
 }
 
 /// Where output archives go (`[outputs]`).
@@ -283,6 +304,29 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
         field,
         reason: reason.into(),
     }
+}
+
+/// Read the signing key at `path`: a PKCS#8 PEM Ed25519 key that only its owner may read.
+pub fn load_signing_key(path: &Path) -> Result<SigningKey, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let read = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mode = std::fs::metadata(path).map_err(read)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(invalid(
+            "trust.signing_key",
+            format!(
+                "{} has mode {mode:03o}: others may read the project's private key \
+                 (chmod 600 it)",
+                path.display()
+            ),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    SigningKey::from_pem(&text)
+        .map_err(|e| invalid("trust.signing_key", format!("{}: {e}", path.display())))
 }
 
 impl OutputsConfig {
@@ -365,7 +409,13 @@ impl ManagerConfig {
             http.public_url = format!("http://{}", http.listen);
         }
         http.public_url = http.public_url.trim_end_matches('/').to_owned();
+        let signing_key = raw
+            .trust
+            .signing_key
+            .map(|file| load_signing_key(&base.join(file)).map(Arc::new))
+            .transpose()?;
         let config = ManagerConfig {
+            signing_key,
             data_dir: raw.data_dir,
             api_token,
             xmpp: XmppConfig {
@@ -429,6 +479,9 @@ impl ManagerConfig {
         if j.hold >= j.lease {
             return Err(invalid("jobs.hold", "must be shorter than jobs.lease"));
         }
+        if j.assignment_ttl.0 < 10 {
+            return Err(invalid("jobs.assignment_ttl", "must be at least 10s"));
+        }
         if let Some(url) = &self.outputs.chirp {
             let parsed = url
                 .parse()
@@ -461,6 +514,7 @@ impl ManagerConfig {
             },
             jobs: JobsConfig::default(),
             outputs: OutputsConfig::default(),
+            signing_key: None,
         }
     }
 
@@ -486,6 +540,33 @@ mod tests {
     }
 
     #[test]
+    fn the_signing_key_is_read_relative_to_the_config_and_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (key, pem) = SigningKey::generate().unwrap();
+        let file = dir.path().join("manager.key");
+        std::fs::write(&file, pem).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = format!("{MINIMAL}[trust]\nsigning_key = \"manager.key\"\n");
+        let c = ManagerConfig::resolve(&text, dir.path(), no_env).unwrap();
+        assert_eq!(
+            c.signing_key.as_ref().map(|k| k.public_key()),
+            Some(key.public_key())
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = ManagerConfig::resolve(&text, dir.path(), no_env).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::write(&file, "not a key").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = ManagerConfig::resolve(&text, dir.path(), no_env).unwrap_err();
+        assert!(err.to_string().contains("trust.signing_key"), "{err}");
+        let missing = format!("{MINIMAL}[trust]\nsigning_key = \"nowhere.key\"\n");
+        let err = ManagerConfig::resolve(&missing, dir.path(), no_env).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        assert!(parse(MINIMAL).unwrap().signing_key.is_none());
+    }
+
+    #[test]
     fn the_documented_example_is_valid() {
         let doc = include_str!("../../docs/CONFIG.md");
         let example = doc
@@ -493,8 +574,12 @@ mod tests {
             .nth(1)
             .and_then(|s| s.split("```").next())
             .unwrap();
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("api-token"), "a-token-from-a-file").unwrap();
+        let key = dir.path().join("manager.key");
+        std::fs::write(&key, SigningKey::generate().unwrap().1).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         // The example pins /etc/copilot/ca.pem, which this host may not have: a missing CA is
         // an error at startup; the rest is checked in insecure_loopback mode.
         let pinned = r#"ca = "/etc/copilot/ca.pem""#;
@@ -508,6 +593,8 @@ mod tests {
         assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
         let example = example.replace(pinned, "insecure_loopback = true");
         let c = ManagerConfig::resolve(&example, dir.path(), no_env).unwrap();
+        assert!(c.signing_key.is_some());
+        assert_eq!(c.jobs.assignment_ttl, Seconds(15 * 60));
         assert_eq!(c.api_token, "a-token-from-a-file");
         assert_eq!(c.http.public_url, "http://10.0.2.2:8080");
         assert_eq!(c.jobs.max_limits.wall_time, Some(Seconds(24 * 3600)));

@@ -1,5 +1,6 @@
 //! The XMPP side of the manager: answers agents' work requests with assignments (holding a
-//! request while the queue is empty), records done reports, renews leases on progress messages,
+//! request while the queue is empty), each signed for the requesting agent with the project's
+//! key when the config has one, records done reports, renews leases on progress messages,
 //! and requeues the jobs of agents that go offline. Malformed or oversized payloads get a typed
 //! error answer and a rate-limited log line; nothing an agent sends can stop the dispatcher.
 
@@ -9,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use copilot_protocol::job::InputSource;
 use copilot_protocol::wire::{
-    Ack, Assignment, DoneReport, ErrorCode, Next, NoWork, Payload, Problem, WireError, WireInput,
-    WorkRequest,
+    Ack, Assignment, DoneReport, ErrorCode, Next, NoWork, Outcome, Payload, Problem, WireError,
+    WireInput, WorkRequest,
 };
 use copilot_protocol::JobState;
 use copilot_xmpp::{Connection, Element, Incoming, IqKind, LogLimiter, Sender};
@@ -262,12 +263,28 @@ impl Dispatcher {
             network: c.spec.network,
             upload_url,
             upload_token,
+            seal: None,
         }
     }
 
-    /// Claim a job for `agent`, or say when to come back. With a Chirp output store, a job
-    /// is handed out only with an upload slot (the pool wakes held requests when one is ready).
-    fn next_for(&self, agent: &str) -> Result<Next, QueueError> {
+    /// Sign `a` for the agent `agent` at the address `from`, valid for `jobs.assignment_ttl`
+    /// (unsigned without a signing key).
+    fn seal(&self, a: &mut Assignment, agent: &str, from: &str) {
+        let cfg = &self.shared.config;
+        let Some(key) = &cfg.signing_key else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let jid = copilot_protocol::signing::bare_jid(from);
+        key.seal(a, agent, jid, now + cfg.jobs.assignment_ttl.0);
+    }
+
+    /// Claim a job for `agent` at the address `from`, or say when to come back. With a Chirp
+    /// output store, a job is handed out only with an upload slot (the pool wakes held
+    /// requests when one is ready).
+    fn next_for(&self, agent: &str, from: &str) -> Result<Next, QueueError> {
         let cfg = &self.shared.config.jobs;
         let no_work = NoWork {
             retry_after_secs: cfg.retry_after.0.max(1) as u32,
@@ -292,7 +309,9 @@ impl Dispatcher {
                 info!(job = claim.job, attempt = claim.attempt, agent, "assigned");
                 Metrics::add(&self.shared.metrics.assignments, 1);
                 self.shared.fleet.started(agent, claim.job);
-                Ok(Next::Assign(Box::new(self.assignment(claim, slot))))
+                let mut a = self.assignment(claim, slot);
+                self.seal(&mut a, agent, from);
+                Ok(Next::Assign(Box::new(a)))
             }
             other => {
                 if let (Some(outputs), Some(slot)) = (&self.shared.outputs, slot) {
@@ -342,7 +361,7 @@ impl Dispatcher {
             if !self.shared.fleet.is_current(&req.agent, &from) {
                 return self.reply(&from, id, Payload::NoWork(no_work_now));
             }
-            match self.next_for(&req.agent) {
+            match self.next_for(&req.agent, &from) {
                 Ok(Next::Assign(a)) => return self.reply(&from, id, Payload::Assign(a)),
                 // Not allowed to hold: say when to come back.
                 Ok(Next::NoWork(n)) if hold.is_zero() => {
@@ -405,6 +424,18 @@ impl Dispatcher {
         }
         self.check_chirp_archive(&report).await;
         let agent = report.agent.clone();
+        if let Outcome::Refused(why) = report.outcome {
+            // A wrong trust key or clock on that agent, or something forging assignments.
+            self.log_bad(
+                &from,
+                &format!(
+                    "{agent} refused job {} attempt {}: {}",
+                    report.job,
+                    report.attempt,
+                    why.describe()
+                ),
+            );
+        }
         let duplicate = match self.shared.queue.complete(&agent, &report) {
             Ok(Completion::Recorded(state)) => {
                 self.shared.metrics.recorded(&report);
@@ -443,7 +474,7 @@ impl Dispatcher {
             }
         };
         let next = if report.want_more {
-            match self.next_for(&agent) {
+            match self.next_for(&agent, &from) {
                 Ok(n) => Some(n),
                 Err(e) => {
                     warn!("queue error: {e}");
@@ -598,9 +629,9 @@ mod tests {
     /// Register `agent` (as `agent@localhost/r`) and assign it a job; returns the job, its
     /// attempt and its upload token.
     fn assign(d: &Dispatcher, agent: &str) -> (JobId, u32, String) {
-        d.register(agent, &format!("{agent}@localhost/r"), Some("0.1.0"))
-            .unwrap();
-        match d.next_for(agent).unwrap() {
+        let from = format!("{agent}@localhost/r");
+        d.register(agent, &from, Some("0.1.0")).unwrap();
+        match d.next_for(agent, &from).unwrap() {
             Next::Assign(a) => (a.job, a.attempt, a.upload_token),
             Next::NoWork(_) => panic!("no job for {agent}"),
         }

@@ -110,6 +110,13 @@ pub async fn run(
         server: config.xmpp.server.clone(),
         security: config.xmpp.security()?,
     })?;
+    match &config.signing_key {
+        Some(key) => info!(public_key = %key.public_key(), "assignments are signed"),
+        None => tracing::warn!(
+            "no trust.signing_key: assignments go out unsigned, and agents refuse them unless \
+             they set trust.insecure_unsigned_jobs (for development only)"
+        ),
+    }
     let shared = Arc::new(Shared::open(config, outputs.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {

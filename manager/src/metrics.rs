@@ -112,6 +112,7 @@ pub fn outcome_kind(o: &Outcome) -> &'static str {
         Outcome::StageInFailed(_) => "stage_in_failed",
         Outcome::SetupFailed(_) => "setup_failed",
         Outcome::StageOutFailed(_) => "stage_out_failed",
+        Outcome::Refused(_) => "refused",
     }
 }
 
@@ -136,7 +137,7 @@ pub struct Metrics {
     pub jobs_submitted: AtomicU64,
     pub assignments: AtomicU64,
     /// Done reports recorded, by outcome kind (see [`outcome_kind`]).
-    pub reports_recorded: Family<8>,
+    pub reports_recorded: Family<9>,
     pub reports_duplicate: AtomicU64,
     /// Done reports refused: `stale_lease`, `unknown_job` or `error` (the queue failed).
     pub reports_refused: Family<3>,
@@ -213,6 +214,7 @@ impl Metrics {
                 "stage_in_failed",
                 "setup_failed",
                 "stage_out_failed",
+                "refused",
             ]),
             reports_duplicate: AtomicU64::new(0),
             reports_refused: Family::new(["stale_lease", "unknown_job", "error"]),
@@ -804,6 +806,7 @@ pub(crate) mod tests {
             Outcome::StageInFailed(String::new()),
             Outcome::SetupFailed(String::new()),
             Outcome::StageOutFailed(String::new()),
+            Outcome::Refused(copilot_protocol::wire::Refusal::Expired),
         ] {
             m.reports_recorded.inc(outcome_kind(&o));
             assert_eq!(m.reports_recorded.get(outcome_kind(&o)), 1, "{o:?}");

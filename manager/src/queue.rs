@@ -230,6 +230,7 @@ fn outcome_view(o: &Outcome) -> OutcomeView {
         Outcome::StageInFailed(_) => ("stage-in-failed", None, None),
         Outcome::SetupFailed(_) => ("setup-failed", None, None),
         Outcome::StageOutFailed(_) => ("stage-out-failed", None, None),
+        Outcome::Refused(_) => ("refused", None, None),
     };
     OutcomeView {
         kind: kind.into(),

@@ -1,6 +1,6 @@
 //! Shared types of copilot: job files, job states, the XMPP wire payloads, the manager's JSON
-//! API and its aggregated views, histograms returned by jobs, and dashboard login codes. This
-//! crate does no I/O; every parser in it is strict, bounded and never panics on input.
+//! API and its aggregated views, histograms returned by jobs, dashboard login codes, and the
+//! signing of assignments. This crate does no I/O; every parser in it is strict, bounded and never panics on input.
 
 pub mod api;
 pub mod digest;
@@ -9,6 +9,7 @@ pub mod histogram;
 pub mod job;
 pub mod login;
 pub mod sandbox;
+pub mod signing;
 pub mod state;
 pub mod summary;
 pub mod units;

@@ -17,6 +17,7 @@ use minidom::Element;
 
 use crate::job::{validate_command, validate_env, validate_input_name, validate_outputs, Limits};
 use crate::sandbox::{Protection, SandboxReport};
+use crate::signing::{Seal, SIGNATURE_LEN};
 use crate::units::{Bytes, Seconds};
 use crate::{JobId, Sha256};
 
@@ -207,6 +208,9 @@ pub struct Assignment {
     pub upload_url: String,
     /// The job's upload credential (bearer token), valid for this attempt only.
     pub upload_token: String,
+    /// The manager's signature, for one agent and until a time (see `crate::signing`).
+    /// Agents refuse assignments without a valid one unless configured for unsigned work.
+    pub seal: Option<Seal>,
 }
 
 /// No work now.
@@ -291,6 +295,70 @@ impl std::fmt::Display for Limit {
     }
 }
 
+/// Why an agent refused an assignment without acting on it (see `crate::signing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Refusal {
+    /// It carried no signature, and the agent takes only signed work.
+    Unsigned,
+    /// Its signature does not verify against the agent's trusted key.
+    BadSignature,
+    /// It was signed for another agent.
+    WrongAgent,
+    /// Its signature's expiry time has passed.
+    Expired,
+    /// The agent has been given this job's attempt before.
+    Replayed,
+}
+
+impl Refusal {
+    /// Every reason, in wire order.
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Unsigned,
+        Refusal::BadSignature,
+        Refusal::WrongAgent,
+        Refusal::Expired,
+        Refusal::Replayed,
+    ];
+
+    /// The wire name, also used in metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Unsigned => "unsigned",
+            Refusal::BadSignature => "bad-signature",
+            Refusal::WrongAgent => "wrong-agent",
+            Refusal::Expired => "expired",
+            Refusal::Replayed => "replayed",
+        }
+    }
+
+    /// What it means, for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Refusal::Unsigned => "it is not signed",
+            Refusal::BadSignature => {
+                "its signature does not verify against the agent's trust.manager_key"
+            }
+            Refusal::WrongAgent => "it was signed for another agent",
+            Refusal::Expired => "its signature has expired (are the clocks right?)",
+            Refusal::Replayed => "the agent was given this attempt before (a replay)",
+        }
+    }
+}
+
+impl FromStr for Refusal {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Refusal::ALL.into_iter().find(|r| r.as_str() == s).ok_or(())
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a job attempt ended, as the agent saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -309,6 +377,9 @@ pub enum Outcome {
     SetupFailed(String),
     /// Outputs could not be packed or uploaded.
     StageOutFailed(String),
+    /// The agent refused the assignment and did nothing with it. The host's failure (its
+    /// trusted key or clock may be wrong), so another agent may take the job.
+    Refused(Refusal),
 }
 
 impl Outcome {
@@ -322,7 +393,10 @@ impl Outcome {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Outcome::StageInFailed(_) | Outcome::SetupFailed(_) | Outcome::StageOutFailed(_)
+            Outcome::StageInFailed(_)
+                | Outcome::SetupFailed(_)
+                | Outcome::StageOutFailed(_)
+                | Outcome::Refused(_)
         )
     }
 
@@ -335,6 +409,7 @@ impl Outcome {
             Outcome::StageInFailed(_) => "stage-in-failed",
             Outcome::SetupFailed(_) => "setup-failed",
             Outcome::StageOutFailed(_) => "stage-out-failed",
+            Outcome::Refused(_) => "refused",
         }
     }
 
@@ -348,6 +423,7 @@ impl Outcome {
             Outcome::StageInFailed(m) => format!("stage-in failed: {m}"),
             Outcome::SetupFailed(m) => format!("setup failed: {m}"),
             Outcome::StageOutFailed(m) => format!("stage-out failed: {m}"),
+            Outcome::Refused(r) => format!("assignment refused: {}", r.describe()),
         }
     }
 }
@@ -542,14 +618,23 @@ fn assign_element(a: &Assignment) -> Element {
     for o in &a.outputs {
         e = e.child(El::new("output").attr("path", o).0);
     }
-    e.child(limits_element(&a.limits))
-        .child(
-            El::new("upload")
-                .attr("url", &a.upload_url)
-                .attr("token", &a.upload_token)
+    e = e.child(limits_element(&a.limits)).child(
+        El::new("upload")
+            .attr("url", &a.upload_url)
+            .attr("token", &a.upload_token)
+            .0,
+    );
+    if let Some(seal) = &a.seal {
+        e = e.child(
+            El::new("signature")
+                .attr("agent", &seal.agent)
+                .attr("jid", &seal.jid)
+                .attr("expires", seal.expires)
+                .text(&seal.signature_base64())
                 .0,
-        )
-        .0
+        );
+    }
+    e.0
 }
 
 fn nowork_element(n: &NoWork) -> Element {
@@ -589,6 +674,7 @@ impl Payload {
                     Outcome::Killed { signal } => outcome.attr("signal", signal),
                     Outcome::TimedOut => outcome,
                     Outcome::LimitExceeded { limit } => outcome.attr("limit", limit.as_str()),
+                    Outcome::Refused(r) => outcome.attr("reason", r.as_str()),
                     Outcome::StageInFailed(m)
                     | Outcome::SetupFailed(m)
                     | Outcome::StageOutFailed(m) => outcome.text(cut(m)),
@@ -839,6 +925,7 @@ fn decode_assign(e: &Element) -> Result<Assignment, WireError> {
         network: a.opt_parse("network")?.unwrap_or(true),
         upload_url: String::new(),
         upload_token: String::new(),
+        seal: None,
     };
     let (mut saw_limits, mut saw_upload) = (false, false);
     for c in child_of(e, "assign") {
@@ -883,6 +970,7 @@ fn decode_assign(e: &Element) -> Result<Assignment, WireError> {
                 // A bearer token, or a Chirp ticket's private key in PEM.
                 out.upload_token = ca.bounded("token", 4096)?;
             }
+            "signature" if out.seal.is_none() => out.seal = Some(decode_seal(c)?),
             other => {
                 return Err(WireError::UnexpectedChild {
                     element: "assign",
@@ -908,6 +996,20 @@ fn decode_assign(e: &Element) -> Result<Assignment, WireError> {
     Ok(out)
 }
 
+/// `<signature agent='…' jid='…' expires='…'>base64</signature>`: decoded, not verified.
+fn decode_seal(e: &Element) -> Result<Seal, WireError> {
+    let a = Attrs::new(e, "signature", &["agent", "jid", "expires"])?;
+    no_children(e, "signature")?;
+    let signature = Seal::signature_from_base64(&e.text())
+        .ok_or_else(|| invalid("signature", format!("not {SIGNATURE_LEN} bytes in base64")))?;
+    Ok(Seal {
+        agent: a.agent_name("agent")?,
+        jid: a.bounded("jid", crate::job::MAX_WORD_BYTES)?,
+        expires: a.parse("expires")?,
+        signature,
+    })
+}
+
 fn decode_nowork(e: &Element) -> Result<NoWork, WireError> {
     let a = Attrs::new(e, "nowork", &["v", "retry-after"])?;
     no_children(e, "nowork")?;
@@ -917,7 +1019,7 @@ fn decode_nowork(e: &Element) -> Result<NoWork, WireError> {
 }
 
 fn decode_outcome(e: &Element) -> Result<Outcome, WireError> {
-    let a = Attrs::new(e, "outcome", &["kind", "code", "signal", "limit"])?;
+    let a = Attrs::new(e, "outcome", &["kind", "code", "signal", "limit", "reason"])?;
     no_children(e, "outcome")?;
     let msg = || cut(&e.text()).to_owned();
     let kind = a.str("kind")?;
@@ -926,6 +1028,7 @@ fn decode_outcome(e: &Element) -> Result<Outcome, WireError> {
         ("code", "exited"),
         ("signal", "killed"),
         ("limit", "limit-exceeded"),
+        ("reason", "refused"),
     ] {
         if kind != owner && e.attr(attr).is_some() {
             return Err(WireError::UnknownAttribute {
@@ -951,6 +1054,10 @@ fn decode_outcome(e: &Element) -> Result<Outcome, WireError> {
         "stage-in-failed" => Outcome::StageInFailed(msg()),
         "setup-failed" => Outcome::SetupFailed(msg()),
         "stage-out-failed" => Outcome::StageOutFailed(msg()),
+        "refused" => {
+            let v = a.str("reason")?;
+            Outcome::Refused(v.parse().map_err(|()| a.bad("reason", v))?)
+        }
         other => return Err(a.bad("kind", other)),
     })
 }
@@ -1207,7 +1314,15 @@ mod tests {
             network: false,
             upload_url: "http://127.0.0.1:8080/outputs/17".into(),
             upload_token: "t0k3n".into(),
+            seal: None,
         }
+    }
+
+    fn sealed() -> Assignment {
+        let mut a = assignment();
+        let (key, _) = crate::signing::SigningKey::generate().unwrap();
+        key.seal(&mut a, "vm-7", "vm-7@localhost", 1_764_900_000);
+        a
     }
 
     fn round_trip(p: Payload) {
@@ -1233,6 +1348,7 @@ mod tests {
             "the default is not spelled out: {xml}"
         );
         round_trip(Payload::Assign(Box::new(networked)));
+        round_trip(Payload::Assign(Box::new(sealed())));
         round_trip(Payload::NoWork(NoWork {
             retry_after_secs: 5,
         }));
@@ -1260,6 +1376,8 @@ mod tests {
             Outcome::StageInFailed("sha256 mismatch".into()),
             Outcome::SetupFailed("no such program".into()),
             Outcome::StageOutFailed("upload refused".into()),
+            Outcome::Refused(Refusal::BadSignature),
+            Outcome::Refused(Refusal::Replayed),
         ] {
             round_trip(Payload::Done(Box::new(DoneReport {
                 agent: "vm-7".into(),
@@ -1297,6 +1415,7 @@ mod tests {
                 retry_after_secs: 3,
             })),
             Some(Next::Assign(Box::new(assignment()))),
+            Some(Next::Assign(Box::new(sealed()))),
         ] {
             round_trip(Payload::Ack(Box::new(Ack {
                 job: 17,
@@ -1430,12 +1549,63 @@ mod tests {
                 |e| matches!(e, WireError::BadAttribute { element: "timings", attr: "cpu", .. }),
             ),
             (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='refused' reason='tired'/></done>",
+                |e| matches!(e, WireError::BadAttribute { element: "outcome", attr: "reason", .. }),
+            ),
+            (
+                "<done xmlns='urn:copilot:1' v='1' agent='a' job='1' attempt='1'><outcome kind='exited' code='0' reason='expired'/></done>",
+                |e| matches!(e, WireError::UnknownAttribute { .. }),
+            ),
+            (
                 "<request xmlns='urn:copilot:1' v='1' agent='a' version='1'><x/></request>",
                 |e| matches!(e, WireError::UnexpectedChild { .. }),
             ),
             (
                 "<request xmlns='urn:copilot:1' v='1' agent='a' version='1'",
                 |e| matches!(e, WireError::Invalid { .. }),
+            ),
+        ];
+        for (xml, ok) in cases {
+            let err = Payload::from_xml(xml).unwrap_err();
+            assert!(ok(&err), "{xml}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn broken_signatures_are_typed_errors() {
+        let xml = Payload::Assign(Box::new(sealed())).to_xml();
+        let (head, rest) = xml.split_once("<signature").unwrap();
+        let (sig, tail) = rest.split_once("</signature>").unwrap();
+        let (attrs, b64) = sig.split_once('>').unwrap();
+        let with =
+            |attrs: &str, b64: &str| format!("{head}<signature{attrs}>{b64}</signature>{tail}");
+        assert!(Payload::from_xml(&with(attrs, b64)).is_ok());
+        type Check = fn(&WireError) -> bool;
+        let cases: &[(String, Check)] = &[
+            (with(attrs, &b64[4..]), |e| {
+                matches!(e, WireError::Invalid { element: "signature", .. })
+            }),
+            (with(attrs, &format!("{b64}AAAA")), |e| {
+                matches!(e, WireError::Invalid { element: "signature", .. })
+            }),
+            (with(attrs, "!!not base64!!"), |e| {
+                matches!(e, WireError::Invalid { element: "signature", .. })
+            }),
+            (with(attrs, ""), |e| {
+                matches!(e, WireError::Invalid { element: "signature", .. })
+            }),
+            (with(&attrs.replace("expires='", "expires='-"), b64), |e| {
+                matches!(e, WireError::BadAttribute { attr: "expires", .. })
+            }),
+            (with(&attrs.replace(" jid=", " alg='rsa' jid="), b64), |e| {
+                matches!(e, WireError::UnknownAttribute { .. })
+            }),
+            (with(&attrs.replace("agent='vm-7'", "agent=''"), b64), |e| {
+                matches!(e, WireError::BadAttribute { attr: "agent", .. })
+            }),
+            (
+                format!("{head}<signature{attrs}>{b64}</signature><signature{attrs}>{b64}</signature>{tail}"),
+                |e| matches!(e, WireError::UnexpectedChild { child, .. } if child == "signature"),
             ),
         ];
         for (xml, ok) in cases {

@@ -47,6 +47,8 @@ pub enum StackError {
         pid: u32,
         error: nix::Error,
     },
+    #[error("copilot keygen failed: {0}")]
+    Keygen(String),
     #[error("there is no agent number {0} in this stack")]
     NoSuchAgent(usize),
     #[error("unexpected HTTP answer from {url}: {reason}")]

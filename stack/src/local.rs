@@ -2,8 +2,13 @@
 //! one state dir. `copilot up` runs one in the foreground; end-to-end tests drive one.
 //!
 //! State dir layout: `prosody.cfg.lua`, `prosody.log`, `data/` (Prosody), `manager.toml`,
-//! `manager/` (queue.db, blobs), `agent-N.toml`, `agent-N/` (work dir), `client.toml`
-//! (url + token for the CLI), `logs/` (stdout/stderr of each process).
+//! `manager/` (queue.db, blobs), `keys/` (the stack's signing key pair, from `copilot keygen`),
+//! `agent-N.toml`, `agent-N/` (work dir), `client.toml` (url + token for the CLI), `logs/`
+//! (stdout/stderr of each process).
+//!
+//! Every stack signs its work: the manager gets the stack's private key and every agent its
+//! public key, unless [`StackOptions::signed`] is off (then the manager has no key and the
+//! agents take unsigned work, as only development setups should).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -53,6 +58,8 @@ pub struct StackOptions {
     /// Agents reach Prosody and the manager's HTTP port through [`Link`]s the caller can cut
     /// (fault tests); otherwise directly.
     pub links: bool,
+    /// Whether the manager signs assignments and agents insist on it (the default).
+    pub signed: bool,
 }
 
 impl StackOptions {
@@ -67,6 +74,7 @@ impl StackOptions {
             extra_agent_toml: None,
             public_host: None,
             links: false,
+            signed: true,
         }
     }
 }
@@ -78,6 +86,44 @@ pub fn default_bin_dir() -> Result<PathBuf, StackError> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(".")))
+}
+
+/// The stack's signing key pair.
+#[derive(Debug, Clone)]
+struct StackKeys {
+    /// PKCS#8 PEM, mode 0600.
+    private_key: PathBuf,
+    /// Base64, as agents' configs hold it.
+    public_key: String,
+}
+
+/// The stack's key pair in `dir/keys`, generated with `copilot keygen` the first time.
+fn stack_keys(dir: &Path, bin_dir: &Path) -> Result<StackKeys, StackError> {
+    let keys = dir.join("keys");
+    let private_key = keys.join("manager.key");
+    let public_file = keys.join("manager.pub");
+    if !private_key.is_file() {
+        let out = Command::new(bin_dir.join(CLI_BIN))
+            .arg("keygen")
+            .arg("--out")
+            .arg(&keys)
+            .arg("--force")
+            .output()
+            .map_err(io("running copilot keygen"))?;
+        if !out.status.success() {
+            return Err(StackError::Keygen(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
+        }
+    }
+    let public_key = std::fs::read_to_string(&public_file)
+        .map_err(io(format!("reading {}", public_file.display())))?
+        .trim()
+        .to_owned();
+    Ok(StackKeys {
+        private_key,
+        public_key,
+    })
 }
 
 /// One agent slot: its number, config and process (None once killed or stopped).
@@ -102,6 +148,8 @@ pub struct LocalStack {
     http: SocketAddr,
     token: String,
     manager_config: PathBuf,
+    /// The stack's signing key pair, when it signs its work.
+    keys: Option<StackKeys>,
     // Field order is drop order: agents first, the server last.
     agents: Vec<Agent>,
     links: Option<Links>,
@@ -123,6 +171,10 @@ impl LocalStack {
             .map_err(io(format!("creating {}", opts.dir.display())))?;
         let dir = std::fs::canonicalize(&opts.dir)
             .map_err(io(format!("resolving {}", opts.dir.display())))?;
+        let keys = opts
+            .signed
+            .then(|| stack_keys(&dir, &opts.bin_dir))
+            .transpose()?;
         let prosody = Prosody::start(&dir)?;
         let password = random_secret();
         prosody.register(MANAGER_USER, &password)?;
@@ -143,22 +195,20 @@ impl LocalStack {
             opts.public_host.as_deref().unwrap_or("127.0.0.1"),
             links.as_ref().map_or(http.port(), |l| l.http.port())
         );
-        let text = merge_extra(
-            pin_ca(
-                manager_toml(
-                    &dir,
-                    &prosody.server(),
-                    &password,
-                    &token,
-                    http,
-                    &public_url,
-                    opts.lease,
-                ),
-                prosody.ca_pem(),
-            ),
-            opts.extra_manager_toml.as_deref(),
-            "manager",
-        )?;
+        let mut base = manager_toml(
+            &dir,
+            &prosody.server(),
+            &password,
+            &token,
+            http,
+            &public_url,
+            opts.lease,
+        );
+        if let Some(keys) = &keys {
+            merge(&mut base, manager_trust(&keys.private_key));
+        }
+        let base = pin_ca(base, prosody.ca_pem());
+        let text = merge_extra(base, opts.extra_manager_toml.as_deref(), "manager")?;
         write(&manager_config, &text)?;
         let client = table([
             ("url", Value::from(format!("http://{http}"))),
@@ -171,6 +221,7 @@ impl LocalStack {
             http,
             token,
             manager_config,
+            keys,
             agents: Vec::new(),
             links,
             manager: None,
@@ -201,6 +252,35 @@ impl LocalStack {
     /// The CA the XMPP server's certificate chains to (PEM): what clients pin.
     pub fn ca_pem(&self) -> &str {
         self.prosody.ca_pem()
+    }
+
+    /// The manager's signing key (PKCS#8 PEM), if the stack signs its work.
+    pub fn signing_key(&self) -> Option<&Path> {
+        self.keys.as_ref().map(|k| k.private_key.as_path())
+    }
+
+    /// The `[trust]` section an agent of this stack needs (its public key, or unsigned work),
+    /// as TOML: for agent configs written by others (the BOINC wrapper's template, say).
+    pub fn agent_trust_toml(&self) -> String {
+        let public_key = self.keys.as_ref().map(|k| k.public_key.as_str());
+        table([("trust", Value::Table(agent_trust(public_key)))]).to_string()
+    }
+
+    /// The manager's XMPP password (from its config), e.g. for a test that plays a manager
+    /// which took over the account.
+    pub fn manager_password(&self) -> Result<String, StackError> {
+        let text = std::fs::read_to_string(&self.manager_config)
+            .map_err(io(format!("reading {}", self.manager_config.display())))?;
+        let t: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| StackError::ExtraToml {
+                what: "manager",
+                reason: e.to_string(),
+            })?;
+        Ok(t["xmpp"]["password"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
     }
 
     /// The XMPP server, e.g. to restart or kill it.
@@ -275,9 +355,10 @@ impl LocalStack {
     ) -> Result<String, StackError> {
         let password = random_secret();
         self.prosody.register(name, &password)?;
+        let public_key = self.keys.as_ref().map(|k| k.public_key.as_str());
         merge_extra(
             pin_ca(
-                agent_toml(name, work_dir, server, &password),
+                agent_toml(name, work_dir, server, &password, public_key),
                 self.prosody.ca_pem(),
             ),
             self.opts.extra_agent_toml.as_deref(),
@@ -516,8 +597,22 @@ fn manager_toml(
     ])
 }
 
-/// agent-N.toml per the contract.
-fn agent_toml(name: &str, work_dir: Option<&Path>, server: &str, password: &str) -> Table {
+/// `[trust]` of manager.toml: the stack's signing key.
+fn manager_trust(signing_key: &Path) -> Table {
+    table([(
+        "trust",
+        Value::Table(table([("signing_key", path_value(signing_key))])),
+    )])
+}
+
+/// agent-N.toml per the contract: trusting `public_key`, or (None) taking unsigned work.
+fn agent_toml(
+    name: &str,
+    work_dir: Option<&Path>,
+    server: &str,
+    password: &str,
+    public_key: Option<&str>,
+) -> Table {
     let mut t = table([
         ("name", Value::from(name)),
         (
@@ -536,7 +631,16 @@ fn agent_toml(name: &str, work_dir: Option<&Path>, server: &str, password: &str)
     if let Some(dir) = work_dir {
         t.insert("work_dir".to_owned(), path_value(dir));
     }
+    t.insert("trust".to_owned(), Value::Table(agent_trust(public_key)));
     t
+}
+
+/// An agent's `[trust]`: the stack's public key, or (None) unsigned work.
+fn agent_trust(public_key: Option<&str>) -> Table {
+    match public_key {
+        Some(key) => table([("manager_key", Value::from(key))]),
+        None => table([("insecure_unsigned_jobs", Value::from(true))]),
+    }
 }
 
 /// Merge `extra` (TOML text) over `base`: tables merge recursively, other values replace.
@@ -599,6 +703,11 @@ mod tests {
         );
         assert_eq!(t["xmpp"]["server"].as_str(), Some("127.0.0.1:20001"));
         assert_eq!(t["data_dir"].as_str(), Some("/s/manager"));
+        let trust = manager_trust(Path::new("/s/keys/manager.key"));
+        assert_eq!(
+            trust["trust"]["signing_key"].as_str(),
+            Some("/s/keys/manager.key")
+        );
     }
 
     #[test]
@@ -609,11 +718,19 @@ mod tests {
 
     #[test]
     fn agent_config_names_the_manager() {
-        let t = agent_toml("agent-3", Some(Path::new("/w")), "127.0.0.1:1", "pw");
+        let t = agent_toml(
+            "agent-3",
+            Some(Path::new("/w")),
+            "127.0.0.1:1",
+            "pw",
+            Some("KEY="),
+        );
         assert_eq!(t["xmpp"]["jid"].as_str(), Some("agent-3@localhost"));
         assert_eq!(t["xmpp"]["manager"].as_str(), Some("manager@localhost"));
         assert_eq!(t["work_dir"].as_str(), Some("/w"));
-        let vm = agent_toml("vm-1", None, "10.0.2.2:5222", "pw");
+        assert_eq!(t["trust"]["manager_key"].as_str(), Some("KEY="));
+        let vm = agent_toml("vm-1", None, "10.0.2.2:5222", "pw", None);
+        assert_eq!(vm["trust"]["insecure_unsigned_jobs"].as_bool(), Some(true));
         assert_eq!(vm["xmpp"]["server"].as_str(), Some("10.0.2.2:5222"));
         assert!(vm.get("work_dir").is_none(), "{vm}");
         let pinned = pin_ca(vm, "-----BEGIN CERTIFICATE-----");

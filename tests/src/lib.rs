@@ -63,6 +63,8 @@ pub struct Setup {
     pub public_host: Option<String>,
     /// Agents reach the servers through links the test can cut (`stack.xmpp_link()`…).
     pub links: bool,
+    /// Whether the stack signs its work (the default; see `StackOptions::signed`).
+    pub signed: bool,
 }
 
 impl Default for Setup {
@@ -74,6 +76,7 @@ impl Default for Setup {
             agent_toml: None,
             public_host: None,
             links: false,
+            signed: true,
         }
     }
 }
@@ -92,6 +95,7 @@ impl Harness {
         opts.extra_agent_toml = setup.agent_toml;
         opts.public_host = setup.public_host;
         opts.links = setup.links;
+        opts.signed = setup.signed;
         let stack = LocalStack::start(opts).unwrap_or_else(|e| panic!("starting the stack: {e}"));
         stack
             .wait_agents_online(setup.agents, Duration::from_secs(30))

@@ -295,7 +295,14 @@ impl Vm {
 fn user_data(config: &toml::Table) -> String {
     let mut text = String::from("[amiconfig]\nplugins=cernvm\n\n[copilot-begin]\n# the agent\n");
     let xmpp = config["xmpp"].as_table().expect("an [xmpp] table");
-    for (key, value) in config.iter().chain(xmpp) {
+    // The stack's agents trust its key (`[trust] manager_key`): a setting of the same name.
+    let trust = config
+        .get("trust")
+        .and_then(toml::Value::as_table)
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() == "manager_key");
+    for (key, value) in config.iter().chain(xmpp).chain(trust) {
         let value = match value {
             // The CA travels as ca.pem beside the user-data.
             toml::Value::String(_) if key == "ca_pem" => continue,

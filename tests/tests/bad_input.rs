@@ -513,6 +513,7 @@ fn hijack(job: JobId) -> Element {
         network: true,
         upload_url: "http://127.0.0.1:9/outputs/1/9".into(),
         upload_token: "t".into(),
+        seal: None,
     }))
     .to_element()
 }

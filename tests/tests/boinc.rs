@@ -65,9 +65,10 @@ fn rig_with(
         .register("boinc-agent", password)
         .expect("registering the agent's account");
     let agent_toml = format!(
-        "[xmpp]\njid = \"boinc-agent@{XMPP_DOMAIN}\"\npassword = \"{password}\"\nserver = \"{}\"\nmanager = \"manager@{XMPP_DOMAIN}\"\nca_pem = '''{}'''\n",
+        "[xmpp]\njid = \"boinc-agent@{XMPP_DOMAIN}\"\npassword = \"{password}\"\nserver = \"{}\"\nmanager = \"manager@{XMPP_DOMAIN}\"\nca_pem = '''{}'''\n{}",
         h.stack.prosody().server(),
-        h.stack.ca_pem()
+        h.stack.ca_pem(),
+        h.stack.agent_trust_toml()
     );
     let bins = bin_dir();
     assert!(

@@ -1,4 +1,9 @@
 //! One XMPP client connection on its own thread, driven through channels.
+//!
+//! An IQ answer is taken only from the address the question went to: another account could
+//! otherwise answer a question it guessed the id of (ids are sequential), say with an
+//! assignment of its own. Answers from anyone else are dropped (and logged, rate-limited), and
+//! the question keeps waiting for its real answer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -19,6 +24,7 @@ use tokio_xmpp::{Client, Event, Stanza};
 use tracing::{debug, info, warn};
 
 use crate::connector::{Connector, Security};
+use crate::LogLimiter;
 
 /// How to reach and log in to the XMPP server.
 #[derive(Clone, Debug)]
@@ -86,6 +92,12 @@ pub enum XmppError {
 }
 
 type ReplySlot = oneshot::Sender<Result<Option<Element>, XmppError>>;
+
+/// A question in flight: whom it went to, and where its answer goes.
+struct Pending {
+    to: Jid,
+    reply: ReplySlot,
+}
 
 enum Command {
     Request {
@@ -285,7 +297,7 @@ fn condition_of(problem: &Problem) -> (ErrorType, DefinedCondition) {
 fn build_stanza(
     cmd: Command,
     next_id: &mut u64,
-    pending: &mut HashMap<String, ReplySlot>,
+    pending: &mut HashMap<String, Pending>,
 ) -> Option<Stanza> {
     Some(match cmd {
         Command::Shutdown => return None,
@@ -298,9 +310,15 @@ fn build_stanza(
             *next_id += 1;
             let id = format!("c{next_id}");
             if pending.len() >= 256 {
-                pending.retain(|_, slot| !slot.is_closed());
+                pending.retain(|_, p| !p.reply.is_closed());
             }
-            pending.insert(id.clone(), reply);
+            pending.insert(
+                id.clone(),
+                Pending {
+                    to: to.clone(),
+                    reply,
+                },
+            );
             let to = Some(to);
             let iq = match kind {
                 IqKind::Get => Iq::Get {
@@ -390,7 +408,8 @@ async fn worker(
         Connector::new(config.server, config.security),
         Timeouts::tight(),
     );
-    let mut pending: HashMap<String, ReplySlot> = HashMap::new();
+    let mut pending: HashMap<String, Pending> = HashMap::new();
+    let mut spoofs = LogLimiter::new(10, Duration::from_secs(60));
     let mut next_id = 0u64;
     loop {
         tokio::select! {
@@ -409,7 +428,7 @@ async fn worker(
                         pending.clear();
                         None
                     }
-                    Event::Stanza(stanza) => route(stanza, &mut pending),
+                    Event::Stanza(stanza) => route(stanza, &mut pending, &mut spoofs),
                 };
                 if let Some(ev) = forward {
                     if incoming.send(ev).await.is_err() {
@@ -431,7 +450,58 @@ async fn worker(
     let _ = tokio::time::timeout(Duration::from_secs(2), client.send_end()).await;
 }
 
-fn route(stanza: Stanza, pending: &mut HashMap<String, ReplySlot>) -> Option<Incoming> {
+/// Whether an answer from `from` may be the answer to a question sent to `to`: the same
+/// address (local part and domain compared as servers fold them), or, for a question to a bare
+/// JID, any resource of it.
+fn answers(to: &Jid, from: Option<&Jid>) -> bool {
+    let Some(from) = from else {
+        return false;
+    };
+    let (to, from) = (to.to_string(), from.to_string());
+    let split = |j: &str| -> (String, Option<String>) {
+        match j.split_once('/') {
+            Some((bare, res)) => (bare.to_ascii_lowercase(), Some(res.to_owned())),
+            None => (j.to_ascii_lowercase(), None),
+        }
+    };
+    let ((to_bare, to_res), (from_bare, from_res)) = (split(&to), split(&from));
+    to_bare == from_bare && (to_res.is_none() || to_res == from_res)
+}
+
+/// The question `id` if `from` may answer it; otherwise it keeps waiting, and the answer is
+/// logged (rate-limited) and dropped.
+fn take_pending(
+    pending: &mut HashMap<String, Pending>,
+    id: &str,
+    from: Option<&Jid>,
+    spoofs: &mut LogLimiter,
+) -> Option<ReplySlot> {
+    let Some(p) = pending.get(id) else {
+        debug!(id, "answer to an unknown or expired request");
+        return None;
+    };
+    if !answers(&p.to, from) {
+        if let Some(suppressed) = spoofs.check(std::time::Instant::now()) {
+            if suppressed > 0 {
+                warn!("{suppressed} more answers from unexpected senders were not logged");
+            }
+            warn!(
+                id,
+                from = %from.map(Jid::to_string).unwrap_or_default(),
+                to = %p.to,
+                "ignoring an IQ answer from an address the question did not go to"
+            );
+        }
+        return None;
+    }
+    pending.remove(id).map(|p| p.reply)
+}
+
+fn route(
+    stanza: Stanza,
+    pending: &mut HashMap<String, Pending>,
+    spoofs: &mut LogLimiter,
+) -> Option<Incoming> {
     let from_of = |from: Option<Jid>| from.map(|j| j.to_string()).unwrap_or_default();
     match stanza {
         Stanza::Iq(Iq::Get {
@@ -450,24 +520,22 @@ fn route(stanza: Stanza, pending: &mut HashMap<String, ReplySlot>) -> Option<Inc
             kind: IqKind::Set,
             payload,
         }),
-        Stanza::Iq(Iq::Result { id, payload, .. }) => {
-            match pending.remove(&id) {
-                Some(slot) => {
-                    let _ = slot.send(Ok(payload));
-                }
-                None => debug!(id, "result for an unknown or expired request"),
+        Stanza::Iq(Iq::Result {
+            from, id, payload, ..
+        }) => {
+            if let Some(slot) = take_pending(pending, &id, from.as_ref(), spoofs) {
+                let _ = slot.send(Ok(payload));
             }
             None
         }
-        Stanza::Iq(Iq::Error { id, error, .. }) => {
-            match pending.remove(&id) {
-                Some(slot) => {
-                    let _ = slot.send(Err(XmppError::Remote {
-                        condition: condition_name(&error.defined_condition),
-                        problem: problem_of(&error),
-                    }));
-                }
-                None => debug!(id, "error for an unknown or expired request"),
+        Stanza::Iq(Iq::Error {
+            from, id, error, ..
+        }) => {
+            if let Some(slot) = take_pending(pending, &id, from.as_ref(), spoofs) {
+                let _ = slot.send(Err(XmppError::Remote {
+                    condition: condition_name(&error.defined_condition),
+                    problem: problem_of(&error),
+                }));
             }
             None
         }
@@ -486,5 +554,29 @@ fn route(stanza: Stanza, pending: &mut HashMap<String, ReplySlot>) -> Option<Inc
                 available,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jid(s: &str) -> Jid {
+        Jid::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn only_the_address_asked_answers() {
+        let manager = jid("manager@localhost/manager");
+        assert!(answers(&manager, Some(&jid("manager@localhost/manager"))));
+        assert!(answers(&manager, Some(&jid("Manager@LocalHost/manager"))));
+        assert!(!answers(&manager, Some(&jid("manager@localhost/other"))));
+        assert!(!answers(&manager, Some(&jid("manager@localhost"))));
+        assert!(!answers(&manager, Some(&jid("rogue@localhost/manager"))));
+        assert!(!answers(&manager, None));
+        let bare = jid("agent-1@localhost");
+        assert!(answers(&bare, Some(&jid("agent-1@localhost"))));
+        assert!(answers(&bare, Some(&jid("agent-1@localhost/vm"))));
+        assert!(!answers(&bare, Some(&jid("agent-2@localhost"))));
     }
 }
