@@ -41,6 +41,8 @@ pub enum ClientError {
     },
     #[error("{0} is not a valid manager URL (want e.g. http://127.0.0.1:8080)")]
     BadUrl(String),
+    #[error("the project CA is not usable: {0}")]
+    Ca(#[source] reqwest::Error),
 }
 
 /// A connection to one manager with one API token.
@@ -52,14 +54,21 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for the manager at `base` (e.g. `http://127.0.0.1:8080`).
-    pub fn new(base: &str, token: &str) -> Result<Client, ClientError> {
+    /// A client for the manager at `base` (e.g. `http://127.0.0.1:8080`), trusting the
+    /// certificates in `ca_pem` beside the public CAs for an `https://` one.
+    pub fn new(base: &str, token: &str, ca_pem: Option<&[u8]>) -> Result<Client, ClientError> {
         let base = base.trim_end_matches('/').to_owned();
         if reqwest::Url::parse(&base).is_err() || !base.starts_with("http") {
             return Err(ClientError::BadUrl(base));
         }
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(ClientError::Ca)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
         Ok(Client {
-            http: reqwest::Client::new(),
+            http: builder.build().map_err(ClientError::Ca)?,
             base,
             token: token.to_owned(),
         })

@@ -45,6 +45,9 @@ struct Cli {
     /// API token [default: the --stack's]
     #[arg(long, global = true, env = "COPILOT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The project CA (PEM file) to trust for an https:// manager [default: the --stack's]
+    #[arg(long, global = true, env = "COPILOT_CA")]
+    ca: Option<PathBuf>,
     /// State dir of a `copilot up` stack: read its client.toml for URL and token
     #[arg(long, global = true, env = "COPILOT_STACK")]
     stack: Option<PathBuf>,
@@ -200,9 +203,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let s = Settings::resolve(
             cli.manager.as_deref(),
             cli.token.as_deref(),
+            cli.ca.as_deref(),
             cli.stack.as_deref(),
         )?;
-        Ok(Client::new(&s.url, &s.token)?)
+        Ok(Client::new(&s.url, &s.token, s.ca_pem.as_deref())?)
     };
     let (json, colour) = (cli.json, cli.color.enabled());
     match &cli.command {

@@ -30,6 +30,11 @@ pub enum ExecError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read the project CA {}: {source}", path.display())]
+    ProjectCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot set up transfers: {0}")]
     Transfers(#[from] copilot_storage::StorageError),
 }
@@ -115,7 +120,12 @@ impl<R: PayloadRunner> Executor<R> {
             work_dir: cfg.work_dir.clone(),
             defaults,
             max_input_size: cfg.transfer.max_input_size.0,
-            transfers: crate::transfer::transfers(&cfg.transfer)?,
+            transfers: crate::transfer::transfers(
+                &cfg.transfer,
+                cfg.xmpp
+                    .project_ca_pem()
+                    .map_err(|(path, source)| ExecError::ProjectCa { path, source })?,
+            )?,
             cache,
             runner,
         })

@@ -142,7 +142,7 @@ mod tests {
         let home = TestServer::start().await;
         let elsewhere = TestServer::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let t = crate::transfer::transfers(&settings()).unwrap();
+        let t = crate::transfer::transfers(&settings(), None).unwrap();
         let inputs = [
             input("a", home.serve("a", b"from home"), b"from home"),
             input(
@@ -169,7 +169,7 @@ mod tests {
         let server = TestServer::start().await;
         let tmp = tempfile::tempdir().unwrap();
         let cache = InputCache::new(&tmp.path().join("cache"), 1 << 20).unwrap();
-        let t = crate::transfer::transfers(&settings()).unwrap();
+        let t = crate::transfer::transfers(&settings(), None).unwrap();
         let creds = creds_for(&server);
         let data = b"event generator".repeat(100);
         let shared = input("gen", server.serve("gen", &data), &data);
@@ -196,7 +196,7 @@ mod tests {
     async fn a_bad_digest_names_the_input_and_leaves_no_file() {
         let server = TestServer::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let t = crate::transfer::transfers(&settings()).unwrap();
+        let t = crate::transfer::transfers(&settings(), None).unwrap();
         let mut inp = input("data", server.serve("data", b"real"), b"real");
         inp.sha256 = Some(Sha256::of(b"other"));
         let creds = creds_for(&server);
@@ -214,7 +214,7 @@ mod tests {
     #[tokio::test]
     async fn hostile_names_and_urls_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let t = crate::transfer::transfers(&settings()).unwrap();
+        let t = crate::transfer::transfers(&settings(), None).unwrap();
         let creds = JobCredentials::new(&"http://127.0.0.1:1/".parse().unwrap(), "tok").unwrap();
         for (name, url) in [
             ("../escape", "http://127.0.0.1:1/x"),

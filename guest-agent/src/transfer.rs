@@ -10,11 +10,14 @@ use copilot_storage::{Credential, Url};
 
 use crate::config::TransferSettings;
 
-/// The storage adapters with the agent's transfer settings.
+/// The storage adapters with the agent's transfer settings, trusting `project_ca` (PEM) for
+/// HTTPS beside the public CAs.
 pub fn transfers(
     settings: &TransferSettings,
+    project_ca: Option<Vec<u8>>,
 ) -> Result<copilot_storage::Transfers, copilot_storage::StorageError> {
     copilot_storage::Transfers::new(copilot_storage::Settings {
+        extra_root_pem: project_ca,
         timeout: settings.timeout.as_duration(),
         retry: copilot_storage::Retry {
             retries: settings.retries,

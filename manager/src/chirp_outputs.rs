@@ -343,6 +343,7 @@ mod tests {
             size: 14,
         };
         let agent = Transfers::new(Settings {
+            extra_root_pem: None,
             timeout: t,
             retry: Retry { retries: 0 },
         })

@@ -74,6 +74,12 @@ pub struct HttpConfig {
     /// it, and it reveals only counts). When false it needs the API token like the JSON API.
     #[serde(default = "yes")]
     pub metrics_public: bool,
+    /// Serve HTTPS with this certificate chain (PEM), relative to the config's directory.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -86,6 +92,8 @@ impl Default for HttpConfig {
             listen: default_listen(),
             public_url: String::new(),
             metrics_public: true,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -405,8 +413,15 @@ impl ManagerConfig {
                 "set it in the config or in COPILOT_MANAGER_PASSWORD",
             ))?;
         let mut http = raw.http;
+        http.tls_cert = http.tls_cert.map(|p| base.join(p));
+        http.tls_key = http.tls_key.map(|p| base.join(p));
         if http.public_url.is_empty() {
-            http.public_url = format!("http://{}", http.listen);
+            let scheme = if http.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            http.public_url = format!("{scheme}://{}", http.listen);
         }
         http.public_url = http.public_url.trim_end_matches('/').to_owned();
         let signing_key = raw
@@ -456,6 +471,25 @@ impl ManagerConfig {
                 "http.public_url",
                 "must start with http:// or https://",
             ));
+        }
+        match (&self.http.tls_cert, &self.http.tls_key) {
+            (Some(_), Some(_)) if !url.starts_with("https://") => {
+                return Err(invalid(
+                    "http.public_url",
+                    "must start with https:// when the service speaks TLS (http.tls_cert)",
+                ))
+            }
+            (Some(cert), Some(key)) => {
+                crate::tls::server_config(cert, key)
+                    .map_err(|e| invalid("http.tls_cert", e.to_string()))?;
+            }
+            (None, None) => {}
+            _ => {
+                return Err(invalid(
+                    "http.tls_cert",
+                    "give both tls_cert and tls_key, or neither",
+                ))
+            }
         }
         let j = &self.jobs;
         if j.lease.0 == 0 {
@@ -771,6 +805,15 @@ hold = "10s"
             ("[jobs]\nhold = \"2m\"\n", "jobs.hold"),
             ("[jobs]\nmax_retries = 1000\n", "jobs.max_retries"),
             ("[http]\npublic_url = \"ftp://x\"\n", "http.public_url"),
+            ("[http]\ntls_cert = \"c.pem\"\n", "http.tls_cert"),
+            (
+                "[http]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\npublic_url = \"http://x:1\"\n",
+                "http.public_url",
+            ),
+            (
+                "[http]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+                "http.tls_cert",
+            ),
         ] {
             match parse(&format!("{MINIMAL}{extra}")) {
                 Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),

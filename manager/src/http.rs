@@ -41,12 +41,17 @@ const MAX_SUBMIT_BYTES: usize = 32 << 20;
 mod views;
 mod web;
 
-/// Serve the storage service, API and dashboard on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serve the storage service, API and dashboard on `listener` (TCP, or TLS over TCP) until
+/// `shutdown` resolves.
+pub async fn serve<L>(
+    listener: L,
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod queue;
 pub mod stats;
+pub mod tls;
 
 use fleet::Fleet;
 
@@ -64,6 +65,8 @@ pub enum ManagerError {
     },
     #[error("HTTP service failed: {0}")]
     Http(std::io::Error),
+    #[error("HTTPS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("XMPP security settings: {0}")]
     XmppSecurity(#[from] copilot_xmpp::TrustError),
     #[error("XMPP: {0}")]
@@ -125,7 +128,17 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let http = tokio::spawn(http::serve(listener, shared.clone(), stopped()));
+    let http = match &shared.config.http {
+        crate::config::HttpConfig {
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            ..
+        } => {
+            let tls = tls::TlsListener::new(listener, tls::server_config(cert, key)?);
+            tokio::spawn(http::serve(tls, shared.clone(), stopped()))
+        }
+        _ => tokio::spawn(http::serve(listener, shared.clone(), stopped())),
+    };
     let slots = outputs.map(|o| {
         let stop = stopped();
         let shared = shared.clone();

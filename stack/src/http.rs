@@ -1,27 +1,52 @@
-//! A tiny blocking HTTP/1.0 GET over std::net, enough to ask the local manager whether it is up
-//! and which agents it sees (HTTP/1.0 means no chunked bodies: the body ends at EOF).
+//! A tiny blocking HTTP/1.0 GET over std::net (and rustls for HTTPS), enough to ask the local
+//! manager whether it is up and which agents it sees (HTTP/1.0 means no chunked bodies: the body
+//! ends at EOF).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::{ClientConfig, ClientConnection, StreamOwned};
+
 use crate::StackError;
+
+/// A byte stream: TCP, or TLS over TCP.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 /// Largest answer read.
 const MAX_BODY: u64 = 16 << 20;
 
-/// GET `path` from `addr` with a bearer token; returns (status, body).
-pub(crate) fn get(addr: SocketAddr, path: &str, token: &str) -> Result<(u16, Vec<u8>), StackError> {
-    let url = format!("http://{addr}{path}");
+/// GET `path` from `addr` with a bearer token, over TLS with `tls` if given (the server's name:
+/// its IP address); returns (status, body).
+pub(crate) fn get(
+    addr: SocketAddr,
+    path: &str,
+    token: &str,
+    tls: Option<&Arc<ClientConfig>>,
+) -> Result<(u16, Vec<u8>), StackError> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}{path}");
     let fail = |reason: String| StackError::Http {
         url: url.clone(),
         reason,
     };
     let timeout = Duration::from_secs(5);
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(e.to_string()))?;
-    s.set_read_timeout(Some(timeout))
-        .and_then(|()| s.set_write_timeout(Some(timeout)))
+    let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(e.to_string()))?;
+    tcp.set_read_timeout(Some(timeout))
+        .and_then(|()| tcp.set_write_timeout(Some(timeout)))
         .map_err(|e| fail(e.to_string()))?;
+    let mut s: Box<dyn ReadWrite> = match tls {
+        None => Box::new(tcp),
+        Some(config) => {
+            let name = ServerName::IpAddress(addr.ip().into());
+            let conn =
+                ClientConnection::new(Arc::clone(config), name).map_err(|e| fail(e.to_string()))?;
+            Box::new(StreamOwned::new(conn, tcp))
+        }
+    };
     write!(
         s,
         "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nAccept: application/json\r\n\r\n"
@@ -68,7 +93,7 @@ mod tests {
                 .unwrap();
             req
         });
-        let (status, body) = get(addr, "/api/jobs", "s3cret").unwrap();
+        let (status, body) = get(addr, "/api/jobs", "s3cret", None).unwrap();
         let req = server.join().unwrap();
         assert_eq!(status, 401);
         assert_eq!(body, b"{\"error\":\"x\"}");

@@ -13,13 +13,16 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use copilot_protocol::api::AgentList;
 use copilot_protocol::units::Seconds;
+use copilot_xmpp::TlsTrust;
 use rand::distributions::Alphanumeric;
 use rand::Rng;
+use tokio_rustls::rustls::ClientConfig;
 use toml::{Table, Value};
 
 use crate::error::io;
@@ -58,6 +61,9 @@ pub struct StackOptions {
     /// Agents reach Prosody and the manager's HTTP port through [`Link`]s the caller can cut
     /// (fault tests); otherwise directly.
     pub links: bool,
+    /// The manager serves HTTPS (a certificate from the stack's CA for localhost, 127.0.0.1
+    /// and 10.0.2.2); agents and the CLI trust that CA.
+    pub https: bool,
     /// Whether the manager signs assignments and agents insist on it (the default).
     pub signed: bool,
 }
@@ -74,6 +80,7 @@ impl StackOptions {
             extra_agent_toml: None,
             public_host: None,
             links: false,
+            https: false,
             signed: true,
         }
     }
@@ -150,6 +157,8 @@ pub struct LocalStack {
     manager_config: PathBuf,
     /// The stack's signing key pair, when it signs its work.
     keys: Option<StackKeys>,
+    /// TLS client settings for the manager's HTTPS, if it serves HTTPS.
+    https: Option<Arc<ClientConfig>>,
     // Field order is drop order: agents first, the server last.
     agents: Vec<Agent>,
     links: Option<Links>,
@@ -190,8 +199,9 @@ impl LocalStack {
         } else {
             None
         };
+        let scheme = if opts.https { "https" } else { "http" };
         let public_url = format!(
-            "http://{}:{}",
+            "{scheme}://{}:{}",
             opts.public_host.as_deref().unwrap_or("127.0.0.1"),
             links.as_ref().map_or(http.port(), |l| l.http.port())
         );
@@ -207,13 +217,37 @@ impl LocalStack {
         if let Some(keys) = &keys {
             merge(&mut base, manager_trust(&keys.private_key));
         }
-        let base = pin_ca(base, prosody.ca_pem());
-        let text = merge_extra(base, opts.extra_manager_toml.as_deref(), "manager")?;
-        write(&manager_config, &text)?;
-        let client = table([
-            ("url", Value::from(format!("http://{http}"))),
+        let mut base = pin_ca(base, prosody.ca_pem());
+        let mut client = table([
+            ("url", Value::from(format!("{scheme}://{http}"))),
             ("token", Value::from(token.clone())),
         ]);
+        let https = if opts.https {
+            let (cert, key) = prosody
+                .ca()
+                .leaf("manager-http", "DNS:localhost,IP:127.0.0.1,IP:10.0.2.2")?;
+            merge(
+                &mut base,
+                table([(
+                    "http",
+                    Value::Table(table([
+                        ("tls_cert", path_value(&cert)),
+                        ("tls_key", path_value(&key)),
+                    ])),
+                )]),
+            );
+            client.insert("ca".into(), Value::from(prosody.ca_pem()));
+            let trust =
+                TlsTrust::from_pem(prosody.ca_pem().as_bytes()).map_err(|e| StackError::Tool {
+                    what: "trusting the stack's CA".into(),
+                    output: e.to_string(),
+                })?;
+            Some(trust.client_config())
+        } else {
+            None
+        };
+        let text = merge_extra(base, opts.extra_manager_toml.as_deref(), "manager")?;
+        write(&manager_config, &text)?;
         write(&dir.join("client.toml"), &client.to_string())?;
         let mut stack = LocalStack {
             opts,
@@ -222,6 +256,7 @@ impl LocalStack {
             token,
             manager_config,
             keys,
+            https,
             agents: Vec::new(),
             links,
             manager: None,
@@ -234,9 +269,14 @@ impl LocalStack {
         Ok(stack)
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` when the stack serves HTTPS).
     pub fn manager_url(&self) -> String {
-        format!("http://{}", self.http)
+        let scheme = if self.https.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.http)
     }
 
     /// The API token of the manager.
@@ -439,7 +479,9 @@ impl LocalStack {
         let deadline = Instant::now() + MANAGER_TIMEOUT;
         loop {
             p.check_alive()?;
-            if let Ok((200, _)) = http::get(self.http, "/api/jobs", &self.token) {
+            if let Ok((200, _)) =
+                http::get(self.http, "/api/jobs", &self.token, self.https.as_ref())
+            {
                 break;
             }
             if Instant::now() > deadline {
@@ -460,7 +502,7 @@ impl LocalStack {
     /// The manager's view of the agents (GET /api/agents).
     pub fn agents(&self) -> Result<AgentList, StackError> {
         let path = "/api/agents";
-        let (status, body) = http::get(self.http, path, &self.token)?;
+        let (status, body) = http::get(self.http, path, &self.token, self.https.as_ref())?;
         let bad = |reason: String| StackError::Http {
             url: format!("{}{path}", self.manager_url()),
             reason,

@@ -63,6 +63,11 @@ impl Prosody {
         self.port
     }
 
+    /// The stack's CA, which issued the server's certificate (and can issue others).
+    pub fn ca(&self) -> &ProjectCa {
+        &self.ca
+    }
+
     /// The CA the server's certificate chains to (PEM): what clients pin.
     pub fn ca_pem(&self) -> &str {
         self.ca.ca_pem()

@@ -12,10 +12,19 @@ use crate::{require_tool, StackError};
 
 /// Days the certificates are valid: a test stack lives minutes, `copilot up`'s state dir years.
 const DAYS: &str = "3650";
+/// A new P-256 key, unencrypted.
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
 
 /// A CA certificate and a server key pair it certified, as files in one directory.
 #[derive(Debug, Clone)]
 pub struct ProjectCa {
+    dir: PathBuf,
     ca_pem: String,
     cert: PathBuf,
     key: PathBuf,
@@ -26,25 +35,15 @@ impl ProjectCa {
     /// made if missing, else reused (a stack's state dir keeps its CA across restarts).
     pub fn create_or_reuse(dir: &Path, host: &str) -> Result<ProjectCa, StackError> {
         let ca_pem = dir.join("ca.pem");
-        let ca_key = dir.join("ca.key");
-        let cert = dir.join(format!("{host}.crt"));
-        let key = dir.join(format!("{host}.key"));
-        if ![&ca_pem, &cert, &key].iter().all(|p| p.is_file()) {
+        if !ca_pem.is_file() || !dir.join("ca.key").is_file() {
             require_tool("openssl", "openssl")?;
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-            let ec = [
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ];
             openssl(
                 Command::new("openssl")
                     .args(["req", "-x509"])
-                    .args(ec)
+                    .args(EC_KEY)
                     .arg("-keyout")
-                    .arg(&ca_key)
+                    .arg(dir.join("ca.key"))
                     .arg("-out")
                     .arg(&ca_pem)
                     .args(["-days", DAYS, "-subj", "/CN=copilot project CA"])
@@ -52,45 +51,64 @@ impl ProjectCa {
                     .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]),
                 "making the CA",
             )?;
-            let csr = dir.join(format!("{host}.csr"));
-            openssl(
-                Command::new("openssl")
-                    .arg("req")
-                    .args(ec)
-                    .arg("-keyout")
-                    .arg(&key)
-                    .arg("-out")
-                    .arg(&csr)
-                    .args(["-subj", &format!("/CN={host}")]),
-                "making the server key",
-            )?;
-            let ext = dir.join(format!("{host}.ext"));
-            std::fs::write(
-                &ext,
-                format!(
-                    "basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:{host}\n\
-                     keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-                ),
-            )
-            .map_err(io(format!("writing {}", ext.display())))?;
-            openssl(
-                Command::new("openssl")
-                    .args(["x509", "-req", "-in"])
-                    .arg(&csr)
-                    .arg("-CA")
-                    .arg(&ca_pem)
-                    .arg("-CAkey")
-                    .arg(&ca_key)
-                    .args(["-CAcreateserial", "-days", DAYS, "-extfile"])
-                    .arg(&ext)
-                    .arg("-out")
-                    .arg(&cert),
-                "signing the server certificate",
-            )?;
         }
-        let ca_pem = std::fs::read_to_string(&ca_pem)
+        let ca_text = std::fs::read_to_string(&ca_pem)
             .map_err(io(format!("reading {}", ca_pem.display())))?;
-        Ok(ProjectCa { ca_pem, cert, key })
+        let mut ca = ProjectCa {
+            dir: dir.to_owned(),
+            ca_pem: ca_text,
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        };
+        (ca.cert, ca.key) = ca.leaf(host, &format!("DNS:{host}"))?;
+        Ok(ca)
+    }
+
+    /// A server certificate `<name>.crt` (and its key `<name>.key`) signed by this CA for the
+    /// subjectAltNames `san` (e.g. `DNS:localhost,IP:127.0.0.1`): made if missing, else reused.
+    pub fn leaf(&self, name: &str, san: &str) -> Result<(PathBuf, PathBuf), StackError> {
+        let cert = self.dir.join(format!("{name}.crt"));
+        let key = self.dir.join(format!("{name}.key"));
+        if cert.is_file() && key.is_file() {
+            return Ok((cert, key));
+        }
+        require_tool("openssl", "openssl")?;
+        let csr = self.dir.join(format!("{name}.csr"));
+        openssl(
+            Command::new("openssl")
+                .arg("req")
+                .args(EC_KEY)
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&csr)
+                .args(["-subj", &format!("/CN={name}")]),
+            "making a server key",
+        )?;
+        let ext = self.dir.join(format!("{name}.ext"));
+        std::fs::write(
+            &ext,
+            format!(
+                "basicConstraints=critical,CA:FALSE\nsubjectAltName={san}\n\
+                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .map_err(io(format!("writing {}", ext.display())))?;
+        openssl(
+            Command::new("openssl")
+                .args(["x509", "-req", "-in"])
+                .arg(&csr)
+                .arg("-CA")
+                .arg(self.dir.join("ca.pem"))
+                .arg("-CAkey")
+                .arg(self.dir.join("ca.key"))
+                .args(["-CAcreateserial", "-days", DAYS, "-extfile"])
+                .arg(&ext)
+                .arg("-out")
+                .arg(&cert),
+            "signing a server certificate",
+        )?;
+        Ok((cert, key))
     }
 
     /// The CA certificate (PEM), what clients pin.
@@ -98,12 +116,12 @@ impl ProjectCa {
         &self.ca_pem
     }
 
-    /// The server's certificate (PEM file).
+    /// The first server's certificate (PEM file).
     pub fn cert(&self) -> &Path {
         &self.cert
     }
 
-    /// The server's private key (PEM file).
+    /// The first server's private key (PEM file).
     pub fn key(&self) -> &Path {
         &self.key
     }
@@ -150,5 +168,13 @@ mod tests {
         assert!(verify.status.success(), "{verify:?}");
         let again = ProjectCa::create_or_reuse(dir.path(), "localhost").unwrap();
         assert_eq!(again.ca_pem(), ca.ca_pem());
+        let (http, _) = ca.leaf("http", "DNS:localhost,IP:127.0.0.1").unwrap();
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in"])
+            .arg(&http)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(text.contains("IP Address:127.0.0.1"), "{text}");
     }
 }

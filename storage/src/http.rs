@@ -42,15 +42,24 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl HttpStore {
-    /// A client whose requests (headers and body) may take `timeout` each.
-    pub fn new(timeout: Duration) -> Result<HttpStore, StorageError> {
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("copilot/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| StorageError::Transport {
-                url: String::new(),
-                reason: error_chain(&e),
-            })?;
+    /// A client whose requests (headers and body) may take `timeout` each, trusting the
+    /// certificates in `extra_root_pem` for HTTPS beside the public CAs.
+    pub fn new(
+        timeout: Duration,
+        extra_root_pem: Option<&[u8]>,
+    ) -> Result<HttpStore, StorageError> {
+        let setup = |e: reqwest::Error| StorageError::Transport {
+            url: String::new(),
+            reason: error_chain(&e),
+        };
+        let mut builder =
+            reqwest::Client::builder().user_agent(concat!("copilot/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = extra_root_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(setup)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder.build().map_err(setup)?;
         Ok(HttpStore { client, timeout })
     }
 

@@ -271,11 +271,14 @@ pub trait Storage: Send + Sync {
 }
 
 /// Transfer settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Settings {
     /// Longest an HTTP request may take; for Chirp, longest wait for any answer or chunk.
     pub timeout: Duration,
     pub retry: Retry,
+    /// A CA (PEM) to trust for HTTPS beside the public ones: the project's own, for its
+    /// manager's storage service.
+    pub extra_root_pem: Option<Vec<u8>>,
 }
 
 /// The adapters, picked by URL scheme, with retries.
@@ -319,7 +322,7 @@ impl Transfers {
     /// Adapters with these settings.
     pub fn new(settings: Settings) -> Result<Transfers, StorageError> {
         Ok(Transfers {
-            http: http::HttpStore::new(settings.timeout)?,
+            http: http::HttpStore::new(settings.timeout, settings.extra_root_pem.as_deref())?,
             chirp: chirp_store::ChirpStore::new(settings.timeout),
             retry: settings.retry,
         })

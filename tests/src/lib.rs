@@ -40,6 +40,16 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// An HTTP client for the stack's API that trusts the stack's CA (for an HTTPS manager).
+fn api_client(stack: &LocalStack) -> reqwest::Client {
+    let root = reqwest::Certificate::from_pem(stack.ca_pem().as_bytes())
+        .expect("the stack's CA is a PEM certificate");
+    reqwest::Client::builder()
+        .add_root_certificate(root)
+        .build()
+        .expect("an HTTP client")
+}
+
 /// A running stack plus the means to drive and inspect it.
 #[derive(Debug)]
 pub struct Harness {
@@ -63,6 +73,8 @@ pub struct Setup {
     pub public_host: Option<String>,
     /// Agents reach the servers through links the test can cut (`stack.xmpp_link()`…).
     pub links: bool,
+    /// The manager serves HTTPS with a certificate from the stack's CA.
+    pub https: bool,
     /// Whether the stack signs its work (the default; see `StackOptions::signed`).
     pub signed: bool,
 }
@@ -76,6 +88,7 @@ impl Default for Setup {
             agent_toml: None,
             public_host: None,
             links: false,
+            https: false,
             signed: true,
         }
     }
@@ -95,6 +108,7 @@ impl Harness {
         opts.extra_agent_toml = setup.agent_toml;
         opts.public_host = setup.public_host;
         opts.links = setup.links;
+        opts.https = setup.https;
         opts.signed = setup.signed;
         let stack = LocalStack::start(opts).unwrap_or_else(|e| panic!("starting the stack: {e}"));
         stack
@@ -104,10 +118,11 @@ impl Harness {
             .enable_all()
             .build()
             .expect("tokio runtime");
+        let http = api_client(&stack);
         Harness {
             stack,
             rt,
-            http: reqwest::Client::new(),
+            http,
             tmp,
         }
     }

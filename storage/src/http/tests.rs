@@ -11,6 +11,7 @@ use crate::{GetSpec, Retry, Settings, Transfers};
 
 fn transfers() -> Transfers {
     Transfers::new(Settings {
+        extra_root_pem: None,
         timeout: Duration::from_secs(30),
         retry: Retry { retries: 2 },
     })

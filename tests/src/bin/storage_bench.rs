@@ -115,6 +115,7 @@ fn main() -> Result<()> {
     let mut chirp = ChirpServer::start(&chirp_dir, "address:127.0.0.1 rwlda\n")
         .context("starting chirp_server")?;
     let transfers = Transfers::new(Settings {
+        extra_root_pem: None,
         timeout: Duration::from_secs(600),
         retry: Retry { retries: 0 },
     })?;
