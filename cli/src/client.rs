@@ -164,10 +164,16 @@ impl Client {
         let resp: SubmitResponse = self
             .json(what, self.request(Method::POST, "/api/jobs").json(req))
             .await?;
-        if resp.ids.len() != req.jobs.len() {
+        // One id per job, or per replica of a replicated job.
+        let expected: usize = req
+            .jobs
+            .iter()
+            .map(|j| j.replication.map_or(1, |r| r.replicas as usize))
+            .sum();
+        if resp.ids.len() != expected {
             return Err(ClientError::BadAnswer {
                 what: what.into(),
-                reason: format!("{} ids for {} jobs", resp.ids.len(), req.jobs.len()),
+                reason: format!("{} ids for {expected} jobs and replicas", resp.ids.len()),
             });
         }
         Ok(resp.ids)

@@ -66,7 +66,8 @@ pub fn outcome_cell(o: Option<&OutcomeView>) -> String {
     o.map_or_else(|| "-".into(), OutcomeView::short)
 }
 
-/// The jobs table: id, name, state, attempt, agent, outcome; states coloured if `colour`.
+/// The jobs table: id, name, state, attempt, agent, outcome (with a replica's group and
+/// validation); states coloured if `colour`.
 pub fn jobs(jobs: &[JobView], colour: bool) -> String {
     let rows: Vec<Vec<String>> = jobs
         .iter()
@@ -77,7 +78,15 @@ pub fn jobs(jobs: &[JobView], colour: bool) -> String {
                 j.state.to_string(),
                 format!("{}/{}", j.attempt, j.max_retries + 1),
                 j.agent.clone().unwrap_or_else(|| "-".into()),
-                outcome_cell(j.outcome.as_ref()),
+                match &j.replica {
+                    Some(r) => format!(
+                        "{} · replica of {}: {}",
+                        outcome_cell(j.outcome.as_ref()),
+                        r.group,
+                        r.validation
+                    ),
+                    None => outcome_cell(j.outcome.as_ref()),
+                },
             ]
         })
         .collect();
@@ -212,6 +221,7 @@ mod tests {
             timings_ms: None,
             sandbox: None,
             note: None,
+            replica: None,
             spec: copilot_protocol::JobSpec::new(name, &["true"]),
         }
     }

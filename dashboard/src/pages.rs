@@ -9,7 +9,9 @@
 
 use std::fmt::Write as _;
 
-use copilot_protocol::api::{AgentList, AgentView, FileView, JobView, STDERR_ENTRY, STDOUT_ENTRY};
+use copilot_protocol::api::{
+    AgentList, AgentView, FileView, JobView, Validation, STDERR_ENTRY, STDOUT_ENTRY,
+};
 use copilot_protocol::histogram::{Bin, Histogram};
 use copilot_protocol::job::InputSource;
 use copilot_protocol::sandbox::{Protection, SandboxReport};
@@ -498,6 +500,25 @@ pub fn job(d: &JobDetail) -> Page {
     }
     if let Some(n) = &j.note {
         definition(&mut b, "note", &esc(n).to_string());
+    }
+    if let (Some(r), Some(rep)) = (&j.replica, &j.spec.replication) {
+        definition(
+            &mut b,
+            "replica",
+            &format!(
+                "<span id=\"validation\" class=\"outcome {}\">{}</span> · one of {} replicas \
+                 (group {}), quorum {}",
+                match r.validation {
+                    Validation::Valid => "ok",
+                    Validation::Pending => "",
+                    Validation::Outvoted | Validation::NoQuorum => "bad",
+                },
+                r.validation,
+                rep.replicas,
+                job_link(r.group),
+                rep.quorum
+            ),
+        );
     }
     if let Some(s) = &j.sandbox {
         definition(&mut b, "sandbox", &sandbox_cell(Some(s)));

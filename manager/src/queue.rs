@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use copilot_protocol::api::{
-    FileView, JobList, JobView, OutcomeView, Stored, VolunteerCredit, VolunteerList,
+    FileView, JobList, JobView, OutcomeView, ReplicaView, Stored, Validation, VolunteerCredit,
+    VolunteerList,
 };
 use copilot_protocol::job::InputSource;
 use copilot_protocol::state::BadTransition;
@@ -30,7 +31,7 @@ use rusqlite::{
 use crate::fleet::now_ms;
 
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE jobs (
@@ -76,6 +77,14 @@ CREATE TABLE reports (
     at INTEGER NOT NULL,
     PRIMARY KEY (job, attempt)
 );
+";
+
+/// Added in schema version 3: replicated jobs. Every replica of a group names the group's first
+/// replica in `replica_of`; `validation` says whether its result counts.
+const REPLICA_SCHEMA: &str = "
+ALTER TABLE jobs ADD COLUMN replica_of INTEGER REFERENCES jobs(id);
+ALTER TABLE jobs ADD COLUMN validation TEXT;
+CREATE INDEX jobs_by_replica_group ON jobs(replica_of);
 ";
 
 /// Added in schema version 2: credit per BOINC user and host.
@@ -394,6 +403,79 @@ fn lose(tx: &Transaction<'_>, cur: &Current, why: &str, now: u64) -> Result<JobS
     Ok(state)
 }
 
+/// The replicas of `job`'s group (if it has one) against its quorum: a replica whose outputs
+/// (paths and sha256s) a quorum of done replicas share is `valid`, a done one with other outputs
+/// `outvoted`; once every replica is final without a quorum, all are `no-quorum`; otherwise
+/// they stay `pending`. Called whenever a replica ends.
+fn validate_group(tx: &Transaction<'_>, job: JobId) -> Result<(), QueueError> {
+    let group: Option<JobId> =
+        tx.query_row_cached("SELECT replica_of FROM jobs WHERE id = ?1", [job], |r| {
+            r.get(0)
+        })?;
+    let Some(group) = group else {
+        return Ok(());
+    };
+    let mut stmt = tx.prepare_cached(
+        "SELECT id, state, files, spec FROM jobs WHERE replica_of = ?1 ORDER BY id",
+    )?;
+    let rows = stmt
+        .query_map([group], |r| {
+            Ok((
+                r.get::<_, JobId>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut replicas = Vec::with_capacity(rows.len());
+    let mut quorum = u32::MAX;
+    for (id, state, files, spec) in rows {
+        let spec: JobSpec = from_json(&spec)?;
+        quorum = spec.replication.map_or(1, |r| r.quorum);
+        let state = parse_state(&state)?;
+        let outputs = match (state, files) {
+            (JobState::Done, Some(files)) => {
+                let files: Vec<FileView> = from_json(&files)?;
+                let mut sums: Vec<(String, Sha256)> =
+                    files.into_iter().map(|f| (f.path, f.sha256)).collect();
+                sums.sort();
+                Some(sums)
+            }
+            _ => None,
+        };
+        replicas.push((id, state.is_final(), outputs));
+    }
+    let mut tally: BTreeMap<&Vec<(String, Sha256)>, u32> = BTreeMap::new();
+    for (_, _, outputs) in &replicas {
+        if let Some(o) = outputs {
+            *tally.entry(o).or_default() += 1;
+        }
+    }
+    let winner = tally
+        .iter()
+        .find(|(_, n)| **n >= quorum)
+        .map(|(o, _)| (*o).clone());
+    let all_final = replicas.iter().all(|(_, fin, _)| *fin);
+    for (id, _, outputs) in &replicas {
+        let v = match (&winner, outputs) {
+            (Some(w), Some(o)) if o == w => Validation::Valid,
+            (Some(_), Some(_)) => Validation::Outvoted,
+            (Some(_), None) => Validation::Pending,
+            (None, _) if all_final => Validation::NoQuorum,
+            (None, _) => Validation::Pending,
+        };
+        tx.execute_cached(
+            "UPDATE jobs SET validation = ?1 WHERE id = ?2",
+            params![v.as_str(), id],
+        )?;
+    }
+    if let Some(w) = &winner {
+        tracing::info!(group, quorum, files = w.len(), "replicated job validated");
+    }
+    Ok(())
+}
+
 fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, QueueError>> {
     let state: String = r.get("state")?;
     let outcome: Option<String> = r.get("outcome")?;
@@ -404,6 +486,8 @@ fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, QueueError>> 
     let sandbox: Option<String> = r.get("sandbox")?;
     let archive_url: Option<String> = r.get("archive_url")?;
     let spec: String = r.get("spec")?;
+    let replica_of: Option<JobId> = r.get("replica_of")?;
+    let validation: Option<String> = r.get("validation")?;
     let (id, name, attempt, max_retries, agent, created, updated, note) = (
         r.get("id")?,
         r.get("name")?,
@@ -441,6 +525,14 @@ fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, QueueError>> 
             timings_ms: timings.as_deref().map(from_json).transpose()?,
             sandbox: sandbox.as_deref().map(from_json).transpose()?,
             note,
+            replica: match (replica_of, validation.as_deref()) {
+                (Some(group), Some(v)) => Some(ReplicaView {
+                    group,
+                    validation: Validation::parse(v)
+                        .ok_or_else(|| corrupt(format!("job {id}: validation {v:?}")))?,
+                }),
+                _ => None,
+            },
             spec: from_json(&spec)?,
         })
     })())
@@ -512,14 +604,25 @@ impl Queue {
             )?;
             for spec in specs {
                 let retries = spec.max_retries.unwrap_or(default_max_retries);
-                insert.execute(params![spec.name, to_json(spec)?, retries, now])?;
-                let id = tx.last_insert_rowid() as JobId;
-                tx.execute_cached(
-                    "INSERT INTO events (job, attempt, from_state, to_state, at, why)
-                     VALUES (?1, 0, 'new', 'queued', ?2, 'submitted')",
-                    params![id, now],
-                )?;
-                ids.push(id);
+                let copies = spec.replication.map_or(1, |r| r.replicas);
+                let mut group = None;
+                for _ in 0..copies {
+                    insert.execute(params![spec.name, to_json(spec)?, retries, now])?;
+                    let id = tx.last_insert_rowid() as JobId;
+                    tx.execute_cached(
+                        "INSERT INTO events (job, attempt, from_state, to_state, at, why)
+                         VALUES (?1, 0, 'new', 'queued', ?2, 'submitted')",
+                        params![id, now],
+                    )?;
+                    if spec.replication.is_some() {
+                        let leader = *group.get_or_insert(id);
+                        tx.execute_cached(
+                            "UPDATE jobs SET replica_of = ?1, validation = 'pending' WHERE id = ?2",
+                            params![leader, id],
+                        )?;
+                    }
+                    ids.push(id);
+                }
             }
             Ok(ids)
         })
@@ -536,9 +639,13 @@ impl Queue {
         self.write(|tx, now| {
             let row: Option<(JobId, String, u32, String)> = tx
                 .query_row_cached(
+                    // A replica never goes to an agent that holds or ran another of its group.
                     "SELECT id, state, attempt, spec FROM jobs WHERE state = 'queued'
+                     AND (replica_of IS NULL OR NOT EXISTS (
+                         SELECT 1 FROM jobs AS sibling WHERE sibling.replica_of = jobs.replica_of
+                         AND sibling.id != jobs.id AND sibling.agent = ?1))
                      ORDER BY id LIMIT 1",
-                    [],
+                    [agent],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()?;
@@ -696,6 +803,9 @@ impl Queue {
             )?;
             if let (JobState::Done, Some(v)) = (state, &report.volunteer) {
                 credit(tx, v, report.timings.cpu_ms.unwrap_or(0), now)?;
+            }
+            if state.is_final() {
+                validate_group(tx, job)?;
             }
             tracing::info!(job, attempt, agent, %state, "{}", outcome.describe());
             Ok(Completion::Recorded(state))
@@ -1332,10 +1442,16 @@ fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
         0 => {
             tx.execute_batch(SCHEMA)?;
             tx.execute_batch(CREDIT_SCHEMA)?;
+            tx.execute_batch(REPLICA_SCHEMA)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         1 => {
             tx.execute_batch(CREDIT_SCHEMA)?;
+            tx.execute_batch(REPLICA_SCHEMA)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        2 => {
+            tx.execute_batch(REPLICA_SCHEMA)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
@@ -1981,5 +2097,55 @@ mod tests {
             .unwrap();
         // 2 submitted, 2 assigned, 1 uploading, 1 done.
         assert_eq!(events, 6);
+    }
+
+    #[test]
+    fn replicas_go_to_distinct_agents_and_a_quorum_of_equal_outputs_decides() {
+        use copilot_protocol::job::Replication;
+        let f = Fixture::new();
+        let replicated = |replicas, quorum| {
+            let mut s = spec("rep");
+            s.replication = Some(Replication { replicas, quorum });
+            s
+        };
+        let ids = f.q.submit(&[replicated(3, 2)], 3).unwrap();
+        assert_eq!(ids.len(), 3, "one job per replica");
+        let c1 = claim(&f, "a1", TTL);
+        assert!(
+            f.q.claim("a1", TTL, TTL).unwrap().is_none(),
+            "a1 already holds a replica of the only group"
+        );
+        let c2 = claim(&f, "a2", TTL);
+        let c3 = claim(&f, "a3", TTL);
+        assert_eq!(vec![c1.job, c2.job, c3.job], ids);
+        let replica = |id| f.q.job(id).unwrap().unwrap().replica.unwrap();
+        assert!(ids.iter().all(|id| replica(*id).group == ids[0]));
+        let done = |agent: &str, c: &Claim, output: &[u8]| {
+            let mut r = report(c, OK, None);
+            r.files[0].sha256 = Sha256::of(output);
+            f.q.complete(agent, &r).unwrap();
+        };
+        done("a1", &c1, b"42");
+        assert_eq!(replica(c1.job).validation, Validation::Pending);
+        done("a3", &c3, b"41");
+        assert_eq!(replica(c1.job).validation, Validation::Pending, "1 to 1");
+        assert_eq!(replica(c3.job).validation, Validation::Pending);
+        done("a2", &c2, b"42");
+        assert_eq!(replica(c1.job).validation, Validation::Valid);
+        assert_eq!(replica(c2.job).validation, Validation::Valid);
+        assert_eq!(replica(c3.job).validation, Validation::Outvoted);
+
+        // Two replicas that disagree, quorum 2: no result once both ended.
+        let ids = f.q.submit(&[replicated(2, 2)], 3).unwrap();
+        let (c1, c2) = (claim(&f, "a1", TTL), claim(&f, "a2", TTL));
+        done("a1", &c1, b"1");
+        assert_eq!(replica(ids[0]).validation, Validation::Pending);
+        done("a2", &c2, b"2");
+        for id in ids {
+            assert_eq!(replica(id).validation, Validation::NoQuorum);
+        }
+        // Unreplicated jobs have no replica view.
+        let id = f.q.submit(&[spec("single")], 3).unwrap()[0];
+        assert_eq!(f.q.job(id).unwrap().unwrap().replica, None);
     }
 }

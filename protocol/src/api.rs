@@ -128,7 +128,62 @@ pub struct JobView {
     /// Why the job failed or was requeued, if the manager knows more than the outcome says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// For a replicated job (`spec.replication`): its group and whether its result counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaView>,
     pub spec: JobSpec,
+}
+
+/// One replica of a replicated job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    /// The id of the group's first replica (the group's id).
+    pub group: JobId,
+    pub validation: Validation,
+}
+
+/// Where a replica's result stands against its group's quorum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Validation {
+    /// Fewer than `quorum` results agree yet.
+    Pending,
+    /// Its outputs are those a quorum of the group returned: the group's result.
+    Valid,
+    /// Done, but its outputs differ from those of the quorum.
+    Outvoted,
+    /// Every replica ended and fewer than `quorum` agree: the group has no result.
+    NoQuorum,
+}
+
+impl Validation {
+    /// The name used in the API and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Validation::Pending => "pending",
+            Validation::Valid => "valid",
+            Validation::Outvoted => "outvoted",
+            Validation::NoQuorum => "no-quorum",
+        }
+    }
+
+    /// From [`Validation::as_str`].
+    pub fn parse(s: &str) -> Option<Validation> {
+        [
+            Validation::Pending,
+            Validation::Valid,
+            Validation::Outvoted,
+            Validation::NoQuorum,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Validation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Jobs and the count of jobs in each state.

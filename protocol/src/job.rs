@@ -132,6 +132,58 @@ pub struct JobFile {
     /// namespace of its own (only a loopback device, down) where the host allows one.
     #[serde(default = "yes")]
     pub network: bool,
+    /// Run each instance on this many distinct agents (2 to [`MAX_REPLICAS`]; unset: once).
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// How many replicas' outputs must agree for the result to count (default: all of them).
+    #[serde(default)]
+    pub quorum: Option<u32>,
+}
+
+/// Most replicas of one job.
+pub const MAX_REPLICAS: u32 = 10;
+
+/// A job that runs on several distinct agents; its result counts once `quorum` of them
+/// returned the same outputs (the same paths with the same sha256s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replication {
+    pub replicas: u32,
+    pub quorum: u32,
+}
+
+impl Replication {
+    /// From a job file's `replicas` and `quorum`: `None` for a job that runs once.
+    pub fn from_fields(
+        replicas: Option<u32>,
+        quorum: Option<u32>,
+    ) -> Result<Option<Replication>, JobError> {
+        match (replicas, quorum) {
+            (None | Some(1), None) => Ok(None),
+            (None | Some(1), Some(_)) => Err(field("quorum", "needs replicas of 2 or more")),
+            (Some(replicas), quorum) => {
+                let r = Replication {
+                    replicas,
+                    quorum: quorum.unwrap_or(replicas),
+                };
+                r.validate()?;
+                Ok(Some(r))
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), JobError> {
+        if !(2..=MAX_REPLICAS).contains(&self.replicas) {
+            return Err(field(
+                "replicas",
+                format!("must be between 2 and {MAX_REPLICAS}"),
+            ));
+        }
+        if !(1..=self.replicas).contains(&self.quorum) {
+            return Err(field("quorum", "must be between 1 and replicas"));
+        }
+        Ok(())
+    }
 }
 
 fn yes() -> bool {
@@ -184,6 +236,9 @@ pub struct JobSpec {
     /// See [`JobFile::network`].
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub network: bool,
+    /// Run on several distinct agents, accepted by a quorum (see [`Replication`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
 }
 
 impl JobFile {
@@ -216,6 +271,7 @@ impl JobFile {
         validate_env(&self.env)?;
         validate_outputs(&self.outputs)?;
         validate_retries(self.max_retries)?;
+        Replication::from_fields(self.replicas, self.quorum)?;
         if let Some(c) = self.count {
             if c == 0 || c > 100_000 {
                 return Err(field("count", "must be between 1 and 100000"));
@@ -307,6 +363,7 @@ impl JobFile {
             .clone()
             .unwrap_or_else(|| default_name(&self.command));
         let count = self.count.unwrap_or(1);
+        let replication = Replication::from_fields(self.replicas, self.quorum)?;
         let specs = (0..count)
             .map(|i| {
                 let mut env = self.env.clone();
@@ -326,6 +383,7 @@ impl JobFile {
                     limits: self.limits.clone(),
                     max_retries: self.max_retries,
                     network: self.network,
+                    replication,
                 }
             })
             .collect();
@@ -370,6 +428,7 @@ impl JobSpec {
             limits: Limits::default(),
             max_retries: None,
             network: true,
+            replication: None,
         }
     }
 
@@ -380,6 +439,9 @@ impl JobSpec {
         validate_env(&self.env)?;
         validate_outputs(&self.outputs)?;
         validate_retries(self.max_retries)?;
+        if let Some(r) = &self.replication {
+            r.validate()?;
+        }
         check_count("inputs", self.inputs.len(), MAX_FILES)?;
         let mut names = BTreeSet::new();
         for input in &self.inputs {
@@ -727,5 +789,46 @@ output = "1MiB"
         let json = serde_json::to_string(&specs[0]).unwrap();
         let back: JobSpec = serde_json::from_str(&json).unwrap();
         assert_eq!(back, specs[0]);
+    }
+
+    #[test]
+    fn replicas_and_quorum_become_the_specs_replication() {
+        let specs = |text: &str| JobFile::parse(text)?.into_specs(Path::new("/jobs"), |_| None);
+        let s = specs("command = [\"x\"]\nreplicas = 3\nquorum = 2\ncount = 2\n").unwrap();
+        assert_eq!(s.len(), 2);
+        for spec in &s {
+            assert_eq!(
+                spec.replication,
+                Some(Replication {
+                    replicas: 3,
+                    quorum: 2
+                })
+            );
+            spec.validate().unwrap();
+        }
+        // The quorum defaults to every replica; one replica is no replication.
+        let all = specs("command = [\"x\"]\nreplicas = 2\n").unwrap();
+        assert_eq!(all[0].replication.map(|r| r.quorum), Some(2));
+        assert_eq!(
+            specs("command = [\"x\"]\nreplicas = 1\n").unwrap()[0].replication,
+            None
+        );
+        for (text, field) in [
+            ("replicas = 11", "replicas"),
+            ("replicas = 0", "replicas"),
+            ("replicas = 2\nquorum = 3", "quorum"),
+            ("replicas = 2\nquorum = 0", "quorum"),
+            ("quorum = 2", "quorum"),
+        ] {
+            let err = specs(&format!("command = [\"x\"]\n{text}\n")).unwrap_err();
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+        // A spec from the API is checked the same way.
+        let mut bad = JobSpec::new("j", &["x"]);
+        bad.replication = Some(Replication {
+            replicas: 2,
+            quorum: 5,
+        });
+        assert!(bad.validate().is_err());
     }
 }

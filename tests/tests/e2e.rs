@@ -267,3 +267,60 @@ fn jobs_flow_over_https_with_the_project_ca() {
         String::from_utf8_lossy(&answer)
     );
 }
+
+#[test]
+fn replicated_jobs_run_on_distinct_agents_and_only_agreeing_outputs_count() {
+    let h = Harness::start(Setup {
+        agents: 3,
+        ..Setup::default()
+    });
+    // The same answer from every replica, and a different one from each.
+    let agree = h.write_job(
+        "agree",
+        "name = \"agree\"\ncommand = [\"sh\", \"-c\", \"echo 42 > answer.txt\"]\n\
+         outputs = [\"answer.txt\"]\nreplicas = 2\nquorum = 2\n",
+        &[],
+    );
+    let differ = h.write_job(
+        "differ",
+        "name = \"differ\"\ncommand = [\"sh\", \"-c\", \"head -c 16 /dev/urandom > answer.txt\"]\n\
+         outputs = [\"answer.txt\"]\nreplicas = 2\n",
+        &[],
+    );
+    let agreeing = h.submit(&agree);
+    let differing = h.submit(&differ);
+    assert_eq!(
+        (agreeing.len(), differing.len()),
+        (2, 2),
+        "a job per replica"
+    );
+    let all: Vec<_> = agreeing.iter().chain(&differing).copied().collect();
+    let jobs = h.wait_final(&all, Duration::from_secs(120));
+    let of =
+        |ids: &[u64]| -> Vec<&JobView> { jobs.iter().filter(|j| ids.contains(&j.id)).collect() };
+    for group in [of(&agreeing), of(&differing)] {
+        assert!(group.iter().all(|j| j.state == JobState::Done), "{group:?}");
+        assert_ne!(
+            group[0].agent, group[1].agent,
+            "replicas on one agent: {group:?}"
+        );
+    }
+    let validation = |j: &JobView| j.replica.as_ref().expect("a replica view").validation;
+    use copilot_protocol::api::Validation;
+    assert!(of(&agreeing)
+        .iter()
+        .all(|j| validation(j) == Validation::Valid));
+    assert!(of(&differing)
+        .iter()
+        .all(|j| validation(j) == Validation::NoQuorum));
+    // `copilot status` says so.
+    let table = h.cli_ok(&["status"]);
+    assert!(
+        table.contains(&format!("replica of {}: valid", agreeing[0])),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("replica of {}: no-quorum", differing[0])),
+        "{table}"
+    );
+}

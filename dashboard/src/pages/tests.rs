@@ -26,6 +26,7 @@ fn job_view(id: u64, name: &str, state: JobState) -> JobView {
         timings_ms: Some([10, 2_000, 30]),
         sandbox: None,
         note: None,
+        replica: None,
         spec: JobSpec::new(name, &["sh", "run.sh"]),
     }
 }
@@ -213,6 +214,42 @@ fn the_job_page_shows_phases_logs_files_plots_and_history() {
         "logs are shown once, as logs"
     );
     assert!(b.contains("x &lt;y&gt;"));
+}
+
+#[test]
+fn the_job_page_says_whether_a_replica_counts() {
+    let mut j = job_view(8, "vote", JobState::Done);
+    j.spec.replication = Some(copilot_protocol::job::Replication {
+        replicas: 3,
+        quorum: 2,
+    });
+    j.replica = Some(copilot_protocol::api::ReplicaView {
+        group: 7,
+        validation: copilot_protocol::api::Validation::Outvoted,
+    });
+    let d = JobDetail {
+        job: j,
+        events: JobEvents {
+            job: 8,
+            events: vec![],
+        },
+        files: vec![],
+        stdout: None,
+        stderr: None,
+        archive_note: None,
+        now_ms: 10_000,
+    };
+    let b = job(&d).body;
+    assert!(
+        b.contains("<span id=\"validation\" class=\"outcome bad\">outvoted</span> · one of 3 replicas (group <a href=\"/ui/jobs/7\">7</a>), quorum 2"),
+        "{b}"
+    );
+    // A job that is not replicated says nothing about it.
+    let d = JobDetail {
+        job: job_view(9, "single", JobState::Done),
+        ..d
+    };
+    assert!(!job(&d).body.contains("validation"));
 }
 
 #[test]
