@@ -220,6 +220,67 @@ pub struct ManagerConfig {
     /// The project's private key, which signs every assignment (`[trust] signing_key`). None:
     /// assignments go out unsigned, and only agents configured for unsigned work take them.
     pub signing_key: Option<Arc<SigningKey>>,
+    pub agents: AgentsConfig,
+}
+
+/// `[agents]`: who may ask for work, and how misbehaviour is answered.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// XMPP domains agents log in on; requests and reports from others are refused. Default:
+    /// the manager's own domain.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Refused requests within a minute after which a sender is told to retry later.
+    #[serde(default = "default_max_strikes")]
+    pub max_strikes: u32,
+    /// Work requests a minute an agent may send; each one more counts as a refused request.
+    #[serde(default = "default_max_requests")]
+    pub max_requests: u32,
+    /// How long a misbehaving sender is told to wait.
+    #[serde(default = "default_cooldown")]
+    pub cooldown: Seconds,
+}
+
+fn default_max_strikes() -> u32 {
+    20
+}
+
+fn default_max_requests() -> u32 {
+    120
+}
+
+fn default_cooldown() -> Seconds {
+    Seconds(120)
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        Self {
+            domains: Vec::new(),
+            max_strikes: default_max_strikes(),
+            max_requests: default_max_requests(),
+            cooldown: default_cooldown(),
+        }
+    }
+}
+
+impl AgentsConfig {
+    /// The misbehaviour policy these settings describe.
+    pub fn policy(&self) -> crate::penalty::Policy {
+        crate::penalty::Policy {
+            max_strikes: self.max_strikes,
+            max_requests: self.max_requests,
+            cooldown: self.cooldown.as_duration(),
+        }
+    }
+
+    /// Whether `jid` (full or bare) is on one of the agents' domains.
+    pub fn admits(&self, jid: &str) -> bool {
+        let bare = jid.split('/').next().unwrap_or(jid);
+        let domain = bare.rsplit('@').next().unwrap_or(bare);
+        self.domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
+    }
 }
 
 /// `[trust]`: the key that signs assignments.
@@ -265,6 +326,8 @@ struct RawConfig {
     outputs: OutputsConfig,
     #[serde(default)]
     trust: RawTrust,
+    #[serde(default)]
+    agents: AgentsConfig,
 }
 
 /// Where output archives go (`[outputs]`).
@@ -412,6 +475,14 @@ impl ManagerConfig {
                 "xmpp.password",
                 "set it in the config or in COPILOT_MANAGER_PASSWORD",
             ))?;
+        let mut agents = raw.agents;
+        if agents.domains.is_empty() {
+            // The manager's own domain; the JID was checked to have an '@' below.
+            let domain = raw.xmpp.jid.rsplit('@').next().unwrap_or_default();
+            agents
+                .domains
+                .push(domain.split('/').next().unwrap_or_default().to_owned());
+        }
         let mut http = raw.http;
         http.tls_cert = http.tls_cert.map(|p| base.join(p));
         http.tls_key = http.tls_key.map(|p| base.join(p));
@@ -444,6 +515,7 @@ impl ManagerConfig {
             http,
             jobs: raw.jobs,
             outputs: raw.outputs,
+            agents,
         };
         config.check()?;
         Ok(config)
@@ -513,6 +585,13 @@ impl ManagerConfig {
         if j.hold >= j.lease {
             return Err(invalid("jobs.hold", "must be shorter than jobs.lease"));
         }
+        let a = &self.agents;
+        if a.max_strikes == 0 || a.max_requests == 0 || a.cooldown.0 == 0 {
+            return Err(invalid(
+                "agents",
+                "max_strikes, max_requests and cooldown must be at least 1",
+            ));
+        }
         if j.assignment_ttl.0 < 10 {
             return Err(invalid("jobs.assignment_ttl", "must be at least 10s"));
         }
@@ -549,6 +628,10 @@ impl ManagerConfig {
             jobs: JobsConfig::default(),
             outputs: OutputsConfig::default(),
             signing_key: None,
+            agents: AgentsConfig {
+                domains: vec!["localhost".into()],
+                ..AgentsConfig::default()
+            },
         }
     }
 
@@ -644,6 +727,27 @@ mod tests {
         assert!(c.http.metrics_public);
         assert_eq!(c.jobs, JobsConfig::default());
         assert_eq!(c.db_path(), PathBuf::from("/var/lib/copilot/queue.db"));
+    }
+
+    #[test]
+    fn agents_come_from_the_managers_domain_unless_configured() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.agents.domains, vec!["localhost".to_owned()]);
+        assert!(c.agents.admits("agent-1@localhost/r1"));
+        assert!(c.agents.admits("agent-1@LOCALHOST"));
+        assert!(!c.agents.admits("agent-1@elsewhere.org/r"));
+        assert!(!c.agents.admits("localhost@elsewhere.org"));
+        let c = parse(&format!(
+            "{MINIMAL}[agents]\ndomains = [\"agents.example.org\"]\ncooldown = \"10m\"\n"
+        ))
+        .unwrap();
+        assert!(c.agents.admits("vm-7@agents.example.org/x"));
+        assert!(!c.agents.admits("m@localhost"));
+        assert_eq!(
+            c.agents.policy().cooldown,
+            std::time::Duration::from_secs(600)
+        );
+        assert!(parse(&format!("{MINIMAL}[agents]\nmax_strikes = 0\n")).is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::chirp_outputs::Slot;
 use crate::fleet::FleetError;
 use crate::metrics::Metrics;
+use crate::penalty::Penalties;
 use crate::queue::{Claim, Completion, QueueError};
 use crate::Shared;
 
@@ -31,6 +32,8 @@ pub struct Dispatcher {
     shared: Arc<Shared>,
     xmpp: Sender,
     bad_input_log: Mutex<LogLimiter>,
+    /// Strikes against senders of refused requests, and their cooldowns.
+    penalties: Mutex<Penalties>,
     /// Agent addresses this session has sent directed presence to: the server tells them when
     /// this session ends, so they stop waiting for answers that will not come.
     announced: Mutex<HashSet<String>>,
@@ -65,9 +68,10 @@ impl Dispatcher {
     /// A dispatcher sending through `xmpp`.
     pub fn new(shared: Arc<Shared>, xmpp: Sender) -> Arc<Self> {
         Arc::new(Self {
-            shared,
+            shared: shared.clone(),
             xmpp,
             bad_input_log: Mutex::new(LogLimiter::new(10, Duration::from_secs(60))),
+            penalties: Mutex::new(Penalties::new(shared.config.agents.policy())),
             announced: Mutex::new(HashSet::new()),
             offline_epoch: tokio::sync::watch::Sender::new(0),
             session: tokio::sync::watch::Sender::new(0),
@@ -161,7 +165,24 @@ impl Dispatcher {
         }
     }
 
+    fn lock_penalties(&self) -> std::sync::MutexGuard<'_, Penalties> {
+        self.penalties.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answer with an error. One the sender caused (anything but "retry later") is a strike
+    /// against it.
     fn reply_error(&self, from: &str, id: String, p: Problem) {
+        if !p.code.is_transient() {
+            let sender = copilot_protocol::signing::bare_jid(from);
+            if let Some(cooldown) = self.lock_penalties().strike(sender, Instant::now()) {
+                Metrics::add(&self.shared.metrics.agents_cooled_down, 1);
+                warn!(
+                    %sender,
+                    "too many refused requests: its work requests get 'retry after {}s' for now",
+                    cooldown.as_secs()
+                );
+            }
+        }
         if let Err(e) = self.xmpp.reply_error(from, id, p) {
             debug!("cannot answer {from}: {e}");
         }
@@ -177,6 +198,14 @@ impl Dispatcher {
         if el.is("ping", PING_NS) {
             let _ = self.xmpp.reply(&from, id, None);
             return;
+        }
+        if !self.shared.config.agents.admits(&from) {
+            let why = format!(
+                "{from} is not on an agents' domain ({})",
+                self.shared.config.agents.domains.join(", ")
+            );
+            self.bad_stanza(&from, &why);
+            return self.reply_error(&from, id, problem(ErrorCode::NotAuthorized, why));
         }
         let payload = match Payload::from_element(&el) {
             Ok(p) => p,
@@ -336,6 +365,20 @@ impl Dispatcher {
     async fn on_work_request(self: Arc<Self>, from: String, id: String, req: WorkRequest) {
         if let Err(p) = self.register(&req.agent, &from, Some(&req.version)) {
             return self.reply_error(&from, id, p);
+        }
+        let sender = copilot_protocol::signing::bare_jid(&from);
+        let cooling = self.lock_penalties().request(sender, Instant::now());
+        if let Some(wait) = cooling {
+            // Rounded up: never "retry after 0 s" while still cooling down.
+            let secs = u32::try_from(wait.as_secs() + 1).unwrap_or(u32::MAX);
+            debug!(%from, secs, "cooling down: retry after");
+            return self.reply(
+                &from,
+                id,
+                Payload::NoWork(NoWork {
+                    retry_after_secs: secs,
+                }),
+            );
         }
         let hold = Duration::from_secs(u64::from(req.wait_secs))
             .min(self.shared.config.jobs.hold.as_duration());

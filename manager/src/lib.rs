@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod fuzzing;
 pub mod http;
 pub mod metrics;
+pub mod penalty;
 pub mod queue;
 pub mod stats;
 pub mod tls;

@@ -167,6 +167,8 @@ pub struct Metrics {
     pub output_refusals: Family<9>,
     /// Malformed or unexpected stanzas from agents.
     pub bad_stanzas: AtomicU64,
+    /// Cooldowns started for senders of too many refused requests.
+    pub agents_cooled_down: AtomicU64,
     /// HTTP requests by route class ([`ROUTES`]) and status class.
     http: [[AtomicU64; 5]; ROUTES.len()],
 }
@@ -233,6 +235,7 @@ impl Metrics {
             input_refusals: Family::new(REFUSAL_REASONS),
             output_refusals: Family::new(REFUSAL_REASONS),
             bad_stanzas: AtomicU64::new(0),
+            agents_cooled_down: AtomicU64::new(0),
             http: [const { [const { AtomicU64::new(0) }; 5] }; ROUTES.len()],
         }
     }
@@ -410,6 +413,11 @@ impl Metrics {
             "copilot_bad_stanzas_total",
             "Malformed or unexpected stanzas received from agents.",
             get(&self.bad_stanzas),
+        );
+        out.counter(
+            "copilot_agent_cooldowns_total",
+            "Senders told to retry later after too many refused requests.",
+            get(&self.agents_cooled_down),
         );
         out.head(
             "copilot_http_requests_total",

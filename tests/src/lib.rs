@@ -185,6 +185,24 @@ impl Harness {
         })
     }
 
+    /// The manager's Prometheus metrics (`GET /metrics`), as text.
+    pub fn metrics_text(&self) -> String {
+        let url = format!("{}/metrics", self.stack.manager_url());
+        self.rt.block_on(async {
+            let resp = self
+                .http
+                .get(&url)
+                .bearer_auth(self.stack.api_token())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            assert!(resp.status().is_success(), "GET {url}: {}", resp.status());
+            resp.text()
+                .await
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        })
+    }
+
     /// Like [`Harness::try_api`], but panics on failure.
     pub fn api<T: DeserializeOwned>(&self, path: &str) -> T {
         self.try_api(path).unwrap_or_else(|e| panic!("{e}"))

@@ -780,6 +780,35 @@ fn rogue_floods(h: &Harness, rogue: &Rogue, done_job: &JobView) {
     rogue.still_answered("after the flood");
 }
 
+/// After that many refused requests the rogue is cooling down: its valid work requests are
+/// answered "no work, retry after" the cooldown (2 minutes by default), not the usual few
+/// seconds, and the manager counts it. Well-behaved agents are not affected (the test's last
+/// job still runs on agent-1).
+fn rogue_is_told_to_retry_later(h: &Harness, rogue: &Rogue) {
+    let answer = rogue
+        .ask(
+            IqKind::Get,
+            &format!("<request xmlns='urn:copilot:1' v='1' agent='{ROGUE}' version='0' wait='0'/>"),
+        )
+        .expect("answered")
+        .expect("a payload");
+    match Payload::from_element(&answer) {
+        Ok(Payload::NoWork(n)) => assert!(
+            n.retry_after_secs > 60,
+            "a cooling-down sender is told to wait out the cooldown, not {} s",
+            n.retry_after_secs
+        ),
+        other => panic!("{other:?}"),
+    }
+    let metrics = h.metrics_text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("copilot_agent_cooldowns_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
 /// The manager logs bad stanzas at most 10 times a minute (plus one summary line per minute).
 fn log_is_bounded(h: &Harness, since: Instant) {
     let log = manager_log(h);
@@ -943,6 +972,7 @@ fn bad_stanzas_and_job_files_get_clear_errors_and_everything_keeps_serving() {
     rogue_cannot_push_work_to_an_agent(&h, &rogue);
     rogue_over_the_server_limit_is_cut_off(&h, &mut rogue, &first);
     rogue_floods(&h, &rogue, &first);
+    rogue_is_told_to_retry_later(&h, &rogue);
     log_is_bounded(&h, started);
 
     // The rogue's reports changed nothing.
