@@ -152,6 +152,18 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Issue an identity token for an agent that logs in anonymously ([agents] anonymous_domains)
+    AgentToken {
+        /// The project's private key (manager.key from `copilot keygen`)
+        #[arg(long)]
+        key: PathBuf,
+        /// The agent's name (its `name` in agent.toml)
+        #[arg(long)]
+        name: String,
+        /// How long the token is valid (e.g. 30d, 12h)
+        #[arg(long, default_value = "30d")]
+        valid: Seconds,
+    },
     /// Run a local stack (Prosody, manager, agents) in the foreground until Ctrl-C
     Up {
         /// State dir (configs, logs, databases)
@@ -340,6 +352,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 eprintln!("every agent's config needs:");
                 out!("[trust]\nmanager_key = \"{}\"", pair.public_key)?;
+            }
+        }
+        Command::AgentToken { key, name, valid } => {
+            let text = std::fs::read_to_string(key)
+                .with_context(|| format!("reading {}", key.display()))?;
+            let key = copilot_protocol::signing::SigningKey::from_pem(&text)
+                .with_context(|| format!("{} is not a signing key", key.display()))?;
+            let expires = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("the clock is before 1970")?
+                .as_secs()
+                + valid.0;
+            let token = copilot_protocol::identity::AgentToken::issue(&key, name, expires).encode();
+            if json {
+                print_json(
+                    &serde_json::json!({ "agent": name, "expires": expires, "token": token }),
+                )?;
+            } else {
+                eprintln!("the agent {name:?} needs, until unix time {expires}:");
+                out!("[xmpp]\nanonymous = true\ntoken = \"{token}\"")?;
             }
         }
         Command::Up { dir, agents, lease } => {

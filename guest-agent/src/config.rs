@@ -216,6 +216,14 @@ pub struct XmppSettings {
     /// No CA: plaintext, to loopback (and `plaintext_host`) only. For a server on this machine.
     #[serde(default)]
     pub insecure_loopback: bool,
+    /// Log in with SASL ANONYMOUS (an agents-only host of the server gives a new random JID on
+    /// every login; `jid` then only names the domain, e.g. `agent@agents.example.org`, and no
+    /// password is needed). The agent proves its name with `token`.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// The agent's identity token (`copilot agent-token` makes one), sent in work requests.
+    #[serde(default)]
+    pub token: Option<String>,
     /// With `insecure_loopback`, the one address besides loopback the server may be reached at
     /// in plaintext: the host's loopback as seen from a VM under user-mode networking
     /// (10.0.2.2).
@@ -315,6 +323,8 @@ impl Default for XmppSettings {
             ca: None,
             ca_pem: None,
             insecure_loopback: false,
+            anonymous: false,
+            token: None,
             plaintext_host: None,
         }
     }
@@ -333,6 +343,8 @@ impl fmt::Debug for XmppSettings {
                 &self.ca_pem.as_ref().map(|p| format!("<{} bytes>", p.len())),
             )
             .field("insecure_loopback", &self.insecure_loopback)
+            .field("anonymous", &self.anonymous)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("plaintext_host", &self.plaintext_host)
             .finish()
     }
@@ -425,6 +437,9 @@ impl AgentConfig {
             })?;
             self.xmpp.plaintext_host = Some(ip);
         }
+        if let Some(v) = env("COPILOT_AGENT_TOKEN") {
+            self.xmpp.token = Some(v.trim().to_owned());
+        }
         if let Some(v) = env("COPILOT_AGENT_CA") {
             // A CA given here replaces the file's, whichever form that had.
             self.xmpp.ca = Some(PathBuf::from(v));
@@ -454,8 +469,27 @@ impl AgentConfig {
         if self.xmpp.jid.trim().is_empty() {
             return Err(missing("xmpp.jid", "COPILOT_AGENT_JID"));
         }
-        if self.xmpp.password.is_empty() {
+        if self.xmpp.password.is_empty() && !self.xmpp.anonymous {
             return Err(missing("xmpp.password", "COPILOT_AGENT_PASSWORD"));
+        }
+        match (&self.xmpp.token, self.xmpp.anonymous) {
+            (None, true) => {
+                return Err(missing(
+                    "xmpp.token (anonymous agents prove their name with one)",
+                    "COPILOT_AGENT_TOKEN",
+                ))
+            }
+            (Some(t), _) => {
+                let token = copilot_protocol::identity::AgentToken::decode(t)
+                    .map_err(|e| ConfigError::Invalid(format!("xmpp.token: {e}")))?;
+                if token.agent != self.name {
+                    return Err(ConfigError::Invalid(format!(
+                        "xmpp.token is for agent {:?}, but this agent's name is {:?}",
+                        token.agent, self.name
+                    )));
+                }
+            }
+            (None, false) => {}
         }
         if self.name.trim().is_empty() {
             return Err(missing("name", "COPILOT_AGENT_NAME"));
@@ -531,6 +565,31 @@ mod tests {
                            [xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\ninsecure_loopback = true\n";
     const ACCOUNT: &str =
         "[xmpp]\njid = \"a@localhost\"\npassword = \"pw\"\ninsecure_loopback = true\n";
+
+    #[test]
+    fn an_anonymous_agent_needs_a_token_for_its_own_name() {
+        let (key, _) = copilot_protocol::signing::SigningKey::generate().unwrap();
+        let token = |name: &str| {
+            copilot_protocol::identity::AgentToken::issue(&key, name, u64::MAX).encode()
+        };
+        let anon = |extra: &str| {
+            AgentConfig::from_toml(&format!(
+                "name = \"vm-1\"\n[trust]\ninsecure_unsigned_jobs = true\n\
+                 [xmpp]\njid = \"agent@agents.localhost\"\ninsecure_loopback = true\n\
+                 anonymous = true\n{extra}"
+            ))
+        };
+        let cfg = anon(&format!("token = \"{}\"\n", token("vm-1"))).unwrap();
+        assert!(cfg.xmpp.password.is_empty());
+        let err = anon("").unwrap_err().to_string();
+        assert!(err.contains("xmpp.token"), "{err}");
+        let err = anon(&format!("token = \"{}\"\n", token("vm-2")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"vm-2\""), "{err}");
+        let err = anon("token = \"v1.garbage\"\n").unwrap_err().to_string();
+        assert!(err.contains("not an agent token"), "{err}");
+    }
 
     #[test]
     fn the_agent_trusts_one_key_or_explicitly_none() {

@@ -100,6 +100,8 @@ struct Link {
     board: Arc<Board>,
     /// Which assignments may be acted on.
     gate: Gate,
+    /// The agent's identity token, for its work requests.
+    token: Option<String>,
     /// This agent's bare JID as the server bound it: assignments are signed for it.
     jid: Mutex<String>,
     /// Refused assignments are logged at most this often.
@@ -184,6 +186,7 @@ impl Link {
                 agent: self.agent.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),
                 wait_secs: HOLD_SECS,
+                token: self.token.clone(),
             });
             let wait = Duration::from_secs(HOLD_SECS.into()) + ANSWER_SLACK;
             match self.ask(IqKind::Get, req, wait).await {
@@ -462,6 +465,7 @@ pub async fn run(
         volunteer: config.volunteer.as_ref().map(|v| v.to_wire()),
         board,
         gate: Gate::new(config.trust.manager_key),
+        token: config.xmpp.token.clone(),
         jid: Mutex::new(bare_jid(&jid).to_owned()),
         refusal_log: Mutex::new(LogLimiter::new(10, Duration::from_secs(60))),
     });

@@ -231,6 +231,10 @@ pub struct AgentsConfig {
     /// the manager's own domain.
     #[serde(default)]
     pub domains: Vec<String>,
+    /// XMPP domains where agents log in anonymously (SASL ANONYMOUS): their work requests must
+    /// carry an agent token signed with `trust.signing_key` for the name they use.
+    #[serde(default)]
+    pub anonymous_domains: Vec<String>,
     /// Refused requests within a minute after which a sender is told to retry later.
     #[serde(default = "default_max_strikes")]
     pub max_strikes: u32,
@@ -258,6 +262,7 @@ impl Default for AgentsConfig {
     fn default() -> Self {
         Self {
             domains: Vec::new(),
+            anonymous_domains: Vec::new(),
             max_strikes: default_max_strikes(),
             max_requests: default_max_requests(),
             cooldown: default_cooldown(),
@@ -275,11 +280,40 @@ impl AgentsConfig {
         }
     }
 
-    /// Whether `jid` (full or bare) is on one of the agents' domains.
+    /// Whether `jid` (full or bare) is on one of the agents' domains, anonymous ones included.
     pub fn admits(&self, jid: &str) -> bool {
-        let bare = jid.split('/').next().unwrap_or(jid);
-        let domain = bare.rsplit('@').next().unwrap_or(bare);
-        self.domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
+        self.is_anonymous(jid) || on_any(&self.domains, jid)
+    }
+
+    /// Whether `jid` is on an anonymous agents' domain (its requests need a token).
+    pub fn is_anonymous(&self, jid: &str) -> bool {
+        on_any(&self.anonymous_domains, jid)
+    }
+}
+
+/// Whether the domain of `jid` (full or bare) is one of `domains`.
+fn on_any(domains: &[String], jid: &str) -> bool {
+    let bare = jid.split('/').next().unwrap_or(jid);
+    let domain = bare.rsplit('@').next().unwrap_or(bare);
+    domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
+}
+
+impl AgentsConfig {
+    /// Checks that need the rest of the config.
+    fn check(&self, signing: bool) -> Result<(), ConfigError> {
+        if self.max_strikes == 0 || self.max_requests == 0 || self.cooldown.0 == 0 {
+            return Err(invalid(
+                "agents",
+                "max_strikes, max_requests and cooldown must be at least 1",
+            ));
+        }
+        if !self.anonymous_domains.is_empty() && !signing {
+            return Err(invalid(
+                "agents.anonymous_domains",
+                "anonymous agents prove their names with tokens signed by trust.signing_key: set it",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -585,13 +619,7 @@ impl ManagerConfig {
         if j.hold >= j.lease {
             return Err(invalid("jobs.hold", "must be shorter than jobs.lease"));
         }
-        let a = &self.agents;
-        if a.max_strikes == 0 || a.max_requests == 0 || a.cooldown.0 == 0 {
-            return Err(invalid(
-                "agents",
-                "max_strikes, max_requests and cooldown must be at least 1",
-            ));
-        }
+        self.agents.check(self.signing_key.is_some())?;
         if j.assignment_ttl.0 < 10 {
             return Err(invalid("jobs.assignment_ttl", "must be at least 10s"));
         }

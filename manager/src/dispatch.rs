@@ -46,6 +46,13 @@ pub struct Dispatcher {
     session: tokio::sync::watch::Sender<u64>,
 }
 
+/// Seconds since 1970.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn problem(code: ErrorCode, text: impl Into<String>) -> Problem {
     Problem {
         code,
@@ -303,11 +310,8 @@ impl Dispatcher {
         let Some(key) = &cfg.signing_key else {
             return;
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let jid = copilot_protocol::signing::bare_jid(from);
-        key.seal(a, agent, jid, now + cfg.jobs.assignment_ttl.0);
+        key.seal(a, agent, jid, unix_now() + cfg.jobs.assignment_ttl.0);
     }
 
     /// Claim a job for `agent` at the address `from`, or say when to come back. With a Chirp
@@ -362,7 +366,35 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// For an agent on an anonymous domain: its token must prove the name it asks under, with
+    /// the manager's own key; then the name is bound to this login.
+    fn check_token(&self, from: &str, req: &WorkRequest) -> Result<(), Problem> {
+        if !self.shared.config.agents.is_anonymous(from) {
+            return Ok(());
+        }
+        let refuse = |why: String| {
+            self.log_bad(from, &why);
+            problem(ErrorCode::NotAuthorized, why)
+        };
+        let Some(key) = &self.shared.config.signing_key else {
+            return Err(refuse(
+                "anonymous agents are not accepted: no signing key".into(),
+            ));
+        };
+        let text = req.token.as_deref().ok_or_else(|| {
+            refuse("an agent that logged in anonymously must send its token".into())
+        })?;
+        copilot_protocol::identity::AgentToken::decode(text)
+            .and_then(|t| t.verify(&key.public_key(), &req.agent, unix_now()))
+            .map_err(|e| refuse(format!("agent token refused: {e}")))?;
+        self.shared.fleet.adopt(&req.agent, from);
+        Ok(())
+    }
+
     async fn on_work_request(self: Arc<Self>, from: String, id: String, req: WorkRequest) {
+        if let Err(p) = self.check_token(&from, &req) {
+            return self.reply_error(&from, id, p);
+        }
         if let Err(p) = self.register(&req.agent, &from, Some(&req.version)) {
             return self.reply_error(&from, id, p);
         }
@@ -887,6 +919,7 @@ mod tests {
             "vm-4@localhost/r".into(),
             "r6".into(),
             WorkRequest {
+                token: None,
                 agent: "vm-4".into(),
                 version: "0.1.0".into(),
                 wait_secs: 30,

@@ -90,6 +90,17 @@ impl Fleet {
 
     /// The agent name that is online as `jid`, or, after a reconnect with a new resource, the
     /// one agent bound to its bare JID.
+    /// Bind `name` to the account of `jid` (whoever had it before): for an agent that proved
+    /// its name with a token, as anonymous agents get a new JID on every login.
+    pub fn adopt(&self, name: &str, jid: &str) {
+        let mut agents = self.lock();
+        let e = agents.entry(name.to_owned()).or_default();
+        if e.bare != bare_of(jid) {
+            e.bare = bare_of(jid).to_owned();
+            e.jid = Some(jid.to_owned());
+        }
+    }
+
     pub fn name_of(&self, jid: &str) -> Option<String> {
         let agents = self.lock();
         if let Some((n, _)) = agents.iter().find(|(_, e)| e.jid.as_deref() == Some(jid)) {

@@ -6,6 +6,7 @@ pub mod api;
 pub mod digest;
 pub mod fuzzing;
 pub mod histogram;
+pub mod identity;
 pub mod job;
 pub mod login;
 pub mod sandbox;

@@ -133,12 +133,17 @@ impl SigningKey {
         PublicKey(k)
     }
 
+    /// An Ed25519 signature over `msg` (callers prefix their own domain string).
+    pub(crate) fn sign_bytes(&self, msg: &[u8]) -> [u8; SIGNATURE_LEN] {
+        let mut signature = [0u8; SIGNATURE_LEN];
+        signature.copy_from_slice(self.0.sign(msg).as_ref());
+        signature
+    }
+
     /// Seal `a` for the agent `agent` at the bare JID `jid`, void after `expires` (unix
     /// seconds). Replaces any seal it had.
     pub fn seal(&self, a: &mut Assignment, agent: &str, jid: &str, expires: u64) {
-        let msg = canonical_bytes(a, agent, jid, expires);
-        let mut signature = [0u8; SIGNATURE_LEN];
-        signature.copy_from_slice(self.0.sign(&msg).as_ref());
+        let signature = self.sign_bytes(&canonical_bytes(a, agent, jid, expires));
         a.seal = Some(Seal {
             agent: agent.to_owned(),
             jid: jid.to_owned(),
@@ -191,6 +196,13 @@ pub struct Recipient<'a> {
 }
 
 impl PublicKey {
+    /// Whether `signature` is this key's over `msg`.
+    pub(crate) fn verifies(&self, msg: &[u8], signature: &[u8; SIGNATURE_LEN]) -> bool {
+        UnparsedPublicKey::new(&ED25519, &self.0)
+            .verify(msg, signature)
+            .is_ok()
+    }
+
     /// Whether `a` carries a seal by this key, for `me`, that has not expired at `now` (unix
     /// seconds). Replays within the expiry are the caller's to catch (it remembers what it
     /// has run). The checks run in this order, so a refusal names an authenticated fact:
@@ -198,9 +210,9 @@ impl PublicKey {
     pub fn check(&self, a: &Assignment, me: &Recipient<'_>, now: u64) -> Result<(), Refusal> {
         let seal = a.seal.as_ref().ok_or(Refusal::Unsigned)?;
         let msg = canonical_bytes(a, &seal.agent, &seal.jid, seal.expires);
-        UnparsedPublicKey::new(&ED25519, &self.0)
-            .verify(&msg, &seal.signature)
-            .map_err(|_| Refusal::BadSignature)?;
+        if !self.verifies(&msg, &seal.signature) {
+            return Err(Refusal::BadSignature);
+        }
         if seal.agent != me.agent || !same_bare_jid(&seal.jid, me.jid) {
             return Err(Refusal::WrongAgent);
         }

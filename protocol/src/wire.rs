@@ -177,6 +177,9 @@ pub struct WorkRequest {
     pub version: String,
     /// How long the manager may hold the request waiting for work, in seconds (0: answer now).
     pub wait_secs: u32,
+    /// An agent identity token ([`crate::identity`]): how an agent that logged in anonymously
+    /// proves its name.
+    pub token: Option<String>,
 }
 
 /// One input of an assignment.
@@ -654,6 +657,7 @@ impl Payload {
                     .attr("agent", &r.agent)
                     .attr("version", &r.version)
                     .attr("wait", r.wait_secs)
+                    .opt_attr("token", r.token.as_ref())
                     .0
             }
             Payload::Assign(a) => assign_element(a),
@@ -1229,12 +1233,16 @@ impl Payload {
         check_version(e)?;
         Ok(match e.name() {
             "request" => {
-                let a = Attrs::new(e, "request", &["v", "agent", "version", "wait"])?;
+                let a = Attrs::new(e, "request", &["v", "agent", "version", "wait", "token"])?;
                 no_children(e, "request")?;
                 Payload::Request(WorkRequest {
                     agent: a.agent_name("agent")?,
                     version: a.bounded("version", 64)?,
                     wait_secs: a.opt_parse("wait")?.unwrap_or(0),
+                    token: a
+                        .opt_str("token")
+                        .map(|_| a.bounded("token", crate::identity::MAX_TOKEN_BYTES))
+                        .transpose()?,
                 })
             }
             "assign" => Payload::Assign(Box::new(decode_assign(e)?)),
@@ -1336,6 +1344,13 @@ mod tests {
             agent: "vm-7".into(),
             version: "0.1.0".into(),
             wait_secs: 20,
+            token: None,
+        }));
+        round_trip(Payload::Request(WorkRequest {
+            agent: "vm-7".into(),
+            version: "0.1.0".into(),
+            wait_secs: 0,
+            token: Some("v1.dm0tNw==.1767222000.AAAA".into()),
         }));
         round_trip(Payload::Assign(Box::new(assignment())));
         let networked = Assignment {

@@ -18,7 +18,7 @@ pub use error::StackError;
 pub use link::Link;
 pub use local::{default_bin_dir, LocalStack, StackOptions, AGENT_BIN, CLI_BIN};
 pub use port::free_port;
-pub use prosody::{Prosody, XMPP_DOMAIN};
+pub use prosody::{Prosody, AGENTS_DOMAIN, XMPP_DOMAIN};
 pub use supervised::Supervised;
 pub use tls::ProjectCa;
 

@@ -16,6 +16,8 @@ use crate::{free_port, require_tool, ProjectCa, StackError, Supervised};
 
 /// The XMPP domain of the stack's virtual host.
 pub const XMPP_DOMAIN: &str = "localhost";
+/// The stack's agents-only virtual host, where agents log in anonymously (SASL ANONYMOUS).
+pub const AGENTS_DOMAIN: &str = "agents.localhost";
 /// How long the server gets to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long `stop()` waits after SIGTERM.
@@ -43,7 +45,7 @@ impl Prosody {
         }
         let dir = std::fs::canonicalize(dir).map_err(io(format!("resolving {}", dir.display())))?;
         let port = free_port()?;
-        let ca = ProjectCa::create_or_reuse(&dir.join("certs"), XMPP_DOMAIN)?;
+        let ca = ProjectCa::create_or_reuse(&dir.join("certs"), &[XMPP_DOMAIN, AGENTS_DOMAIN])?;
         let config = dir.join("prosody.cfg.lua");
         std::fs::write(&config, config_text(&dir, port, &ca))
             .map_err(io(format!("writing {}", config.display())))?;
@@ -262,6 +264,11 @@ c2s_timeout = 60
 network_settings = {{ nagle = false, tcp_backlog = 1024 }}
 
 VirtualHost "{domain}"
+
+-- Agents that log in anonymously: a new random JID on every login, no account, no password.
+-- They prove their names to the manager with tokens signed by the project key.
+VirtualHost "{agents}"
+    authentication = "anonymous"
 "#,
         pidfile = d("prosody.pid"),
         data = d("data"),
@@ -270,6 +277,7 @@ VirtualHost "{domain}"
         cert = lua_str(&ca.cert().to_string_lossy()),
         key = lua_str(&ca.key().to_string_lossy()),
         domain = XMPP_DOMAIN,
+        agents = AGENTS_DOMAIN,
     );
     c
 }
@@ -281,7 +289,7 @@ mod tests {
     #[test]
     fn config_is_loopback_tls_and_private() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = ProjectCa::create_or_reuse(dir.path(), XMPP_DOMAIN).unwrap();
+        let ca = ProjectCa::create_or_reuse(dir.path(), &[XMPP_DOMAIN]).unwrap();
         let c = config_text(Path::new("/tmp/st\"ate"), 23456, &ca);
         assert!(c.contains("c2s_require_encryption = true"), "{c}");
         assert!(

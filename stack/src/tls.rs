@@ -31,9 +31,10 @@ pub struct ProjectCa {
 }
 
 impl ProjectCa {
-    /// The CA and a certificate for `host` in `dir` (`ca.pem`, `<host>.crt`, `<host>.key`):
-    /// made if missing, else reused (a stack's state dir keeps its CA across restarts).
-    pub fn create_or_reuse(dir: &Path, host: &str) -> Result<ProjectCa, StackError> {
+    /// The CA and a certificate for the names `hosts` in `dir` (`ca.pem`, `<first host>.crt`,
+    /// `<first host>.key`): made if missing, else reused (a stack's state dir keeps its CA
+    /// across restarts).
+    pub fn create_or_reuse(dir: &Path, hosts: &[&str]) -> Result<ProjectCa, StackError> {
         let ca_pem = dir.join("ca.pem");
         if !ca_pem.is_file() || !dir.join("ca.key").is_file() {
             require_tool("openssl", "openssl")?;
@@ -60,7 +61,8 @@ impl ProjectCa {
             cert: PathBuf::new(),
             key: PathBuf::new(),
         };
-        (ca.cert, ca.key) = ca.leaf(host, &format!("DNS:{host}"))?;
+        let san: Vec<String> = hosts.iter().map(|h| format!("DNS:{h}")).collect();
+        (ca.cert, ca.key) = ca.leaf(hosts.first().copied().unwrap_or("server"), &san.join(","))?;
         Ok(ca)
     }
 
@@ -148,7 +150,7 @@ mod tests {
     #[test]
     fn a_ca_and_a_leaf_for_the_host_are_made_once_and_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = ProjectCa::create_or_reuse(dir.path(), "localhost").unwrap();
+        let ca = ProjectCa::create_or_reuse(dir.path(), &["localhost"]).unwrap();
         assert!(ca.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
         let text = Command::new("openssl")
             .args(["x509", "-noout", "-text", "-in"])
@@ -166,7 +168,7 @@ mod tests {
             .output()
             .unwrap();
         assert!(verify.status.success(), "{verify:?}");
-        let again = ProjectCa::create_or_reuse(dir.path(), "localhost").unwrap();
+        let again = ProjectCa::create_or_reuse(dir.path(), &["localhost"]).unwrap();
         assert_eq!(again.ca_pem(), ca.ca_pem());
         let (http, _) = ca.leaf("http", "DNS:localhost,IP:127.0.0.1").unwrap();
         let text = Command::new("openssl")

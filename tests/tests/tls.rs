@@ -37,7 +37,7 @@ fn agents_pin_the_project_ca_and_refuse_anything_else() {
         ..Setup::default()
     });
     let server = h.stack.prosody().server();
-    let other_ca = ProjectCa::create_or_reuse(&h.path("other-ca"), "localhost").unwrap();
+    let other_ca = ProjectCa::create_or_reuse(&h.path("other-ca"), &["localhost"]).unwrap();
     let mut configs = Vec::new();
     for name in ["wrong-ca", "plaintext", "far-plaintext"] {
         let text = h.stack.register_agent(name, &server, None).unwrap();

@@ -405,6 +405,7 @@ async fn sim_agent(
             Some(a) => a,
             None => {
                 let req = Payload::Request(WorkRequest {
+                    token: None,
                     agent: name.clone(),
                     version: env!("CARGO_PKG_VERSION").into(),
                     wait_secs: HOLD_SECS,
