@@ -16,6 +16,7 @@ use copilot_protocol::units::Seconds;
 use copilot_protocol::JobState;
 use copilot_stack::XMPP_DOMAIN;
 use copilot_tests::boinc::{self, wait_for, App, BoincClient};
+use copilot_tests::vm;
 use copilot_tests::{bin_dir, Harness, Setup};
 
 /// A stack with no agents of its own, and a BOINC client whose task runs the agent.
@@ -40,7 +41,45 @@ impl Drop for Rig {
 /// Start the stack and write the client's data dir; None (after printing why) if the client
 /// is not installed.
 fn rig(test: &str, job_xml: &str) -> Option<Rig> {
-    rig_with(test, job_xml, Some("7.20.5"), None)
+    rig_with(test, job_xml, Some("7.20.5"), None, None)
+}
+
+/// `scripts/package-boinc-app --bin-dir … --out DIR ARGS…`: the package's `anonymous/` dir.
+fn package(out: &std::path::Path, args: &[&str]) -> std::path::PathBuf {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package-boinc-app");
+    let status = std::process::Command::new(script)
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .status()
+        .expect("running scripts/package-boinc-app");
+    assert!(status.success());
+    out.join("anonymous")
+}
+
+/// A rig running the app as `scripts/package-boinc-app --image` packages it (qemu backend;
+/// on the anonymous platform, so that the client allows network use, which a hand-made
+/// unsigned app version never gets), with a manager that gives the guest its 10.0.2.2
+/// address. The image and QEMU must be there: without them the test fails (scripts/test
+/// installs and builds them).
+fn vm_rig(test: &str, job_xml: &str, out: &std::path::Path) -> Option<Rig> {
+    let image = vm::image().unwrap_or_else(|why| panic!("{test}: no VM image: {why}"));
+    let qemu = vm::qemu().unwrap_or_else(|why| panic!("{test}: {why}"));
+    let job = out.join("job.xml");
+    std::fs::write(&job, job_xml).unwrap();
+    let anonymous = package(
+        &out.join("app"),
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--job",
+            job.to_str().unwrap(),
+        ],
+    );
+    rig_with(test, job_xml, None, Some(&anonymous), Some(&qemu))
 }
 
 fn rig_with(
@@ -48,6 +87,7 @@ fn rig_with(
     job_xml: &str,
     api_version: Option<&str>,
     anonymous: Option<&std::path::Path>,
+    qemu: Option<&std::path::Path>,
 ) -> Option<Rig> {
     if !boinc::client_installed() {
         println!("{test}: skipped: the BOINC client (boinc, boinccmd) is not installed; scripts/install-deps installs it");
@@ -57,6 +97,7 @@ fn rig_with(
         agents: 0,
         lease: Seconds(10),
         manager_toml: Some("[jobs]\nhold = \"2s\"\nretry_after = \"1s\"\n".into()),
+        public_host: qemu.map(|_| vm::HOST.to_owned()),
         ..Setup::default()
     });
     let password = "boinc-agent-pw";
@@ -81,6 +122,7 @@ fn rig_with(
             agent_toml: &agent_toml,
             api_version,
             anonymous,
+            qemu,
         },
     );
     Some(Rig { client, h })
@@ -261,7 +303,7 @@ fn quit_and_restart_keep_every_finished_job() {
 #[test]
 fn over_system_v_shm_too_and_a_killed_client_takes_wrapper_and_agent_along() {
     // This app version has no api_version: the client talks over System V shared memory.
-    let Some(mut r) = rig_with("killed_client", JOB_XML, None, None) else {
+    let Some(mut r) = rig_with("killed_client", JOB_XML, None, None, None) else {
         return;
     };
     r.client.start();
@@ -392,21 +434,8 @@ fn the_packaged_app_installs_and_runs_on_the_anonymous_platform() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package-boinc-app");
-    let bins = bin_dir();
-    let status = std::process::Command::new(script)
-        .args([
-            "--bin-dir",
-            bins.to_str().unwrap(),
-            "--out",
-            out.path().to_str().unwrap(),
-        ])
-        .status()
-        .expect("running scripts/package-boinc-app");
-    assert!(status.success());
-    let anonymous = out.path().join("anonymous");
-    let Some(mut r) = rig_with("anonymous_platform", JOB_XML, None, Some(&anonymous)) else {
+    let anonymous = package(out.path(), &[]);
+    let Some(mut r) = rig_with("anonymous_platform", JOB_XML, None, Some(&anonymous), None) else {
         return;
     };
     let ids =
@@ -445,6 +474,188 @@ fn a_broken_job_file_fails_the_task_with_init_failure_and_says_why() {
         r.h.stack.agents().unwrap().agents.is_empty(),
         "no agent ever started"
     );
+}
+
+/// The job file of the qemu tests: TCG (no KVM probe), checkpoints only when quitting.
+const VM_JOB_XML: &str = "<copilot_job><backend>qemu</backend><accel>tcg</accel><memory_mb>256</memory_mb><session>1h</session><drain>10m</drain><stop_grace>20s</stop_grace><checkpoint_interval>1h</checkpoint_interval></copilot_job>";
+/// The agent's name in the task (`boinc-<hostid>-<result>`).
+const TASK_AGENT: &str = "boinc-7-copilot_wu_1_0";
+/// What the image's init logs once per boot.
+const BOOT_LINE: &str = "copilot-init: ";
+const BOOT_WORD: &str = "] starting (copilot image";
+
+/// The QEMU the wrapper runs.
+fn qemu_of(wrapper: i32) -> i32 {
+    let mut pid = None;
+    wait_for("the wrapper to start QEMU", Duration::from_secs(30), || {
+        pid = session_tree(wrapper)
+            .iter()
+            .find(|p| boinc::comm(p.pid).starts_with("qemu-system"))
+            .map(|p| p.pid);
+        pid.is_some()
+    });
+    pid.expect("set by the wait")
+}
+
+/// CPU seconds of one process, from /proc.
+fn cpu_of(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| proctree::parse(pid, &s))
+        .map_or(0.0, |p| p.cpu_seconds)
+}
+
+/// A file of the task's slot ("" if absent).
+fn slot_text(r: &Rig, name: &str) -> String {
+    std::fs::read_to_string(r.client.slot().join(name)).unwrap_or_default()
+}
+
+/// How many times the VM has booted, from its console.
+fn boots(r: &Rig) -> usize {
+    slot_text(r, "copilot-vm.console")
+        .lines()
+        .filter(|l| l.contains(BOOT_LINE) && l.contains(BOOT_WORD))
+        .count()
+}
+
+/// The VM's files that must not outlive an aborted or finished task.
+const VM_FILES: [&str; 5] = [
+    "copilot-vm.qmp",
+    "copilot-vm.state",
+    "copilot-vm.state.part",
+    "copilot-vm.state.info",
+    "copilot-vm.context.tar",
+];
+
+#[test]
+fn qemu_suspend_pauses_the_vm_quit_saves_it_restart_restores_it_abort_leaves_nothing() {
+    let out = tempfile::tempdir().unwrap();
+    let Some(mut r) = vm_rig("qemu_lifecycle", VM_JOB_XML, out.path()) else {
+        return;
+    };
+    let busy = job("busy", 1, "while :; do :; done");
+    let ids = r.h.submit(&r.h.write_job("busy", &busy, &[]));
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    let qemu = qemu_of(wrapper);
+    wait_state(&r, "the busy job to run in the VM", &ids, JobState::Running);
+    assert!(
+        !r.client.slot().join("copilot-vm.context.tar").exists(),
+        "the context tar (it holds the password) is deleted once QEMU has it"
+    );
+
+    // Suspend: QMP stop; the QEMU process stops using CPU (from /proc).
+    r.client.task("suspend");
+    wait_for(
+        "the wrapper to pause the VM",
+        Duration::from_secs(30),
+        || slot_text(&r, "stderr.txt").contains(" suspended "),
+    );
+    // A stopped VM uses no CPU: over two seconds, not one clock tick.
+    let paused = cpu_of(qemu);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(cpu_of(qemu), paused, "QEMU used CPU while paused");
+    // Resume: QMP cont; the busy job computes again.
+    r.client.task("resume");
+    wait_for("the VM to compute again", Duration::from_secs(30), || {
+        cpu_of(qemu) > paused + 0.5
+    });
+
+    // Quit: the VM's state is saved, then QEMU and the wrapper exit.
+    assert_eq!(boots(&r), 1, "{}", slot_text(&r, "copilot-vm.console"));
+    r.client.quit();
+    wait_for(
+        "the wrapper and QEMU to exit",
+        Duration::from_secs(30),
+        || !proctree::alive(wrapper) && !proctree::alive(qemu),
+    );
+    let slot = r.client.slot();
+    assert!(slot.join("copilot-vm.state").is_file(), "no saved state");
+    assert!(!slot.join("copilot-vm.qmp").exists(), "the socket is left");
+    r.h.wait_agent(TASK_AGENT, false, Duration::from_secs(30));
+
+    // Restart: QEMU loads the state instead of booting; the agent logs in again.
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    let qemu = qemu_of(wrapper);
+    wait_for("the VM to be restored", Duration::from_secs(60), || {
+        slot_text(&r, "stderr.txt").contains("VM restored from its saved state")
+    });
+    r.h.wait_agent(TASK_AGENT, true, Duration::from_secs(120));
+    for l in slot_text(&r, "stderr.txt").lines() {
+        if l.contains("VM state saved")
+            || l.contains("VM restored")
+            || l.contains("VM saved and ended")
+        {
+            println!("{l}");
+        }
+    }
+    assert_eq!(
+        boots(&r),
+        1,
+        "the VM booted again:\n{}",
+        slot_text(&r, "copilot-vm.console")
+    );
+
+    // Abort: QEMU is killed, its socket and state files are gone.
+    r.client.task("abort");
+    wait_for(
+        "the wrapper and QEMU to be gone",
+        Duration::from_secs(30),
+        || !proctree::alive(wrapper) && !proctree::alive(qemu),
+    );
+    task_ended_with(&r, "203");
+    for f in VM_FILES {
+        assert!(!slot.join(f).exists(), "{f} is left behind");
+    }
+}
+
+#[test]
+fn qemu_a_job_runs_end_to_end_in_the_vm_and_the_session_end_powers_it_off() {
+    // accel auto: the wrapper probes KVM (bounded) and falls back to TCG where it hangs.
+    let job_xml = "<copilot_job><backend>qemu</backend><session>45s</session><drain>5s</drain><stop_grace>30s</stop_grace></copilot_job>";
+    let out = tempfile::tempdir().unwrap();
+    let Some(mut r) = vm_rig("qemu_end_to_end", job_xml, out.path()) else {
+        return;
+    };
+    let ids = r.h.submit(&r.h.write_job(
+        "where",
+        &job("where", 1, "cat /etc/copilot/release > out.txt"),
+        &[],
+    ));
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    let qemu = qemu_of(wrapper);
+    let jobs = r.h.wait_final(&ids, Duration::from_secs(120));
+    assert_eq!(jobs[0].state, JobState::Done, "{:?}", jobs[0]);
+    assert_eq!(jobs[0].agent.as_deref(), Some(TASK_AGENT));
+    let out = std::fs::read_to_string(r.h.results(jobs[0].id).join("out.txt")).unwrap();
+    assert!(
+        out.starts_with("copilot image "),
+        "not run in the VM: {out}"
+    );
+    // At the session's end the power button ends the agent's session and the VM powers off.
+    task_ended_with(&r, "0");
+    assert!(!proctree::alive(qemu));
+    // The result's stderr: the KVM probe, and the guest's console's end.
+    let mut stderr = String::new();
+    wait_for("the result's stderr", Duration::from_secs(30), || {
+        stderr =
+            std::fs::read_to_string(r.client.dir().join("client_state.xml")).unwrap_or_default();
+        stderr.contains("</stderr_out>")
+    });
+    for line in [
+        "KVM probe boot",
+        "the agent ended its session",
+        "powering off: session over",
+    ] {
+        assert!(stderr.contains(line), "no {line:?} in\n{stderr}");
+    }
+    for f in VM_FILES {
+        assert!(!r.client.slot().join(f).exists(), "{f} is left behind");
+    }
+    let credit: VolunteerList = r.h.api("/api/volunteers");
+    assert_eq!(credit.volunteers[0].jobs_done, 1, "{credit:?}");
 }
 
 /// Poll every millisecond until `done`; the time it took (at most 60 s, then panic).
