@@ -476,7 +476,9 @@ fn a_broken_job_file_fails_the_task_with_init_failure_and_says_why() {
     );
 }
 
-/// The job file of the qemu tests: TCG (no KVM probe), checkpoints only when quitting.
+/// The job file of the qemu lifecycle test and benchmark: TCG (no KVM probe), no checkpoint
+/// but at quits. (A task that has checkpointed is quit, not suspended, by a user's suspend
+/// when the client does not leave applications in memory.)
 const VM_JOB_XML: &str = "<copilot_job><backend>qemu</backend><accel>tcg</accel><memory_mb>256</memory_mb><session>1h</session><drain>10m</drain><stop_grace>20s</stop_grace><checkpoint_interval>1h</checkpoint_interval></copilot_job>";
 /// The agent's name in the task (`boinc-<hostid>-<result>`).
 const TASK_AGENT: &str = "boinc-7-copilot_wu_1_0";
@@ -543,7 +545,6 @@ fn qemu_suspend_pauses_the_vm_quit_saves_it_restart_restores_it_abort_leaves_not
         !r.client.slot().join("copilot-vm.context.tar").exists(),
         "the context tar (it holds the password) is deleted once QEMU has it"
     );
-
     // Suspend: QMP stop; the QEMU process stops using CPU (from /proc).
     r.client.task("suspend");
     wait_for(
@@ -581,7 +582,12 @@ fn qemu_suspend_pauses_the_vm_quit_saves_it_restart_restores_it_abort_leaves_not
     wait_for("the VM to be restored", Duration::from_secs(60), || {
         slot_text(&r, "stderr.txt").contains("VM restored from its saved state")
     });
+    let restored = Instant::now();
     r.h.wait_agent(TASK_AGENT, true, Duration::from_secs(120));
+    println!(
+        "the restored agent was online again {:.1} s after the restore",
+        restored.elapsed().as_secs_f64()
+    );
     for l in slot_text(&r, "stderr.txt").lines() {
         if l.contains("VM state saved")
             || l.contains("VM restored")
@@ -613,7 +619,8 @@ fn qemu_suspend_pauses_the_vm_quit_saves_it_restart_restores_it_abort_leaves_not
 #[test]
 fn qemu_a_job_runs_end_to_end_in_the_vm_and_the_session_end_powers_it_off() {
     // accel auto: the wrapper probes KVM (bounded) and falls back to TCG where it hangs.
-    let job_xml = "<copilot_job><backend>qemu</backend><session>45s</session><drain>5s</drain><stop_grace>30s</stop_grace></copilot_job>";
+    // Checkpoints every 10 s: the VM runs on after each.
+    let job_xml = "<copilot_job><backend>qemu</backend><session>45s</session><drain>5s</drain><stop_grace>30s</stop_grace><checkpoint_interval>10s</checkpoint_interval></copilot_job>";
     let out = tempfile::tempdir().unwrap();
     let Some(mut r) = vm_rig("qemu_end_to_end", job_xml, out.path()) else {
         return;
@@ -770,5 +777,103 @@ fn bench_boinc_latencies() {
     summary(
         "wrapper: <quit/> received -> agent stopped, tree gone",
         took("agent stopped"),
+    );
+}
+
+/// The qemu backend's latencies under the real client, by hand (docs/BENCHMARKS.md):
+/// `cargo test --release -p copilot-tests --test boinc -- --ignored --nocapture bench_boinc_qemu`
+#[test]
+#[ignore = "a benchmark: run by hand"]
+fn bench_boinc_qemu_latencies() {
+    let out = tempfile::tempdir().unwrap();
+    let Some(mut r) = vm_rig("bench_qemu", VM_JOB_XML, out.path()) else {
+        return;
+    };
+    let count = |r: &Rig, what: &str| slot_text(r, "stderr.txt").matches(what).count();
+    let busy =
+        job("busy", 1, "while :; do :; done").replacen("[limits]", "max_retries = 10\n[limits]", 1);
+    let ids = r.h.submit(&r.h.write_job("busy", &busy, &[]));
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    qemu_of(wrapper);
+    wait_state(&r, "the busy job to run in the VM", &ids, JobState::Running);
+    let (mut suspend, mut resume) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let n = count(&r, " suspended ");
+        let t = Instant::now();
+        r.client.task("suspend");
+        time_until("QMP stop to be answered", || count(&r, " suspended ") > n);
+        suspend.push(t.elapsed());
+        let n = count(&r, " resumed ");
+        let t = Instant::now();
+        r.client.task("resume");
+        time_until("QMP cont to be answered", || count(&r, " resumed ") > n);
+        resume.push(t.elapsed());
+    }
+    summary("boinccmd suspend -> VM paused (QMP stop answered)", suspend);
+    summary("boinccmd resume -> VM running (QMP cont answered)", resume);
+
+    let mut quit = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            let restored = count(&r, "VM restored from its saved state");
+            r.client.start();
+            time_until("the VM to be restored", || {
+                count(&r, "VM restored from its saved state") > restored
+            });
+        }
+        let wrapper = wrapper_started(&r);
+        let qemu = qemu_of(wrapper);
+        let t = Instant::now();
+        let out = r.client.boinccmd(&["--quit"]);
+        assert!(out.status.success());
+        time_until("the wrapper and QEMU to exit", || {
+            !proctree::alive(wrapper) && !proctree::alive(qemu)
+        });
+        quit.push(t.elapsed());
+        r.client.wait_exit();
+        assert!(r.client.slot().join("copilot-vm.state").is_file());
+    }
+    summary(
+        "boinccmd --quit -> wrapper and QEMU gone, state saved",
+        quit,
+    );
+    let size = std::fs::metadata(r.client.slot().join("copilot-vm.state")).map_or(0, |m| m.len());
+    println!("saved state: {:.1} MB", size as f64 / 1e6);
+
+    let log = slot_text(&r, "stderr.txt");
+    let took = |what: &str| -> Vec<Duration> {
+        log.lines()
+            .filter(|l| l.contains(what))
+            .filter_map(|l| {
+                l.split("took_ms=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .map(Duration::from_millis)
+            .collect()
+    };
+    summary(
+        "wrapper: <suspend/> received -> QMP stop answered",
+        took(" suspended "),
+    );
+    summary(
+        "wrapper: <resume/> received -> QMP cont answered",
+        took(" resumed "),
+    );
+    summary(
+        "wrapper: VM state saved (stop, migrate, zstd)",
+        took("VM state saved"),
+    );
+    summary(
+        "wrapper: <quit/> received -> state saved, QEMU gone",
+        took("VM saved and ended"),
+    );
+    summary(
+        "wrapper: QEMU started -> state loaded, VM running",
+        took("VM restored"),
     );
 }
