@@ -196,16 +196,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_documented_example_is_valid() {
+    fn the_documented_examples_are_valid() {
         let doc = include_str!("../../docs/BOINC.md");
-        let example = doc
+        let examples: Vec<JobFile> = doc
             .split("```xml\n")
-            .find(|s| s.starts_with("<copilot_job>"))
-            .and_then(|s| s.split("```").next())
-            .expect("docs/BOINC.md has a <copilot_job> example");
-        let job = JobFile::parse(example).unwrap();
-        assert_eq!(job.backend, BackendKind::Process);
-        assert_eq!(job.session, Seconds(12 * 3600));
+            .filter(|s| s.starts_with("<copilot_job>"))
+            .filter_map(|s| s.split("```").next())
+            .map(|e| JobFile::parse(e).unwrap())
+            .collect();
+        assert_eq!(examples.len(), 2, "docs/BOINC.md has two <copilot_job> examples");
+        assert_eq!(examples[0].backend, BackendKind::Process);
+        assert_eq!(examples[0].session, Seconds(12 * 3600));
+        assert_eq!(examples[1].backend, BackendKind::Qemu);
+        assert_eq!(examples[1].memory_mb, 256);
     }
 
     #[test]
