@@ -204,7 +204,11 @@ mod tests {
             .filter_map(|s| s.split("```").next())
             .map(|e| JobFile::parse(e).unwrap())
             .collect();
-        assert_eq!(examples.len(), 2, "docs/BOINC.md has two <copilot_job> examples");
+        assert_eq!(
+            examples.len(),
+            2,
+            "docs/BOINC.md has two <copilot_job> examples"
+        );
         assert_eq!(examples[0].backend, BackendKind::Process);
         assert_eq!(examples[0].session, Seconds(12 * 3600));
         assert_eq!(examples[1].backend, BackendKind::Qemu);

@@ -6,6 +6,13 @@
 //! broken job file fails the task with BOINC's init-failure code and the reason.
 //! Each of those prints `skipped:` where the client is not installed. And an agent drains by
 //! itself at its configured drain time.
+//!
+//! The qemu backend, with the VM image packaged by `scripts/package-boinc-app --image`: suspend
+//! pauses QEMU (its CPU time stands still) and resume continues it; quit saves the VM's state
+//! and the restarted task restores it without a reboot, its agent logging in again; a state
+//! that does not load is dropped for a fresh boot; abort leaves no QEMU, socket or state file;
+//! a job runs end to end in the VM, which checkpoints and runs on, and the session's end powers
+//! it off. These fail (they do not skip) without the image or QEMU.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -602,6 +609,27 @@ fn qemu_suspend_pauses_the_vm_quit_saves_it_restart_restores_it_abort_leaves_not
         "the VM booted again:\n{}",
         slot_text(&r, "copilot-vm.console")
     );
+
+    // A state that does not load (cut short here) is dropped, and the VM boots afresh.
+    r.client.quit();
+    wait_for(
+        "the wrapper and QEMU to exit",
+        Duration::from_secs(30),
+        || !proctree::alive(wrapper) && !proctree::alive(qemu),
+    );
+    let state = std::fs::read(slot.join("copilot-vm.state")).expect("a saved state");
+    std::fs::write(slot.join("copilot-vm.state"), &state[..state.len() / 2]).unwrap();
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    wait_for("the VM to boot again", Duration::from_secs(120), || {
+        boots(&r) == 2
+    });
+    assert!(
+        slot_text(&r, "stderr.txt").contains("cannot restore the saved VM state"),
+        "{}",
+        slot_text(&r, "stderr.txt")
+    );
+    let qemu = qemu_of(wrapper);
 
     // Abort: QEMU is killed, its socket and state files are gone.
     r.client.task("abort");

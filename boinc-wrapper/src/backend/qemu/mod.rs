@@ -193,6 +193,14 @@ impl Files {
 
 /// Lines of the guest's console the wrapper logs when the VM has ended for good.
 const CONSOLE_TAIL: usize = 20;
+/// What the image's init logs when it powers off because the agent's session is over.
+const SESSION_OVER: &str = "powering off: session over";
+/// The exit the backend reports when QEMU exited 0 but the guest did not end its session
+/// (a kernel panic or reboot, which `-no-reboot` turns into an exit, or an init that could
+/// not run the agent).
+const GUEST_FAILED: i32 = 1;
+/// After a failed save, checkpoints are not tried again for this long.
+const SAVE_RETRY: Duration = Duration::from_secs(60);
 
 /// What a saved state needs to load: the same memory and accelerator.
 fn state_info(memory_mb: u32, accel: &str) -> String {
@@ -243,6 +251,10 @@ pub struct QemuBackend {
     info: String,
     /// zstd, if the host has it (else states are saved uncompressed).
     zstd: Option<PathBuf>,
+    /// The wrapper told QEMU to quit (its exit 0 then says nothing about the guest).
+    quitting: bool,
+    /// When a save last failed.
+    save_failed: Option<Instant>,
 }
 
 impl QemuBackend {
@@ -410,6 +422,8 @@ impl QemuBackend {
             run: Run::Running,
             info: state_info(spec.memory_mb, accel),
             zstd,
+            quitting: false,
+            save_failed: None,
         };
         if let Err(e) = set {
             b.kill_now();
@@ -450,6 +464,12 @@ impl QemuBackend {
         Ok(status.map(|s| {
             use std::os::unix::process::ExitStatusExt;
             let exit = match (s.code(), s.signal()) {
+                (Some(0), _) if !self.quitting && !self.console_tail().contains(SESSION_OVER) => {
+                    tracing::warn!(
+                        "QEMU exited, but the guest did not end its session (see its console)"
+                    );
+                    Exit::Code(GUEST_FAILED)
+                }
                 (Some(c), _) => Exit::Code(c),
                 (None, Some(sig)) => Exit::Signal(sig),
                 (None, None) => Exit::Signal(0),
@@ -593,13 +613,18 @@ impl QemuBackend {
         matches!(self.run, Run::Ended(_))
     }
 
-    /// Logs the end of the guest's console: the task's stderr, which goes back with the
-    /// result, then shows how the VM's session ended.
-    fn log_console_tail(&self) {
+    /// The last lines of the guest's console.
+    fn console_tail(&self) -> String {
         let text = std::fs::read(&self.files.console).unwrap_or_default();
         let text = String::from_utf8_lossy(&text);
         let lines: Vec<&str> = text.lines().collect();
-        for line in &lines[lines.len().saturating_sub(CONSOLE_TAIL)..] {
+        lines[lines.len().saturating_sub(CONSOLE_TAIL)..].join("\n")
+    }
+
+    /// Logs the end of the guest's console: the task's stderr, which goes back with the
+    /// result, then shows how the VM's session ended.
+    fn log_console_tail(&self) {
+        for line in self.console_tail().lines() {
             tracing::info!("console: {line}");
         }
     }
@@ -639,13 +664,17 @@ impl Backend for QemuBackend {
         if self.try_exit()?.is_some() {
             return Ok(Checkpoint::NothingToLose);
         }
+        if self.save_failed.is_some_and(|t| t.elapsed() < SAVE_RETRY) {
+            return Ok(Checkpoint::Busy);
+        }
         let was = self.run;
         self.pause()?;
         let saved = self.save();
+        self.save_failed = saved.is_err().then(Instant::now);
         if was == Run::Running {
             self.go()?;
         }
-        // A failed save is no checkpoint; the session asks again.
+        // A failed save is no checkpoint; the session asks again (tried after SAVE_RETRY).
         Ok(if saved.is_ok() {
             Checkpoint::Saved
         } else {
@@ -674,6 +703,7 @@ impl Backend for QemuBackend {
             return self.stop(grace);
         }
         // The state is safe: QEMU may go.
+        self.quitting = true;
         if let Err(e) = self.qmp.execute("quit", None) {
             tracing::debug!("QMP quit: {e}");
         }
