@@ -493,6 +493,12 @@ const TASK_AGENT: &str = "boinc-7-copilot_wu_1_0";
 const BOOT_LINE: &str = "copilot-init: ";
 const BOOT_WORD: &str = "] starting (copilot image";
 
+/// VMs run one test at a time: TCG wants the CPUs.
+fn one_vm_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The QEMU the wrapper runs.
 fn qemu_of(wrapper: i32) -> i32 {
     let mut pid = None;
@@ -538,6 +544,7 @@ const VM_FILES: [&str; 5] = [
 
 #[test]
 fn qemu_suspend_pauses_the_vm_quit_saves_it_restart_restores_it_abort_leaves_nothing() {
+    let _one = one_vm_test_at_a_time();
     let out = tempfile::tempdir().unwrap();
     let Some(mut r) = vm_rig("qemu_lifecycle", VM_JOB_XML, out.path()) else {
         return;
@@ -649,6 +656,7 @@ fn qemu_a_job_runs_end_to_end_in_the_vm_and_the_session_end_powers_it_off() {
     // accel auto: the wrapper probes KVM (bounded) and falls back to TCG where it hangs.
     // Checkpoints every 10 s: the VM runs on after each.
     let job_xml = "<copilot_job><backend>qemu</backend><session>45s</session><drain>5s</drain><stop_grace>30s</stop_grace><checkpoint_interval>10s</checkpoint_interval></copilot_job>";
+    let _one = one_vm_test_at_a_time();
     let out = tempfile::tempdir().unwrap();
     let Some(mut r) = vm_rig("qemu_end_to_end", job_xml, out.path()) else {
         return;
@@ -813,6 +821,7 @@ fn bench_boinc_latencies() {
 #[test]
 #[ignore = "a benchmark: run by hand"]
 fn bench_boinc_qemu_latencies() {
+    let _one = one_vm_test_at_a_time();
     let out = tempfile::tempdir().unwrap();
     let Some(mut r) = vm_rig("bench_qemu", VM_JOB_XML, out.path()) else {
         return;
