@@ -9,9 +9,9 @@
 //!   and the VM boots afresh. KVM only when a bounded probe boot shows it works ([`kvm`]),
 //!   else TCG;
 //! - suspend = QMP `stop`, resume = `cont`, network = `set_link` of the NIC;
-//! - checkpoint = `stop`, migrate the VM's state into a file (through `zstd -1` when the host
-//!   has it: a pipe whose write end QEMU gets with `getfd`), `cont`; the file is written under
-//!   a temporary name and renamed once QEMU and zstd have both finished;
+//! - checkpoint = `stop`, migrate the VM's state through a pipe (QEMU gets its write end with
+//!   `getfd`) into `zstd -1` (`cat` where the host has no zstd) and a file, `cont`; the file is
+//!   written under a temporary name and renamed once QEMU and the writer have both finished;
 //! - quit = save the state the same way, then end QEMU: the client restarts the task later and
 //!   the next start restores it (the guest's TCP connections are gone; the agent reconnects);
 //! - stop = ACPI power button (the image's init ends the agent's session and powers off),
@@ -192,7 +192,7 @@ impl Files {
 }
 
 /// Lines of the guest's console the wrapper logs when the VM has ended for good.
-const CONSOLE_TAIL: usize = 20;
+const CONSOLE_TAIL: usize = 40;
 /// What the image's init logs when it powers off because the agent's session is over.
 const SESSION_OVER: &str = "powering off: session over";
 /// The exit the backend reports when QEMU exited 0 but the guest did not end its session
@@ -202,9 +202,10 @@ const GUEST_FAILED: i32 = 1;
 /// After a failed save, checkpoints are not tried again for this long.
 const SAVE_RETRY: Duration = Duration::from_secs(60);
 
-/// What a saved state needs to load: the same memory and accelerator.
-fn state_info(memory_mb: u32, accel: &str) -> String {
-    format!("memory_mb={memory_mb} accel={accel}\n")
+/// What a saved state needs to load: the same memory and accelerator, and zstd if it is
+/// compressed.
+fn state_info(memory_mb: u32, accel: &str, compressed: bool) -> String {
+    format!("memory_mb={memory_mb} accel={accel} zstd={compressed}\n")
 }
 
 /// Writes `agent_config` as `agent.toml` into a plain tar at `path` (0600: it holds the
@@ -265,14 +266,18 @@ impl QemuBackend {
         let zstd = find_on_path("zstd");
         if files.state.is_file() {
             let saved = std::fs::read_to_string(&files.state_info).unwrap_or_default();
-            let accel = ["kvm", "tcg"]
+            let made_with = [("kvm", true), ("kvm", false), ("tcg", true), ("tcg", false)]
                 .into_iter()
-                .find(|a| saved == state_info(spec.memory_mb, a));
-            match accel {
-                Some(accel) => match Self::restore(spec, &files, accel, zstd.clone()) {
-                    Ok(b) => return Ok(b),
-                    Err(e) => tracing::warn!("cannot restore the saved VM state ({e}): booting"),
-                },
+                .find(|(a, z)| saved == state_info(spec.memory_mb, a, *z));
+            match made_with {
+                Some((accel, compressed)) => {
+                    match Self::restore(spec, &files, accel, compressed, zstd.clone()) {
+                        Ok(b) => return Ok(b),
+                        Err(e) => {
+                            tracing::warn!("cannot restore the saved VM state ({e}): booting")
+                        }
+                    }
+                }
                 None => tracing::warn!(
                     "the saved VM state was made with other settings ({}): booting",
                     saved.trim()
@@ -306,44 +311,42 @@ impl QemuBackend {
         spec: &VmSpec,
         files: &Files,
         accel: &str,
+        compressed: bool,
         zstd: Option<PathBuf>,
     ) -> Result<QemuBackend, BackendError> {
         let started = Instant::now();
-        let (source, mut decompress): (OwnedFd, Option<Child>) = match &zstd {
-            Some(z) => {
-                let mut child = Command::new(z)
-                    .args(["-d", "-c", "-q"])
-                    .arg(&files.state)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .map_err(|e| other(format!("starting zstd: {e}")))?;
-                let out = child
-                    .stdout
-                    .take()
-                    .ok_or_else(|| other("zstd: no stdout"))?;
-                (OwnedFd::from(out), Some(child))
+        // The state streams out of a child (zstd, or cat for an uncompressed one) into a pipe.
+        let mut reader = match (compressed, &zstd) {
+            (true, None) => return Err(other("the state is compressed and there is no zstd")),
+            (true, Some(z)) => {
+                let mut c = Command::new(z);
+                c.args(["-d", "-c", "-q"]);
+                c
             }
-            None => (
-                File::open(&files.state)
-                    .map_err(|e| other(format!("opening {}: {e}", files.state.display())))?
-                    .into(),
-                None,
-            ),
+            (false, _) => Command::new("cat"),
         };
+        let mut reader = reader
+            .arg(&files.state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| other(format!("starting the state's reader: {e}")))?;
+        let source = reader
+            .stdout
+            .take()
+            .map(OwnedFd::from)
+            .ok_or_else(|| other("the state's reader has no stdout"))?;
         let launched = Self::launch(spec, files, accel, Some(source), zstd);
         let result = launched.and_then(|mut b| {
             b.wait_incoming()?;
             b.qmp.execute("cont", None).map_err(qmp_err)?;
             Ok(b)
         });
-        if let Some(mut d) = decompress.take() {
-            if result.is_err() {
-                let _ = d.kill();
-            }
-            let _ = d.wait();
+        if result.is_err() {
+            let _ = reader.kill();
         }
+        let _ = reader.wait();
         let b = result?;
         tracing::info!(
             pid = b.qemu.id(),
@@ -420,7 +423,7 @@ impl QemuBackend {
             qmp,
             files: files.clone(),
             run: Run::Running,
-            info: state_info(spec.memory_mb, accel),
+            info: state_info(spec.memory_mb, accel, zstd.is_some()),
             zstd,
             quitting: false,
             save_failed: None,
@@ -509,44 +512,42 @@ impl QemuBackend {
             .mode(0o600)
             .open(&f.state_part)
             .map_err(|e| other(format!("creating {}: {e}", f.state_part.display())))?;
-        let (sink, mut compress): (OwnedFd, Option<Child>) = match &self.zstd {
+        // QEMU writes into a pipe; a child (zstd, or cat without it) writes the file.
+        let (r, sink) = os::pipe().map_err(|e| other(format!("a pipe: {e}")))?;
+        let mut writer = match &self.zstd {
             Some(z) => {
-                let (r, w) = os::pipe().map_err(|e| other(format!("a pipe: {e}")))?;
-                let child = Command::new(z)
-                    .args(["-1", "-q", "-c"])
-                    .stdin(Stdio::from(r))
-                    .stdout(Stdio::from(part))
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .map_err(|e| other(format!("starting zstd: {e}")))?;
-                (w, Some(child))
+                let mut c = Command::new(z);
+                c.args(["-1", "-q", "-c"]);
+                c
             }
-            None => (part.into(), None),
+            None => Command::new("cat"),
         };
+        let mut writer = writer
+            .stdin(Stdio::from(r))
+            .stdout(Stdio::from(part))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| other(format!("starting the state's writer: {e}")))?;
         let migrated = self.migrate_to(sink);
-        let compressed = match compress.as_mut() {
-            None => Ok(()),
-            Some(c) => {
-                if migrated.is_err() {
-                    let _ = c.kill();
-                }
-                // zstd ends once QEMU has closed the pipe and it has written everything.
-                let status = wait_until(MIGRATE_LIMIT, || {
-                    c.try_wait().map_err(|e| other(format!("zstd: {e}")))
-                });
-                match status {
-                    Ok(Some(s)) if s.success() => Ok(()),
-                    Ok(Some(s)) => Err(other(format!("zstd failed: {s}"))),
-                    Ok(None) => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        Err(other("zstd did not finish"))
-                    }
-                    Err(e) => Err(e),
-                }
+        if migrated.is_err() {
+            let _ = writer.kill();
+        }
+        // The writer ends once QEMU has closed the pipe and it has written everything.
+        let written = match wait_until(MIGRATE_LIMIT, || {
+            writer
+                .try_wait()
+                .map_err(|e| other(format!("the state's writer: {e}")))
+        }) {
+            Ok(Some(s)) if s.success() => Ok(()),
+            Ok(Some(s)) => Err(other(format!("the state's writer failed: {s}"))),
+            Ok(None) => {
+                let _ = writer.kill();
+                let _ = writer.wait();
+                Err(other("the state's writer did not finish"))
             }
+            Err(e) => Err(e),
         };
-        let result = migrated.and(compressed).and_then(|()| {
+        let result = migrated.and(written).and_then(|()| {
             let f = &self.files;
             std::fs::write(&f.state_info, &self.info)
                 .and_then(|()| File::open(&f.state_part)?.sync_all())
