@@ -107,9 +107,12 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 }
 
 /// The machine every boot and probe uses: q35, no default devices, user-mode networking (the
-/// host's loopback is 10.0.2.2 to the guest), a virtio NIC and RNG, one CPU.
+/// host's loopback is 10.0.2.2 to the guest), a virtio NIC and RNG, one CPU. QEMU's threads
+/// get names (the virtual CPU's is `CPU 0/TCG` or `CPU 0/KVM`), for `top -H` and the tests.
 pub(crate) fn machine_args(memory_mb: u32) -> Vec<String> {
     [
+        "-name",
+        "copilot,debug-threads=on",
         "-machine",
         "q35",
         "-nodefaults",
