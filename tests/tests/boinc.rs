@@ -663,7 +663,7 @@ fn qemu_suspend_pauses_the_vm_quit_saves_it_restart_restores_it_abort_leaves_not
 fn qemu_a_job_runs_end_to_end_in_the_vm_and_the_session_end_powers_it_off() {
     // accel auto: the wrapper probes KVM (bounded) and falls back to TCG where it hangs.
     // Checkpoints every 10 s: the VM runs on after each.
-    let job_xml = "<copilot_job><backend>qemu</backend><session>45s</session><drain>5s</drain><stop_grace>60s</stop_grace><checkpoint_interval>10s</checkpoint_interval></copilot_job>";
+    let job_xml = "<copilot_job><backend>qemu</backend><session>60s</session><drain>5s</drain><stop_grace>60s</stop_grace><checkpoint_interval>10s</checkpoint_interval></copilot_job>";
     let _one = one_vm_test_at_a_time();
     let out = tempfile::tempdir().unwrap();
     let Some(mut r) = vm_rig("qemu_end_to_end", job_xml, out.path()) else {

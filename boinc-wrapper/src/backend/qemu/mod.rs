@@ -14,8 +14,9 @@
 //!   written under a temporary name and renamed once QEMU and the writer have both finished;
 //! - quit = save the state the same way, then end QEMU: the client restarts the task later and
 //!   the next start restores it (the guest's TCP connections are gone; the agent reconnects);
-//! - stop = ACPI power button (the image's init ends the agent's session and powers off),
-//!   SIGKILL after the grace period; kill = SIGKILL. Both delete the state and the socket;
+//! - stop = ACPI power button, pressed every 5 s (the image's init ends the agent's session and
+//!   powers off; a guest still booting misses a press), SIGKILL after the grace period;
+//!   kill = SIGKILL. Both delete the state and the socket;
 //! - the QEMU process is `other_pid`, and its CPU time (from /proc while it runs) is the
 //!   session's.
 
@@ -63,6 +64,8 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(30);
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a save or a restore of the VM's state may take.
 const MIGRATE_LIMIT: Duration = Duration::from_secs(300);
+/// How often `stop` presses the power button while the VM has not powered off.
+const POWER_BUTTON_AGAIN: Duration = Duration::from_secs(5);
 /// Time QEMU gets to exit after `quit` before SIGKILL.
 const QUIT_LIMIT: Duration = Duration::from_secs(10);
 
@@ -724,13 +727,22 @@ impl Backend for QemuBackend {
     fn stop(&mut self, grace: Duration) -> Result<Exit, BackendError> {
         if !self.ended() {
             self.go()?;
-            // The power button: the init ends the agent's session and powers off.
-            if let Err(e) = self.qmp.execute("system_powerdown", None) {
-                tracing::warn!("cannot press the VM's power button: {e}");
-            }
-            if self.wait_exit(grace)?.is_none() {
-                tracing::warn!("the VM did not power off within {grace:?}: killing it");
-                self.kill_now();
+            // The power button: the init ends the agent's session and powers off. Pressed
+            // again now and then: a guest still booting does not watch it yet.
+            let deadline = Instant::now() + grace;
+            loop {
+                if let Err(e) = self.qmp.execute("system_powerdown", None) {
+                    tracing::warn!("cannot press the VM's power button: {e}");
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if self.wait_exit(left.min(POWER_BUTTON_AGAIN))?.is_some() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!("the VM did not power off within {grace:?}: killing it");
+                    self.kill_now();
+                    break;
+                }
             }
         }
         // The session is over: nothing to restore.
