@@ -1,7 +1,12 @@
 //! The agent's config for one session: the project's template (the app version's
 //! `copilot_agent.toml`: XMPP server, account, manager, limits) with what only the wrapper
 //! knows filled in: the agent's name, its work dir in the slot, the volunteer's identity
-//! (`[volunteer]`) and when to drain (`drain_at`, from the work unit's deadline).
+//! (`[volunteer]`) and when to drain (`drain_at`, from the work unit's deadline). For an agent
+//! in the VM (qemu backend) the work dir is the image's, and an XMPP server on the host's
+//! loopback is named as the guest reaches it: 10.0.2.2 ([`GUEST_HOST`], QEMU's user-mode
+//! networking). Over TLS (a pinned CA) nothing else changes; a template that says
+//! `insecure_loopback` gets `plaintext_host` for that address, as loopback is allowed on the
+//! host.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +20,10 @@ pub const AGENT_CONFIG_FILE: &str = "copilot-agent.toml";
 const MAX_TEMPLATE: u64 = 64 * 1024;
 /// Longest agent name the protocol accepts.
 const MAX_NAME: usize = 128;
+/// The host's loopback as a guest under QEMU's user-mode networking reaches it.
+pub const GUEST_HOST: &str = "10.0.2.2";
+/// The agent's work dir in the VM image (a tmpfs of its own).
+pub const GUEST_WORK_DIR: &str = "/var/lib/copilot-agent";
 
 /// Why the agent config could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +51,19 @@ pub struct Session<'a> {
     pub volunteer: &'a Volunteer,
     /// Unix seconds after which the agent takes no new job.
     pub drain_at: Option<u64>,
+    /// The agent runs in the VM: host loopback addresses become [`GUEST_HOST`].
+    pub in_vm: bool,
+}
+
+/// `host:port` with a loopback host named as the guest reaches it; None if not loopback.
+fn guest_server(server: &str) -> Option<String> {
+    let (host, port) = server.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    loopback.then(|| format!("{GUEST_HOST}:{port}"))
 }
 
 /// A stable agent name for this host and task: `boinc-<hostid>-<result name>`, white space and
@@ -83,6 +105,21 @@ pub fn render(
         "work_dir".into(),
         Value::from(s.work_dir.to_string_lossy().into_owned()),
     );
+    if s.in_vm {
+        if let Some(Value::Table(xmpp)) = t.get_mut("xmpp") {
+            let guest = xmpp
+                .get("server")
+                .and_then(Value::as_str)
+                .and_then(guest_server);
+            if let Some(server) = guest {
+                xmpp.insert("server".into(), Value::from(server));
+                let plaintext = xmpp.get("insecure_loopback").and_then(Value::as_bool);
+                if plaintext == Some(true) {
+                    xmpp.insert("plaintext_host".into(), Value::from(GUEST_HOST));
+                }
+            }
+        }
+    }
     let mut v = Table::new();
     // BOINC ids are never negative; the agent takes only non-negative ones.
     v.insert("user_id".into(), Value::from(s.volunteer.user_id.max(0)));
@@ -162,6 +199,7 @@ mod tests {
             work_dir: Path::new("/slots/0/agent"),
             volunteer: &v,
             drain_at: Some(1_800_000_000),
+            in_vm: false,
         };
         let out: Table = render(template, Path::new("t.toml"), &s)
             .unwrap()
@@ -189,6 +227,64 @@ mod tests {
     }
 
     #[test]
+    fn in_the_vm_a_loopback_server_is_the_guests_view_of_the_host() {
+        let v = volunteer();
+        let s = Session {
+            host_id: 7,
+            result_name: "r",
+            work_dir: Path::new(GUEST_WORK_DIR),
+            volunteer: &v,
+            drain_at: None,
+            in_vm: true,
+        };
+        for (server, security, want, plaintext) in [
+            (
+                "127.0.0.1:5222",
+                "insecure_loopback = true",
+                "10.0.2.2:5222",
+                Some(GUEST_HOST),
+            ),
+            (
+                "localhost:15222",
+                "insecure_loopback = true",
+                "10.0.2.2:15222",
+                Some(GUEST_HOST),
+            ),
+            (
+                "[::1]:5222",
+                "insecure_loopback = true",
+                "10.0.2.2:5222",
+                Some(GUEST_HOST),
+            ),
+            // Over TLS the guest reaches the same server; no plaintext exception is needed.
+            (
+                "127.0.0.1:5222",
+                "ca = \"/etc/copilot/ca.pem\"",
+                "10.0.2.2:5222",
+                None,
+            ),
+            (
+                "xmpp.example.org:5222",
+                "insecure_loopback = true",
+                "xmpp.example.org:5222",
+                None,
+            ),
+        ] {
+            let template = format!("[xmpp]\nserver = \"{server}\"\n{security}\n");
+            let out: Table = render(&template, Path::new("t.toml"), &s)
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(out["xmpp"]["server"].as_str(), Some(want));
+            assert_eq!(
+                out["xmpp"].get("plaintext_host").and_then(Value::as_str),
+                plaintext
+            );
+            assert_eq!(out["work_dir"].as_str(), Some(GUEST_WORK_DIR));
+        }
+    }
+
+    #[test]
     fn names_are_bounded_and_templates_checked() {
         assert_eq!(agent_name(0, "r").as_str(), "boinc-0-r");
         assert_eq!(agent_name(1, &"é".repeat(200)).len(), 128);
@@ -201,6 +297,7 @@ mod tests {
                 work_dir: Path::new("/w"),
                 volunteer: &volunteer(),
                 drain_at: None,
+                in_vm: false,
             },
         )
         .unwrap_err();
@@ -223,6 +320,7 @@ mod tests {
                 work_dir: dir.path(),
                 volunteer: &v,
                 drain_at: None,
+                in_vm: false,
             },
         )
         .unwrap();

@@ -33,8 +33,21 @@ pub enum BackendKind {
     /// copilot-agent as a process on the volunteer's host.
     #[default]
     Process,
-    /// The copilot VM image under QEMU (not built yet: refused at start).
+    /// The copilot VM image under QEMU.
     Qemu,
+}
+
+/// How QEMU runs the VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM if a bounded probe boot shows that it works here, else TCG.
+    #[default]
+    Auto,
+    /// KVM, without probing.
+    Kvm,
+    /// TCG (emulation): works everywhere, slower.
+    Tcg,
 }
 
 /// The job file.
@@ -62,6 +75,17 @@ pub struct JobFile {
     /// its session before everything is killed.
     #[serde(default = "default_stop_grace", deserialize_with = "duration")]
     pub stop_grace: Seconds,
+    /// Least time between two checkpoints, whatever the client's checkpoint period; the
+    /// default is the client's period for the process backend and 10 minutes for qemu (each
+    /// writes the VM's memory to disk).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub checkpoint_interval: Option<Seconds>,
+    /// qemu: the VM's memory in MiB.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u32,
+    /// qemu: `auto`, `kvm` or `tcg`.
+    #[serde(default)]
+    pub accel: Accel,
 }
 
 fn default_agent() -> String {
@@ -79,11 +103,24 @@ fn default_drain() -> Seconds {
 fn default_stop_grace() -> Seconds {
     Seconds(30)
 }
+fn default_memory_mb() -> u32 {
+    256
+}
+/// Least VM memory the image boots and runs a job in.
+const MIN_MEMORY_MB: u32 = 128;
+/// Most VM memory the wrapper asks for.
+const MAX_MEMORY_MB: u32 = 64 * 1024;
+/// Default least time between two checkpoints of a VM.
+const QEMU_CHECKPOINT_INTERVAL: Seconds = Seconds(600);
 
 /// A duration as text ("90s", "2h", or seconds): XML has no numbers, only text.
 fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Seconds, D::Error> {
     let text = String::deserialize(d)?;
     text.parse().map_err(serde::de::Error::custom)
+}
+
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Seconds>, D::Error> {
+    duration(d).map(Some)
 }
 
 /// A logical file name: a plain name inside the slot dir.
@@ -121,7 +158,20 @@ impl JobFile {
                 job.drain, job.session
             )));
         }
+        if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&job.memory_mb) {
+            return Err(JobFileError::Invalid(format!(
+                "<memory_mb> must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB}"
+            )));
+        }
         Ok(job)
+    }
+
+    /// Least time between two checkpoints.
+    pub fn min_checkpoint_interval(&self) -> Seconds {
+        self.checkpoint_interval.unwrap_or(match self.backend {
+            BackendKind::Process => Seconds(0),
+            BackendKind::Qemu => QEMU_CHECKPOINT_INTERVAL,
+        })
     }
 
     /// Read the job file at `path` (already resolved from its logical name).
@@ -146,16 +196,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_documented_example_is_valid() {
+    fn the_documented_examples_are_valid() {
         let doc = include_str!("../../docs/BOINC.md");
-        let example = doc
+        let examples: Vec<JobFile> = doc
             .split("```xml\n")
-            .find(|s| s.starts_with("<copilot_job>"))
-            .and_then(|s| s.split("```").next())
-            .expect("docs/BOINC.md has a <copilot_job> example");
-        let job = JobFile::parse(example).unwrap();
-        assert_eq!(job.backend, BackendKind::Process);
-        assert_eq!(job.session, Seconds(12 * 3600));
+            .filter(|s| s.starts_with("<copilot_job>"))
+            .filter_map(|s| s.split("```").next())
+            .map(|e| JobFile::parse(e).unwrap())
+            .collect();
+        assert_eq!(
+            examples.len(),
+            2,
+            "docs/BOINC.md has two <copilot_job> examples"
+        );
+        assert_eq!(examples[0].backend, BackendKind::Process);
+        assert_eq!(examples[0].session, Seconds(12 * 3600));
+        assert_eq!(examples[1].backend, BackendKind::Qemu);
+        assert_eq!(examples[1].memory_mb, 256);
     }
 
     #[test]
@@ -172,6 +229,20 @@ mod tests {
         .unwrap();
         assert_eq!((job.session, job.drain), (Seconds(90), Seconds(10)));
         assert_eq!(job.backend, BackendKind::Qemu);
+        assert_eq!((job.memory_mb, job.accel), (256, Accel::Auto));
+        assert_eq!(job.min_checkpoint_interval(), Seconds(600));
+        let job = JobFile::parse(
+            "<copilot_job><backend>qemu</backend><memory_mb>512</memory_mb><accel>tcg</accel><checkpoint_interval>2m</checkpoint_interval></copilot_job>",
+        )
+        .unwrap();
+        assert_eq!((job.memory_mb, job.accel), (512, Accel::Tcg));
+        assert_eq!(job.min_checkpoint_interval(), Seconds(120));
+        assert_eq!(
+            JobFile::parse("<copilot_job/>")
+                .unwrap()
+                .min_checkpoint_interval(),
+            Seconds(0)
+        );
     }
 
     #[test]
@@ -188,5 +259,10 @@ mod tests {
         assert!(err.to_string().contains("shorter"), "{err}");
         assert!(JobFile::parse("<copilot_job><session>soon</session></copilot_job>").is_err());
         assert!(JobFile::parse("<copilot_job>").is_err());
+        let err =
+            JobFile::parse("<copilot_job><memory_mb>16</memory_mb></copilot_job>").unwrap_err();
+        assert!(err.to_string().contains("memory_mb"), "{err}");
+        assert!(JobFile::parse("<copilot_job><memory_mb>lots</memory_mb></copilot_job>").is_err());
+        assert!(JobFile::parse("<copilot_job><accel>hvf</accel></copilot_job>").is_err());
     }
 }

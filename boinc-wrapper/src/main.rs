@@ -1,7 +1,8 @@
 //! `copilot-boinc-wrapper`: the BOINC application that runs a copilot agent session under a
 //! volunteer's BOINC client. Started by the client in the task's slot dir; reads init_data.xml
-//! and the job file, writes the agent's config, starts the backend and runs the session loop
-//! (see the library's `session` module). Its exit code is what the client reads:
+//! and the job file, writes the agent's config, starts the backend (the agent as a process, or
+//! the VM image under QEMU) and runs the session loop (see the library's `session` module). Its
+//! exit code is what the client reads:
 //!
 //! | exit | when | finish file |
 //! |---|---|---|
@@ -25,6 +26,8 @@ use copilot_boinc::api::files;
 use copilot_boinc::api::init_data::InitData;
 use copilot_boinc::api::shm;
 use copilot_boinc::backend::process::{become_subreaper, ProcessBackend};
+use copilot_boinc::backend::qemu::{self, Image, QemuBackend, VmSpec};
+use copilot_boinc::backend::Backend;
 use copilot_boinc::job::{BackendKind, JobFile, JOB_FILE};
 use copilot_boinc::session::{Ending, Session, Timeline};
 use copilot_boinc::volunteer::Volunteer;
@@ -43,12 +46,18 @@ enum MainError {
     Run(anyhow::Error),
 }
 
+/// Where the agent runs, resolved.
+enum Where {
+    Process { agent_program: PathBuf },
+    Vm(VmSpec),
+}
+
 /// Everything the session needs, read and checked before anything starts.
 struct Setup {
     init: InitData,
     job: JobFile,
-    agent_program: PathBuf,
     agent_config: PathBuf,
+    place: Where,
 }
 
 fn setup(slot: &Path) -> anyhow::Result<Setup> {
@@ -56,15 +65,16 @@ fn setup(slot: &Path) -> anyhow::Result<Setup> {
     tracing::info!(?init, "task");
     let job_path = files::resolve(slot, JOB_FILE)?;
     let job = JobFile::load(&job_path)?;
-    if job.backend == BackendKind::Qemu {
-        anyhow::bail!("the qemu backend is not available in this version of the wrapper");
-    }
-    let agent_program = files::resolve(slot, &job.agent)?;
     let template = files::resolve(slot, &job.agent_config)?;
     let volunteer = Volunteer::from_init_data(&init);
-    let work_dir = slot.join("agent");
-    std::fs::create_dir_all(&work_dir)
-        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let in_vm = job.backend == BackendKind::Qemu;
+    let work_dir = if in_vm {
+        PathBuf::from(agent_config::GUEST_WORK_DIR)
+    } else {
+        let dir = slot.join("agent");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        dir
+    };
     let timeline = Timeline::new(&job, &init);
     let agent_config = agent_config::write(
         &template,
@@ -75,14 +85,50 @@ fn setup(slot: &Path) -> anyhow::Result<Setup> {
             work_dir: &work_dir,
             volunteer: &volunteer,
             drain_at: timeline.drain_at(),
+            in_vm,
         },
     )?;
+    let place = match job.backend {
+        BackendKind::Process => Where::Process {
+            agent_program: files::resolve(slot, &job.agent)?,
+        },
+        BackendKind::Qemu => {
+            let image = Image {
+                kernel: files::resolve(slot, qemu::KERNEL_FILE)?,
+                initramfs: files::resolve(slot, qemu::INITRAMFS_FILE)?,
+            };
+            for f in [&image.kernel, &image.initramfs] {
+                anyhow::ensure!(
+                    f.is_file(),
+                    "the app version has no VM image file {}",
+                    f.display()
+                );
+            }
+            Where::Vm(VmSpec {
+                qemu: PathBuf::new(),
+                image,
+                memory_mb: job.memory_mb,
+                accel: job.accel,
+                agent_config: agent_config.clone(),
+                dir: slot.to_owned(),
+                kvm_cache: (!init.project_dir.is_empty())
+                    .then(|| Path::new(&init.project_dir).join("copilot-kvm-verdict")),
+            })
+        }
+    };
     Ok(Setup {
         init,
         job,
-        agent_program,
         agent_config,
+        place,
     })
+}
+
+fn drive(client: Client, backend: impl Backend, s: &Setup) -> Result<Ending, MainError> {
+    Session::new(client, backend, &s.job, &s.init, Instant::now())
+        .run()
+        .context("driving the agent")
+        .map_err(MainError::Run)
 }
 
 fn run(slot: &Path) -> Result<Ending, MainError> {
@@ -91,16 +137,32 @@ fn run(slot: &Path) -> Result<Ending, MainError> {
         .context("attaching the client's shared memory")
         .map_err(MainError::Init)?;
     let client = Client::new(Channels::new(segment), s.init.client_pid(), Instant::now());
-    if let Err(e) = become_subreaper() {
-        tracing::warn!("cannot become a child subreaper ({e}): orphans of the agent may escape");
+    match &s.place {
+        Where::Process { agent_program } => {
+            if let Err(e) = become_subreaper() {
+                tracing::warn!(
+                    "cannot become a child subreaper ({e}): orphans of the agent may escape"
+                );
+            }
+            let backend = ProcessBackend::start(agent_program, &s.agent_config, slot)
+                .context("starting copilot-agent")
+                .map_err(MainError::Start)?;
+            drive(client, backend, &s)
+        }
+        Where::Vm(spec) => {
+            let qemu = qemu::find_qemu()
+                .context("no qemu-system-x86_64 on PATH (or in $COPILOT_QEMU)")
+                .map_err(MainError::Start)?;
+            let spec = VmSpec {
+                qemu,
+                ..spec.clone()
+            };
+            let backend = QemuBackend::start(&spec)
+                .context("starting the VM")
+                .map_err(MainError::Start)?;
+            drive(client, backend, &s)
+        }
     }
-    let backend = ProcessBackend::start(&s.agent_program, &s.agent_config, slot)
-        .context("starting copilot-agent")
-        .map_err(MainError::Start)?;
-    Session::new(client, backend, &s.job, &s.init, Instant::now())
-        .run()
-        .context("driving the agent")
-        .map_err(MainError::Run)
 }
 
 /// Write a finish file, logging (not failing) if that is impossible.

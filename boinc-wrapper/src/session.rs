@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Once a second it reports the status (CPU time of the whole session, fraction done =
-//! run time / session, monotonic; the agent's pid as `other_pid`); every checkpoint period it
+//! run time / session, monotonic; the backend's pid as `other_pid`); every checkpoint period (the
+//! client's, at least the job file's `checkpoint_interval`) it
 //! checkpoints the backend, and while the backend is busy (a stop would lose a running job's
 //! progress) it tries again every tick until it can: so the client preempts a task in the
 //! middle of a job by suspending it, not by quitting it. [`Session::run`] returns how the task ended; `main` turns that into
@@ -173,7 +174,8 @@ impl<B: Backend> Session<B> {
             Duration::from_secs_f64(init.checkpoint_period.min(86_400.0))
         } else {
             DEFAULT_CHECKPOINT
-        };
+        }
+        .max(job.min_checkpoint_interval().as_duration());
         let before = Duration::from_secs_f64(init.starting_elapsed_time.min(1e9));
         Session {
             client,
@@ -223,7 +225,7 @@ impl<B: Backend> Session<B> {
         }
         if let Some(gone) = self.client.gone(now) {
             tracing::warn!("{gone}; stopping the agent");
-            self.backend.stop(GONE_GRACE)?;
+            self.backend.quit(GONE_GRACE)?;
             return Ok(Some(Ending::ClientGone(gone)));
         }
         if let Some(exit) = self.backend.poll()? {
@@ -285,7 +287,7 @@ impl<B: Backend> Session<B> {
             Event::Control(Control::Quit) => {
                 tracing::info!("quit: stopping the agent; the client restarts the task later");
                 let t = Instant::now();
-                let exit = self.backend.stop(self.stop_grace)?;
+                let exit = self.backend.quit(self.stop_grace)?;
                 let took_ms = t.elapsed().as_millis() as u64;
                 tracing::info!(took_ms, "agent stopped ({exit})");
                 return Ok(Some(Ending::Quit));
@@ -400,6 +402,10 @@ mod tests {
             self.calls.push("stop");
             Ok(Exit::Code(0))
         }
+        fn quit(&mut self, _grace: Duration) -> Result<Exit, BackendError> {
+            self.calls.push("quit");
+            Ok(Exit::Code(0))
+        }
         fn kill(&mut self) -> Result<(), BackendError> {
             self.calls.push("kill");
             Ok(())
@@ -448,7 +454,7 @@ mod tests {
             .send(Channel::ProcessControlRequest, "<quit/>")
             .unwrap();
         assert_eq!(s.step(t0).unwrap(), Some(Ending::Quit));
-        assert_eq!(s.backend.calls.last(), Some(&"stop"));
+        assert_eq!(s.backend.calls.last(), Some(&"quit"));
 
         let (mut s, client, t0) = session("<copilot_job/>", InitData::default());
         client

@@ -55,6 +55,9 @@ pub struct App<'a> {
     /// dir, and client_state.xml holds no app version (`bin_dir`, `job_xml` and
     /// `api_version` are then unused).
     pub anonymous: Option<&'a Path>,
+    /// The QEMU the client's tasks find in `$COPILOT_QEMU` (qemu backend; the image comes
+    /// with the package, `scripts/package-boinc-app --image`).
+    pub qemu: Option<&'a Path>,
 }
 
 /// A BOINC client data dir and, once started, the client.
@@ -64,6 +67,7 @@ pub struct BoincClient {
     port: u16,
     password: String,
     process: Option<Supervised>,
+    qemu: Option<PathBuf>,
 }
 
 fn write(path: &Path, text: &str) {
@@ -198,6 +202,7 @@ impl BoincClient {
             port: free_port().expect("a free port"),
             password,
             process: None,
+            qemu: app.qemu.map(Path::to_owned),
         }
     }
 
@@ -226,6 +231,9 @@ impl BoincClient {
             &self.port.to_string(),
             "--allow_multiple_clients",
         ]);
+        if let Some(q) = &self.qemu {
+            cmd.env("COPILOT_QEMU", q);
+        }
         let log = self.dir.join("client.log");
         let mut p = Supervised::spawn("boinc", cmd, &log).expect("starting boinc");
         let deadline = Instant::now() + Duration::from_secs(30);

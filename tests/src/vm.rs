@@ -40,19 +40,25 @@ pub fn image() -> Result<&'static Path, &'static str> {
     }
 }
 
+/// The qemu-system-x86_64 the scripts use (`find_qemu` of scripts/lib/common.sh).
+pub fn qemu() -> Result<PathBuf, String> {
+    let out = Command::new("bash")
+        .args(["-c", "source scripts/lib/common.sh && find_qemu"])
+        .current_dir(workspace())
+        .output()
+        .expect("running bash");
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || path.is_empty() {
+        return Err("no qemu-system-x86_64 (scripts/install-deps installs it)".into());
+    }
+    Ok(PathBuf::from(path))
+}
+
 fn build_image() -> Result<PathBuf, String> {
     if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
         return Err("the VM image is built and booted on x86_64 Linux only".into());
     }
-    let root = workspace();
-    let qemu = Command::new("bash")
-        .args(["-c", "source scripts/lib/common.sh && find_qemu"])
-        .current_dir(&root)
-        .output()
-        .expect("running bash");
-    if !qemu.status.success() {
-        return Err("no qemu-system-x86_64 (scripts/install-deps installs it)".into());
-    }
+    qemu()?;
     let dir = bin_dir()
         .parent()
         .expect("the binaries are in target/<profile>")

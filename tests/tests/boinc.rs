@@ -6,6 +6,13 @@
 //! broken job file fails the task with BOINC's init-failure code and the reason.
 //! Each of those prints `skipped:` where the client is not installed. And an agent drains by
 //! itself at its configured drain time.
+//!
+//! The qemu backend, with the VM image packaged by `scripts/package-boinc-app --image`: suspend
+//! pauses QEMU (its virtual CPU's thread uses no CPU time) and resume continues it; quit saves
+//! the VM's state and the restarted task restores it without a reboot, its agent logging in
+//! again; a state that does not load is dropped for a fresh boot; abort leaves no QEMU, socket
+//! or state file; a job runs end to end in the VM, which checkpoints and runs on, and the
+//! session's end powers it off. These fail (they do not skip) without the image or QEMU.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -16,6 +23,7 @@ use copilot_protocol::units::Seconds;
 use copilot_protocol::JobState;
 use copilot_stack::XMPP_DOMAIN;
 use copilot_tests::boinc::{self, wait_for, App, BoincClient};
+use copilot_tests::vm;
 use copilot_tests::{bin_dir, Harness, Setup};
 
 /// A stack with no agents of its own, and a BOINC client whose task runs the agent.
@@ -40,7 +48,45 @@ impl Drop for Rig {
 /// Start the stack and write the client's data dir; None (after printing why) if the client
 /// is not installed.
 fn rig(test: &str, job_xml: &str) -> Option<Rig> {
-    rig_with(test, job_xml, Some("7.20.5"), None)
+    rig_with(test, job_xml, Some("7.20.5"), None, None)
+}
+
+/// `scripts/package-boinc-app --bin-dir … --out DIR ARGS…`: the package's `anonymous/` dir.
+fn package(out: &std::path::Path, args: &[&str]) -> std::path::PathBuf {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package-boinc-app");
+    let status = std::process::Command::new(script)
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .status()
+        .expect("running scripts/package-boinc-app");
+    assert!(status.success());
+    out.join("anonymous")
+}
+
+/// A rig running the app as `scripts/package-boinc-app --image` packages it (qemu backend;
+/// on the anonymous platform, so that the client allows network use, which a hand-made
+/// unsigned app version never gets), with a manager that gives the guest its 10.0.2.2
+/// address. The image and QEMU must be there: without them the test fails (scripts/test
+/// installs and builds them).
+fn vm_rig(test: &str, job_xml: &str, out: &std::path::Path) -> Option<Rig> {
+    let image = vm::image().unwrap_or_else(|why| panic!("{test}: no VM image: {why}"));
+    let qemu = vm::qemu().unwrap_or_else(|why| panic!("{test}: {why}"));
+    let job = out.join("job.xml");
+    std::fs::write(&job, job_xml).unwrap();
+    let anonymous = package(
+        &out.join("app"),
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--job",
+            job.to_str().unwrap(),
+        ],
+    );
+    rig_with(test, job_xml, None, Some(&anonymous), Some(&qemu))
 }
 
 fn rig_with(
@@ -48,6 +94,7 @@ fn rig_with(
     job_xml: &str,
     api_version: Option<&str>,
     anonymous: Option<&std::path::Path>,
+    qemu: Option<&std::path::Path>,
 ) -> Option<Rig> {
     if !boinc::client_installed() {
         println!("{test}: skipped: the BOINC client (boinc, boinccmd) is not installed; scripts/install-deps installs it");
@@ -57,6 +104,7 @@ fn rig_with(
         agents: 0,
         lease: Seconds(10),
         manager_toml: Some("[jobs]\nhold = \"2s\"\nretry_after = \"1s\"\n".into()),
+        public_host: qemu.map(|_| vm::HOST.to_owned()),
         ..Setup::default()
     });
     let password = "boinc-agent-pw";
@@ -83,6 +131,7 @@ fn rig_with(
             agent_toml: &agent_toml,
             api_version,
             anonymous,
+            qemu,
         },
     );
     Some(Rig { client, h })
@@ -263,7 +312,7 @@ fn quit_and_restart_keep_every_finished_job() {
 #[test]
 fn over_system_v_shm_too_and_a_killed_client_takes_wrapper_and_agent_along() {
     // This app version has no api_version: the client talks over System V shared memory.
-    let Some(mut r) = rig_with("killed_client", JOB_XML, None, None) else {
+    let Some(mut r) = rig_with("killed_client", JOB_XML, None, None, None) else {
         return;
     };
     r.client.start();
@@ -394,21 +443,8 @@ fn the_packaged_app_installs_and_runs_on_the_anonymous_platform() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package-boinc-app");
-    let bins = bin_dir();
-    let status = std::process::Command::new(script)
-        .args([
-            "--bin-dir",
-            bins.to_str().unwrap(),
-            "--out",
-            out.path().to_str().unwrap(),
-        ])
-        .status()
-        .expect("running scripts/package-boinc-app");
-    assert!(status.success());
-    let anonymous = out.path().join("anonymous");
-    let Some(mut r) = rig_with("anonymous_platform", JOB_XML, None, Some(&anonymous)) else {
+    let anonymous = package(out.path(), &[]);
+    let Some(mut r) = rig_with("anonymous_platform", JOB_XML, None, Some(&anonymous), None) else {
         return;
     };
     let ids =
@@ -447,6 +483,236 @@ fn a_broken_job_file_fails_the_task_with_init_failure_and_says_why() {
         r.h.stack.agents().unwrap().agents.is_empty(),
         "no agent ever started"
     );
+}
+
+/// The job file of the qemu lifecycle test and benchmark: TCG (no KVM probe), no checkpoint
+/// but at quits. (A task that has checkpointed is quit, not suspended, by a user's suspend
+/// when the client does not leave applications in memory.)
+const VM_JOB_XML: &str = "<copilot_job><backend>qemu</backend><accel>tcg</accel><memory_mb>256</memory_mb><session>1h</session><drain>10m</drain><stop_grace>20s</stop_grace><checkpoint_interval>1h</checkpoint_interval></copilot_job>";
+/// The agent's name in the task (`boinc-<hostid>-<result>`).
+const TASK_AGENT: &str = "boinc-7-copilot_wu_1_0";
+/// What the image's init logs once per boot.
+const BOOT_LINE: &str = "copilot-init: ";
+const BOOT_WORD: &str = "] starting (copilot image";
+
+/// VMs run one test at a time: TCG wants the CPUs.
+fn one_vm_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The QEMU the wrapper runs.
+fn qemu_of(wrapper: i32) -> i32 {
+    let mut pid = None;
+    wait_for("the wrapper to start QEMU", Duration::from_secs(30), || {
+        pid = session_tree(wrapper)
+            .iter()
+            .find(|p| boinc::comm(p.pid).starts_with("qemu-system"))
+            .map(|p| p.pid);
+        pid.is_some()
+    });
+    pid.expect("set by the wait")
+}
+
+/// CPU seconds of QEMU's virtual CPU thread (`CPU 0/TCG`), from /proc: the guest's computing.
+fn vcpu_of(qemu: i32) -> f64 {
+    let tasks = std::fs::read_dir(format!("/proc/{qemu}/task")).expect("QEMU's threads");
+    let vcpu = tasks
+        .flatten()
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("CPU 0/"))
+        })
+        .expect("QEMU names its virtual CPU's thread");
+    std::fs::read_to_string(vcpu.path().join("stat"))
+        .ok()
+        .and_then(|s| proctree::parse(0, &s))
+        .map_or(0.0, |p| p.cpu_seconds)
+}
+
+/// A file of the task's slot ("" if absent).
+fn slot_text(r: &Rig, name: &str) -> String {
+    std::fs::read_to_string(r.client.slot().join(name)).unwrap_or_default()
+}
+
+/// How many times the VM has booted, from its console.
+fn boots(r: &Rig) -> usize {
+    slot_text(r, "copilot-vm.console")
+        .lines()
+        .filter(|l| l.contains(BOOT_LINE) && l.contains(BOOT_WORD))
+        .count()
+}
+
+/// The VM's files that must not outlive an aborted or finished task.
+const VM_FILES: [&str; 5] = [
+    "copilot-vm.qmp",
+    "copilot-vm.state",
+    "copilot-vm.state.part",
+    "copilot-vm.state.info",
+    "copilot-vm.context.tar",
+];
+
+#[test]
+fn qemu_suspend_pauses_the_vm_quit_saves_it_restart_restores_it_abort_leaves_nothing() {
+    let _one = one_vm_test_at_a_time();
+    let out = tempfile::tempdir().unwrap();
+    let Some(mut r) = vm_rig("qemu_lifecycle", VM_JOB_XML, out.path()) else {
+        return;
+    };
+    let busy = job("busy", 1, "while :; do :; done");
+    let ids = r.h.submit(&r.h.write_job("busy", &busy, &[]));
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    let qemu = qemu_of(wrapper);
+    wait_state(&r, "the busy job to run in the VM", &ids, JobState::Running);
+    assert!(
+        !r.client.slot().join("copilot-vm.context.tar").exists(),
+        "the context tar (it holds the password) is deleted once QEMU has it"
+    );
+    // Suspend: QMP stop; the QEMU process stops using CPU (from /proc).
+    r.client.task("suspend");
+    wait_for(
+        "the wrapper to pause the VM",
+        Duration::from_secs(30),
+        || slot_text(&r, "stderr.txt").contains(" suspended "),
+    );
+    // A stopped VM's CPU does not run: over two seconds, its thread uses not one clock tick
+    // (QEMU's main loop may still wake now and then).
+    let paused = vcpu_of(qemu);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(vcpu_of(qemu), paused, "the VM's CPU ran while paused");
+    // Resume: QMP cont; the busy job computes again.
+    r.client.task("resume");
+    wait_for("the VM to compute again", Duration::from_secs(30), || {
+        vcpu_of(qemu) > paused + 0.5
+    });
+
+    // Quit: the VM's state is saved, then QEMU and the wrapper exit.
+    assert_eq!(boots(&r), 1, "{}", slot_text(&r, "copilot-vm.console"));
+    r.client.quit();
+    wait_for(
+        "the wrapper and QEMU to exit",
+        Duration::from_secs(30),
+        || !proctree::alive(wrapper) && !proctree::alive(qemu),
+    );
+    let slot = r.client.slot();
+    assert!(slot.join("copilot-vm.state").is_file(), "no saved state");
+    assert!(!slot.join("copilot-vm.qmp").exists(), "the socket is left");
+    r.h.wait_agent(TASK_AGENT, false, Duration::from_secs(30));
+
+    // Restart: QEMU loads the state instead of booting; the agent logs in again.
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    let qemu = qemu_of(wrapper);
+    wait_for("the VM to be restored", Duration::from_secs(60), || {
+        slot_text(&r, "stderr.txt").contains("VM restored from its saved state")
+    });
+    let restored = Instant::now();
+    r.h.wait_agent(TASK_AGENT, true, Duration::from_secs(120));
+    println!(
+        "the restored agent was online again {:.1} s after the restore",
+        restored.elapsed().as_secs_f64()
+    );
+    for l in slot_text(&r, "stderr.txt").lines() {
+        if l.contains("VM state saved")
+            || l.contains("VM restored")
+            || l.contains("VM saved and ended")
+        {
+            println!("{l}");
+        }
+    }
+    assert_eq!(
+        boots(&r),
+        1,
+        "the VM booted again:\n{}",
+        slot_text(&r, "copilot-vm.console")
+    );
+
+    // A state that does not load (cut short here) is dropped, and the VM boots afresh.
+    r.client.quit();
+    wait_for(
+        "the wrapper and QEMU to exit",
+        Duration::from_secs(30),
+        || !proctree::alive(wrapper) && !proctree::alive(qemu),
+    );
+    let state = std::fs::read(slot.join("copilot-vm.state")).expect("a saved state");
+    std::fs::write(slot.join("copilot-vm.state"), &state[..state.len() / 2]).unwrap();
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    wait_for("the VM to boot again", Duration::from_secs(120), || {
+        boots(&r) == 2
+    });
+    assert!(
+        slot_text(&r, "stderr.txt").contains("cannot restore the saved VM state"),
+        "{}",
+        slot_text(&r, "stderr.txt")
+    );
+    let qemu = qemu_of(wrapper);
+
+    // Abort: QEMU is killed, its socket and state files are gone.
+    r.client.task("abort");
+    wait_for(
+        "the wrapper and QEMU to be gone",
+        Duration::from_secs(30),
+        || !proctree::alive(wrapper) && !proctree::alive(qemu),
+    );
+    task_ended_with(&r, "203");
+    for f in VM_FILES {
+        assert!(!slot.join(f).exists(), "{f} is left behind");
+    }
+}
+
+#[test]
+fn qemu_a_job_runs_end_to_end_in_the_vm_and_the_session_end_powers_it_off() {
+    // accel auto: the wrapper probes KVM (bounded) and falls back to TCG where it hangs.
+    // Checkpoints every 10 s: the VM runs on after each.
+    let job_xml = "<copilot_job><backend>qemu</backend><session>60s</session><drain>5s</drain><stop_grace>60s</stop_grace><checkpoint_interval>10s</checkpoint_interval></copilot_job>";
+    let _one = one_vm_test_at_a_time();
+    let out = tempfile::tempdir().unwrap();
+    let Some(mut r) = vm_rig("qemu_end_to_end", job_xml, out.path()) else {
+        return;
+    };
+    let ids = r.h.submit(&r.h.write_job(
+        "where",
+        &job("where", 1, "cat /etc/copilot/release > out.txt"),
+        &[],
+    ));
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    let qemu = qemu_of(wrapper);
+    let jobs = r.h.wait_final(&ids, Duration::from_secs(120));
+    assert_eq!(jobs[0].state, JobState::Done, "{:?}", jobs[0]);
+    assert_eq!(jobs[0].agent.as_deref(), Some(TASK_AGENT));
+    let out = std::fs::read_to_string(r.h.results(jobs[0].id).join("out.txt")).unwrap();
+    assert!(
+        out.starts_with("copilot image "),
+        "not run in the VM: {out}"
+    );
+    // At the session's end the power button ends the agent's session and the VM powers off.
+    task_ended_with(&r, "0");
+    assert!(!proctree::alive(qemu));
+    // The result's stderr: the KVM probe, and the guest's console's end.
+    let mut stderr = String::new();
+    wait_for("the result's stderr", Duration::from_secs(30), || {
+        stderr =
+            std::fs::read_to_string(r.client.dir().join("client_state.xml")).unwrap_or_default();
+        stderr.contains("</stderr_out>")
+    });
+    if let Some(probe) = stderr.lines().find(|l| l.contains("KVM probe boot")) {
+        println!("{probe}");
+    }
+    for line in [
+        "KVM probe boot",
+        "VM state saved",
+        "the agent ended its session",
+        "powering off: session over",
+    ] {
+        assert!(stderr.contains(line), "no {line:?} in\n{stderr}");
+    }
+    for f in VM_FILES {
+        assert!(!r.client.slot().join(f).exists(), "{f} is left behind");
+    }
+    let credit: VolunteerList = r.h.api("/api/volunteers");
+    assert_eq!(credit.volunteers[0].jobs_done, 1, "{credit:?}");
 }
 
 /// Poll every millisecond until `done`; the time it took (at most 60 s, then panic).
@@ -561,5 +827,104 @@ fn bench_boinc_latencies() {
     summary(
         "wrapper: <quit/> received -> agent stopped, tree gone",
         took("agent stopped"),
+    );
+}
+
+/// The qemu backend's latencies under the real client, by hand (docs/BENCHMARKS.md):
+/// `cargo test --release -p copilot-tests --test boinc -- --ignored --nocapture bench_boinc_qemu`
+#[test]
+#[ignore = "a benchmark: run by hand"]
+fn bench_boinc_qemu_latencies() {
+    let _one = one_vm_test_at_a_time();
+    let out = tempfile::tempdir().unwrap();
+    let Some(mut r) = vm_rig("bench_qemu", VM_JOB_XML, out.path()) else {
+        return;
+    };
+    let count = |r: &Rig, what: &str| slot_text(r, "stderr.txt").matches(what).count();
+    let busy =
+        job("busy", 1, "while :; do :; done").replacen("[limits]", "max_retries = 10\n[limits]", 1);
+    let ids = r.h.submit(&r.h.write_job("busy", &busy, &[]));
+    r.client.start();
+    let wrapper = wrapper_started(&r);
+    qemu_of(wrapper);
+    wait_state(&r, "the busy job to run in the VM", &ids, JobState::Running);
+    let (mut suspend, mut resume) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let n = count(&r, " suspended ");
+        let t = Instant::now();
+        r.client.task("suspend");
+        time_until("QMP stop to be answered", || count(&r, " suspended ") > n);
+        suspend.push(t.elapsed());
+        let n = count(&r, " resumed ");
+        let t = Instant::now();
+        r.client.task("resume");
+        time_until("QMP cont to be answered", || count(&r, " resumed ") > n);
+        resume.push(t.elapsed());
+    }
+    summary("boinccmd suspend -> VM paused (QMP stop answered)", suspend);
+    summary("boinccmd resume -> VM running (QMP cont answered)", resume);
+
+    let mut quit = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            let restored = count(&r, "VM restored from its saved state");
+            r.client.start();
+            time_until("the VM to be restored", || {
+                count(&r, "VM restored from its saved state") > restored
+            });
+        }
+        let wrapper = wrapper_started(&r);
+        let qemu = qemu_of(wrapper);
+        let t = Instant::now();
+        let out = r.client.boinccmd(&["--quit"]);
+        assert!(out.status.success());
+        time_until("the wrapper and QEMU to exit", || {
+            !proctree::alive(wrapper) && !proctree::alive(qemu)
+        });
+        quit.push(t.elapsed());
+        r.client.wait_exit();
+        assert!(r.client.slot().join("copilot-vm.state").is_file());
+    }
+    summary(
+        "boinccmd --quit -> wrapper and QEMU gone, state saved",
+        quit,
+    );
+    let size = std::fs::metadata(r.client.slot().join("copilot-vm.state")).map_or(0, |m| m.len());
+    println!("saved state: {:.1} MB", size as f64 / 1e6);
+
+    let log = slot_text(&r, "stderr.txt");
+    let took = |what: &str| -> Vec<Duration> {
+        log.lines()
+            .filter(|l| l.contains(what))
+            .filter_map(|l| {
+                l.split("took_ms=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .map(Duration::from_millis)
+            .collect()
+    };
+    summary(
+        "wrapper: <suspend/> received -> QMP stop answered",
+        took(" suspended "),
+    );
+    summary(
+        "wrapper: <resume/> received -> QMP cont answered",
+        took(" resumed "),
+    );
+    summary(
+        "wrapper: VM state saved (stop, migrate, zstd)",
+        took("VM state saved"),
+    );
+    summary(
+        "wrapper: <quit/> received -> state saved, QEMU gone",
+        took("VM saved and ended"),
+    );
+    summary(
+        "wrapper: QEMU started -> state loaded, VM running",
+        took("VM restored"),
     );
 }

@@ -2,14 +2,15 @@
 //!
 //! - [`process::ProcessBackend`]: `copilot-agent` as a child process (hosts without
 //!   virtualisation, and the tests);
-//! - a `qemu` backend (the copilot VM image, with QMP `stop`/`cont`, VM state saved to a file at
-//!   checkpoints and restored on the next start) fits the same trait; it is not built yet.
+//! - [`qemu::QemuBackend`]: the copilot VM image under QEMU, with QMP `stop`/`cont`, the VM's
+//!   state saved to a file at checkpoints and quits and restored on the next start.
 //!
 //! The trait's verbs are the BOINC client's requests mapped to a session: suspend/resume,
-//! checkpoint, drain (take no new job), stop (quit: graceful, the client restarts the task
-//! later), kill (abort: nothing may be left behind).
+//! checkpoint, drain (take no new job), quit (the client restarts the task later: keep what can
+//! be kept), stop (graceful end of the session), kill (abort: nothing may be left behind).
 
 pub mod process;
+pub mod qemu;
 
 use std::time::Duration;
 
@@ -89,10 +90,17 @@ pub trait Backend {
     /// Ask the agent to take no new job and end once its current jobs are done.
     fn drain(&mut self) -> Result<(), BackendError>;
 
-    /// Graceful stop (quit, end of session, client gone): the agent ends its session (jobs it
-    /// still runs are handed back to the manager, which requeues them); after `grace`
-    /// everything is killed. Returns how the session ended.
+    /// Graceful stop (end of session): the agent ends its session (jobs it still runs are
+    /// handed back to the manager, which requeues them); after `grace` everything is killed.
+    /// Returns how the session ended.
     fn stop(&mut self, grace: Duration) -> Result<Exit, BackendError>;
+
+    /// The client will restart the task later (quit, or the client is gone): save what can be
+    /// saved for the next start, then end like [`Backend::stop`]. Without state of its own a
+    /// backend just stops.
+    fn quit(&mut self, grace: Duration) -> Result<Exit, BackendError> {
+        self.stop(grace)
+    }
 
     /// Abort: kill everything at once and leave nothing behind.
     fn kill(&mut self) -> Result<(), BackendError>;
