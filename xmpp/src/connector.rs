@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
 use sasl::common::ChannelBinding;
-use tokio::io::BufStream;
+use tokio::io::{AsyncRead, AsyncWrite, BufStream};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -206,12 +206,19 @@ impl Connector {
     }
 }
 
-fn header(jid: &Jid) -> StreamHeader<'static> {
-    StreamHeader {
+/// Open an XMPP stream to `jid`'s domain over `io`, every byte read passing a depth guard.
+async fn open_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    jid: &Jid,
+    ns: &'static str,
+    timeouts: Timeouts,
+) -> Result<PendingFeaturesRecv<BufStream<DepthGuard<S>>>, Error> {
+    let header = StreamHeader {
         to: Some(Cow::Owned(jid.domain().to_string())),
         from: None,
         id: None,
-    }
+    };
+    Ok(initiate_stream(BufStream::new(DepthGuard::new(io)), ns, header, timeouts).await?)
 }
 
 /// Ask for STARTTLS on a fresh plaintext stream and wait for the server's `<proceed/>`;
@@ -222,13 +229,7 @@ async fn starttls(
     ns: &'static str,
     timeouts: Timeouts,
 ) -> Result<TcpStream, Error> {
-    let plain = initiate_stream(
-        BufStream::new(DepthGuard::new(tcp)),
-        ns,
-        header(jid),
-        timeouts,
-    )
-    .await?;
+    let plain = open_stream(tcp, jid, ns, timeouts).await?;
     let (features, mut stream) = plain.recv_features::<FallibleStreamElement>().await?;
     if !features.can_starttls() {
         return Err(Error::Protocol(ProtocolError::NoTls));
@@ -289,13 +290,7 @@ impl ServerConnector for Connector {
                 Either::Right(tls)
             }
         };
-        let pending = initiate_stream(
-            BufStream::new(DepthGuard::new(io)),
-            ns,
-            header(jid),
-            timeouts,
-        )
-        .await?;
+        let pending = open_stream(io, jid, ns, timeouts).await?;
         Ok((pending, ChannelBinding::None))
     }
 }
