@@ -15,6 +15,22 @@ fn ticks_per_second() -> f64 {
     }
 }
 
+/// In a child between fork and exec: ask for `signal` when the parent (the wrapper's thread
+/// that forked) ends, and fail if the parent is already gone (the child was reparented to init
+/// before prctl took effect). Calls only prctl and getppid, both async-signal-safe, and
+/// allocates nothing, so it may run in a `pre_exec` closure.
+pub fn die_with_parent(signal: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of the calling process.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } == 1 {
+        return Err(std::io::Error::other("the wrapper died during start"));
+    }
+    Ok(())
+}
+
 /// CPU seconds (user + system) from getrusage: `libc::RUSAGE_SELF` for this process,
 /// `libc::RUSAGE_CHILDREN` for its reaped descendants. 0 if the call fails.
 pub fn rusage_cpu(who: libc::c_int) -> f64 {

@@ -78,25 +78,9 @@ impl ProcessBackend {
             .stderr(Stdio::inherit())
             .process_group(0);
         // SAFETY: the closure runs in the child between fork and exec and calls only prctl and
-        // getppid, both async-signal-safe; it allocates nothing.
+        // getppid (in die_with_parent), both async-signal-safe; it allocates nothing.
         unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGTERM as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The wrapper may have died before prctl took effect.
-                if libc::getppid() == 1 {
-                    return Err(std::io::Error::other("the wrapper died during start"));
-                }
-                Ok(())
-            });
+            cmd.pre_exec(|| crate::proctree::die_with_parent(libc::SIGTERM));
         }
         let child = cmd.spawn().map_err(|error| BackendError::Start {
             what: program.display().to_string(),

@@ -67,22 +67,11 @@ pub fn send_with_fd(socket: RawFd, data: &[u8], fd: BorrowedFd<'_>) -> std::io::
 pub fn with_fd3(cmd: &mut Command, fd3: Option<BorrowedFd<'_>>) {
     let fd3 = fd3.map(|f| f.as_raw_fd());
     // SAFETY: the closure runs in the child between fork and exec and calls only prctl,
-    // getppid, dup2 and fcntl, all async-signal-safe; it allocates nothing.
+    // getppid (in die_with_parent), dup2 and fcntl, all async-signal-safe; it allocates
+    // nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() == 1 {
-                return Err(std::io::Error::other("the wrapper died during start"));
-            }
+            crate::proctree::die_with_parent(libc::SIGKILL)?;
             if let Some(fd) = fd3 {
                 if fd == CHILD_FD {
                     // dup2 onto itself keeps close-on-exec: clear it instead.
