@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use copilot_protocol::api::{AgentList, JobList, JobView};
 use copilot_protocol::units::Seconds;
-use copilot_protocol::JobId;
+use copilot_protocol::{JobId, JobState};
 use copilot_stack::{LocalStack, StackOptions};
 use serde::de::DeserializeOwned;
 
@@ -165,42 +165,44 @@ impl Harness {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// GET a path of the manager with the API token; the successful answer, or why not.
+    async fn get(&self, path: &str) -> Result<reqwest::Response, String> {
+        let url = format!("{}{path}", self.stack.manager_url());
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(self.stack.api_token())
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("GET {url}: {}", resp.status()));
+        }
+        Ok(resp)
+    }
+
     /// GET an API path and decode its JSON.
     pub fn try_api<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
-        let url = format!("{}{path}", self.stack.manager_url());
         self.rt.block_on(async {
-            let resp = self
-                .http
-                .get(&url)
-                .bearer_auth(self.stack.api_token())
-                .send()
+            self.get(path)
+                .await?
+                .json::<T>()
                 .await
-                .map_err(|e| format!("GET {url}: {e}"))?;
-            if !resp.status().is_success() {
-                return Err(format!("GET {url}: {}", resp.status()));
-            }
-            resp.json::<T>()
-                .await
-                .map_err(|e| format!("GET {url}: bad JSON: {e}"))
+                .map_err(|e| format!("GET {path}: bad JSON: {e}"))
         })
     }
 
     /// The manager's Prometheus metrics (`GET /metrics`), as text.
     pub fn metrics_text(&self) -> String {
-        let url = format!("{}/metrics", self.stack.manager_url());
-        self.rt.block_on(async {
-            let resp = self
-                .http
-                .get(&url)
-                .bearer_auth(self.stack.api_token())
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-            assert!(resp.status().is_success(), "GET {url}: {}", resp.status());
-            resp.text()
-                .await
-                .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-        })
+        self.rt
+            .block_on(async {
+                self.get("/metrics")
+                    .await?
+                    .text()
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap_or_else(|e| panic!("GET /metrics: {e}"))
     }
 
     /// Like [`Harness::try_api`], but panics on failure.
@@ -315,6 +317,38 @@ impl Harness {
             .into_iter()
             .filter(|j| ids.contains(&j.id))
             .collect()
+    }
+
+    /// Submit a small job with the CLI (it upper-cases `text`), wait for it, fetch its verified
+    /// result and check it; returns the job.
+    pub fn run_upper_job(&self, dir: &str, text: &str) -> JobView {
+        const UPPER_JOB: &str = r#"
+name = "upper"
+command = ["sh", "-c", "tr a-z A-Z < in.txt > out.txt"]
+outputs = ["out.txt"]
+
+[[inputs]]
+path = "in.txt"
+
+[limits]
+wall_time = "1m"
+"#;
+        let file = self.write_job(dir, UPPER_JOB, &[("in.txt", text)]);
+        let ids = self.submit(&file);
+        assert_eq!(ids.len(), 1);
+        let job = self.wait_final(&ids, Duration::from_secs(120)).remove(0);
+        assert_eq!(
+            job.state,
+            JobState::Done,
+            "{:?} {:?}\n{}",
+            job.outcome,
+            job.note,
+            self.log_tail("agent-1")
+        );
+        let out = self.results(job.id);
+        let got = std::fs::read_to_string(out.join("out.txt")).unwrap();
+        assert_eq!(got, text.to_uppercase());
+        job
     }
 
     /// Fetch and verify a job's outputs with `copilot results`; returns the output dir.

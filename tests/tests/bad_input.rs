@@ -467,37 +467,6 @@ fn agent_online(h: &Harness) {
     assert!(agent.online, "{agent:?}");
 }
 
-const UPPER_JOB: &str = r#"
-name = "upper"
-command = ["sh", "-c", "tr a-z A-Z < in.txt > out.txt"]
-outputs = ["out.txt"]
-
-[[inputs]]
-path = "in.txt"
-
-[limits]
-wall_time = "1m"
-"#;
-
-/// Submit a small job with the CLI, wait for it, fetch and check its verified result.
-fn run_normal_job(h: &Harness, dir: &str, text: &str) -> JobView {
-    let file = h.write_job(dir, UPPER_JOB, &[("in.txt", text)]);
-    let ids = h.submit(&file);
-    assert_eq!(ids.len(), 1);
-    let job = h.wait_final(&ids, Duration::from_secs(120)).remove(0);
-    assert_eq!(
-        job.state,
-        JobState::Done,
-        "{:?} {:?}",
-        job.outcome,
-        job.note
-    );
-    let out = h.results(job.id);
-    let got = std::fs::read_to_string(out.join("out.txt")).unwrap();
-    assert_eq!(got, text.to_uppercase());
-    job
-}
-
 /// A well-formed assignment, as only the manager may send one.
 fn hijack(job: JobId) -> Element {
     Payload::Assign(Box::new(Assignment {
@@ -964,7 +933,7 @@ fn bad_specs_are_refused_by_the_api(h: &Harness) {
 fn bad_stanzas_and_job_files_get_clear_errors_and_everything_keeps_serving() {
     let started = Instant::now();
     let mut h = Harness::start(Setup::default());
-    let first = run_normal_job(&h, "first", "before the rogue\n");
+    let first = h.run_upper_job("first", "before the rogue\n");
     let mut rogue = Rogue::connect(&mut h);
 
     rogue_payloads_get_typed_errors(&rogue, &first);
@@ -986,7 +955,7 @@ fn bad_stanzas_and_job_files_get_clear_errors_and_everything_keeps_serving() {
     bad_job_files_are_refused(&h);
     bad_specs_are_refused_by_the_api(&h);
 
-    let last = run_normal_job(&h, "last", "after the rogue\n");
+    let last = h.run_upper_job("last", "after the rogue\n");
     assert_eq!(
         last.agent.as_deref(),
         Some(LocalStack::agent_name(1).as_str())
@@ -1006,7 +975,7 @@ fn deeply_nested_payloads_do_not_crash_the_manager() {
     let mut h = Harness::start(Setup::default());
     manager_survives_deep_payloads(&mut h);
     agent_online(&h);
-    run_normal_job(&h, "after-deep", "still alive\n");
+    h.run_upper_job("after-deep", "still alive\n");
 }
 
 #[test]
@@ -1018,8 +987,8 @@ fn deeply_nested_messages_do_not_crash_an_agent() {
     // address that is gone (it would then need a second attempt after the lease ran out).
     // Known flake: in 1 of about 10 full suite runs on a loaded machine the job still needed a
     // second attempt after its lease (30 s); the cause is not found yet. The job is done and
-    // recorded once either way, which run_normal_job checks.
-    let job = run_normal_job(&h, "after-deep", "still alive\n");
+    // recorded once either way, which run_upper_job checks.
+    let job = h.run_upper_job("after-deep", "still alive\n");
     assert!(job.attempt <= 2, "{job:?}");
     if job.attempt == 2 {
         // Keep the logs for whoever chases it (passing tests' output is not shown).

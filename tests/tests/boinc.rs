@@ -188,6 +188,22 @@ fn wait_state(r: &Rig, what: &str, ids: &[u64], state: JobState) {
     });
 }
 
+/// The `took_ms=` values of the wrapper's log lines that contain `what`.
+fn took_ms(log: &str, what: &str) -> Vec<Duration> {
+    log.lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            l.split("took_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .map(Duration::from_millis)
+        .collect()
+}
+
 #[test]
 fn suspend_stops_the_whole_session_resume_continues_abort_leaves_nothing() {
     let Some(mut r) = rig("suspend_resume_abort", JOB_XML) else {
@@ -802,20 +818,7 @@ fn bench_boinc_latencies() {
 
     // The wrapper's own share, from its log: message received -> backend done.
     let log = std::fs::read_to_string(r.client.slot().join("stderr.txt")).unwrap();
-    let took = |what: &str| -> Vec<Duration> {
-        log.lines()
-            .filter(|l| l.contains(what))
-            .filter_map(|l| {
-                l.split("took_ms=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .map(Duration::from_millis)
-            .collect()
-    };
+    let took = |what: &str| took_ms(&log, what);
     summary(
         "wrapper: <suspend/> received -> every process stopped",
         took(" suspended "),
@@ -893,20 +896,7 @@ fn bench_boinc_qemu_latencies() {
     println!("saved state: {:.1} MB", size as f64 / 1e6);
 
     let log = slot_text(&r, "stderr.txt");
-    let took = |what: &str| -> Vec<Duration> {
-        log.lines()
-            .filter(|l| l.contains(what))
-            .filter_map(|l| {
-                l.split("took_ms=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .map(Duration::from_millis)
-            .collect()
-    };
+    let took = |what: &str| took_ms(&log, what);
     summary(
         "wrapper: <suspend/> received -> QMP stop answered",
         took(" suspended "),

@@ -24,7 +24,7 @@ use copilot_protocol::signing::SigningKey;
 use copilot_protocol::wire::{
     Ack, Assignment, DoneReport, ErrorCode, NoWork, Outcome, Payload, Refusal,
 };
-use copilot_protocol::{JobId, JobState};
+use copilot_protocol::JobId;
 use copilot_tests::{Harness, Setup};
 use copilot_xmpp::{Connection, Incoming, IqKind, XmppConfig, XmppError};
 
@@ -130,35 +130,6 @@ fn agent_log(h: &Harness) -> String {
         .unwrap_or_default()
 }
 
-const UPPER_JOB: &str = r#"
-name = "upper"
-command = ["sh", "-c", "tr a-z A-Z < in.txt > out.txt"]
-outputs = ["out.txt"]
-
-[[inputs]]
-path = "in.txt"
-"#;
-
-/// Submit a small job with the CLI and check that it is done and its result verifies.
-fn run_normal_job(h: &Harness, dir: &str) {
-    let file = h.write_job(dir, UPPER_JOB, &[("in.txt", "signed\n")]);
-    let ids = h.submit(&file);
-    let job = h.wait_final(&ids, Duration::from_secs(120)).remove(0);
-    assert_eq!(
-        job.state,
-        JobState::Done,
-        "{:?} {:?}\n{}",
-        job.outcome,
-        job.note,
-        h.log_tail(AGENT)
-    );
-    let out = h.results(job.id);
-    assert_eq!(
-        std::fs::read_to_string(out.join("out.txt")).unwrap(),
-        "SIGNED\n"
-    );
-}
-
 #[test]
 fn a_rogue_account_cannot_make_an_agent_run_code() {
     let mut h = Harness::start(Setup::default());
@@ -212,7 +183,7 @@ fn a_rogue_account_cannot_make_an_agent_run_code() {
     }
 
     // The agent still serves its real manager, and ran nothing of the rogue's.
-    run_normal_job(&h, "after-the-rogue");
+    h.run_upper_job("after-the-rogue", "signed\n");
     for marker in ["pushed", "answered"] {
         assert!(
             !markers.path(marker).exists(),
@@ -398,7 +369,7 @@ fn an_agent_runs_only_assignments_signed_for_it() {
     // The agent keeps serving: the real manager back, a normal job runs.
     impostor_client.conn.shutdown();
     h.stack.start_manager().unwrap();
-    run_normal_job(&h, "after-the-impostor");
+    h.run_upper_job("after-the-impostor", "signed\n");
 }
 
 #[test]
@@ -408,7 +379,7 @@ fn a_development_stack_runs_unsigned_work() {
         ..Setup::default()
     });
     assert!(h.stack.signing_key().is_none());
-    run_normal_job(&h, "unsigned");
+    h.run_upper_job("unsigned", "signed\n");
     let manager_log =
         std::fs::read_to_string(h.stack.dir().join("logs/manager.log")).unwrap_or_default();
     assert!(
