@@ -2,6 +2,7 @@
 //! stacks. It serves a root dir inside a state dir on a free loopback port, with an ACL file the
 //! caller gives, and never reports itself to a public catalog (`-u 127.0.0.1`).
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
@@ -128,7 +129,7 @@ impl ChirpServer {
             &format!("chirp_server on {addr}"),
             START_TIMEOUT,
             &self.dir.join("chirp.log"),
-            || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
+            || answers_chirp(addr),
         )?;
         tracing::info!(port = self.port, pid = p.pid(), "chirp_server is up");
         self.process = Some(p);
@@ -142,6 +143,29 @@ impl Drop for ChirpServer {
             tracing::warn!(error = %e, "could not kill chirp_server");
         }
     }
+}
+
+/// True when the server at `addr` answers an authentication request with a line (a port that
+/// is open is not enough: a server still starting may reset the first connections).
+fn answers_chirp(addr: SocketAddr) -> bool {
+    let probe = || -> std::io::Result<bool> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.write_all(b"address\n")?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.len() < 256 {
+            if s.read(&mut byte)? == 0 {
+                return Ok(false);
+            }
+            if byte[0] == b'\n' {
+                return Ok(!line.is_empty());
+            }
+            line.push(byte[0]);
+        }
+        Ok(false)
+    };
+    probe().unwrap_or(false)
 }
 
 fn is_root() -> bool {
