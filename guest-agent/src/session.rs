@@ -44,12 +44,13 @@ const ANSWER_SLACK: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
-/// Why the session could not start.
+/// Why the session could not start. Wrapped errors are sources, not part of the message, so
+/// a report of the whole chain (`{:#}`) says each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("XMPP: {0}")]
+    #[error("XMPP")]
     Xmpp(#[from] XmppError),
-    #[error("cannot prepare job execution: {0}")]
+    #[error("cannot prepare job execution")]
     Executor(#[from] crate::executor::ExecError),
     #[error("XMPP security settings: {0}")]
     Security(String),
