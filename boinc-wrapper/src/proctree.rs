@@ -15,6 +15,21 @@ fn ticks_per_second() -> f64 {
     }
 }
 
+/// Send `sig` to `pid`, a process of our own tree (a positive pid); one gone meanwhile is
+/// fine: there is nothing left to signal.
+pub fn signal(pid: i32, sig: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: kill only sends a signal to one positive pid of our own tree.
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ESRCH) {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
 /// In a child between fork and exec: ask for `signal` when the parent (the wrapper's thread
 /// that forked) ends, and fail if the parent is already gone (the child was reparented to init
 /// before prctl took effect). Calls only prctl and getppid, both async-signal-safe, and

@@ -38,21 +38,6 @@ pub fn become_subreaper() -> std::io::Result<()> {
     }
 }
 
-fn signal(pid: i32, sig: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: kill only sends a signal; pid is a process of our own tree (a positive pid).
-    let r = unsafe { libc::kill(pid, sig) };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    // Gone meanwhile: nothing to signal.
-    if e.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(e)
-    }
-}
-
 /// copilot-agent as a child process.
 #[derive(Debug)]
 pub struct ProcessBackend {
@@ -129,7 +114,7 @@ impl ProcessBackend {
             if p.dead() || skip(&p) {
                 continue;
             }
-            signal(p.pid, sig).map_err(|error| BackendError::Signal {
+            proctree::signal(p.pid, sig).map_err(|error| BackendError::Signal {
                 what: "a process of the session",
                 pid: p.pid,
                 error,
@@ -199,7 +184,7 @@ impl Backend for ProcessBackend {
 
     fn drain(&mut self) -> Result<(), BackendError> {
         tracing::info!(pid = self.agent, "asking the agent to drain");
-        signal(self.agent, libc::SIGUSR1).map_err(|error| BackendError::Signal {
+        proctree::signal(self.agent, libc::SIGUSR1).map_err(|error| BackendError::Signal {
             what: "the agent",
             pid: self.agent,
             error,
@@ -212,7 +197,7 @@ impl Backend for ProcessBackend {
         }
         self.reap();
         if self.exit.is_none() {
-            signal(self.agent, libc::SIGTERM).map_err(|error| BackendError::Signal {
+            proctree::signal(self.agent, libc::SIGTERM).map_err(|error| BackendError::Signal {
                 what: "the agent",
                 pid: self.agent,
                 error,

@@ -497,7 +497,7 @@ impl QemuBackend {
 
     /// SIGKILL to QEMU and reap it.
     fn kill_now(&mut self) {
-        if let Err(e) = os::kill9(self.qemu.id() as i32) {
+        if let Err(e) = crate::proctree::signal(self.qemu.id() as i32, libc::SIGKILL) {
             tracing::warn!("cannot kill QEMU: {e}");
         }
         let _ = self.qemu.wait();

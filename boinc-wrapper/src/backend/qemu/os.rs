@@ -87,20 +87,6 @@ pub fn with_fd3(cmd: &mut Command, fd3: Option<BorrowedFd<'_>>) {
     }
 }
 
-/// SIGKILL to `pid` (a child of ours); gone already is fine.
-pub fn kill9(pid: i32) -> std::io::Result<()> {
-    // SAFETY: kill only sends a signal to one positive pid of our own child.
-    if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(e)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +114,9 @@ mod tests {
             .unwrap();
         assert_eq!(out, "hello");
         assert!(child.wait().unwrap().success());
-        assert!(kill9(child.id() as i32).is_ok(), "gone is fine");
+        assert!(
+            crate::proctree::signal(child.id() as i32, libc::SIGKILL).is_ok(),
+            "gone is fine"
+        );
     }
 }
