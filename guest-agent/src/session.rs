@@ -479,7 +479,10 @@ pub async fn run(
     let busy_slots: BusySlots = Arc::new(tokio::sync::watch::Sender::new(0));
     let mut workers = tokio::task::JoinSet::new();
     let mut slot_of = std::collections::HashMap::new();
-    for slot in 0..slots {
+    // Starts the worker of `slot` and remembers which slot its task serves.
+    let start = |workers: &mut tokio::task::JoinSet<_>,
+                 slot_of: &mut std::collections::HashMap<_, _>,
+                 slot| {
         let task = workers.spawn(worker(
             link.clone(),
             executor.clone(),
@@ -488,6 +491,9 @@ pub async fn run(
             draining.subscribe(),
         ));
         slot_of.insert(task.id(), slot);
+    };
+    for slot in 0..slots {
+        start(&mut workers, &mut slot_of, slot);
     }
     let idle = async {
         match config.idle_timeout {
@@ -564,14 +570,7 @@ pub async fn run(
                 }
                 // Otherwise a worker only ends by panicking (a bug); keep the slot alive.
                 error!(slot, "a job slot stopped ({done:?}); restarting it");
-                let task = workers.spawn(worker(
-                    link.clone(),
-                    executor.clone(),
-                    slot,
-                    busy_slots.clone(),
-                    draining.subscribe(),
-                ));
-                slot_of.insert(task.id(), slot);
+                start(&mut workers, &mut slot_of, slot);
             }
         }
     }
