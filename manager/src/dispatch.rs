@@ -18,7 +18,7 @@ use copilot_xmpp::{Connection, Element, Incoming, IqKind, LogLimiter, Sender};
 use tracing::{debug, info, warn};
 
 use crate::chirp_outputs::Slot;
-use crate::fleet::FleetError;
+use crate::fleet::{now_secs, FleetError};
 use crate::metrics::Metrics;
 use crate::penalty::Penalties;
 use crate::queue::{Claim, Completion, QueueError};
@@ -44,13 +44,6 @@ pub struct Dispatcher {
     /// session came from addresses that may be gone (after a server restart, nobody tells us),
     /// and answers to them would be lost, so they must not claim jobs.
     session: tokio::sync::watch::Sender<u64>,
-}
-
-/// Seconds since 1970.
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn problem(code: ErrorCode, text: impl Into<String>) -> Problem {
@@ -311,7 +304,7 @@ impl Dispatcher {
             return;
         };
         let jid = copilot_protocol::signing::bare_jid(from);
-        key.seal(a, agent, jid, unix_now() + cfg.jobs.assignment_ttl.0);
+        key.seal(a, agent, jid, now_secs() + cfg.jobs.assignment_ttl.0);
     }
 
     /// Claim a job for `agent` at the address `from`, or say when to come back. With a Chirp
@@ -385,7 +378,7 @@ impl Dispatcher {
             refuse("an agent that logged in anonymously must send its token".into())
         })?;
         copilot_protocol::identity::AgentToken::decode(text)
-            .and_then(|t| t.verify(&key.public_key(), &req.agent, unix_now()))
+            .and_then(|t| t.verify(&key.public_key(), &req.agent, now_secs()))
             .map_err(|e| refuse(format!("agent token refused: {e}")))?;
         self.shared.fleet.adopt(&req.agent, from);
         Ok(())

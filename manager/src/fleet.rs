@@ -18,6 +18,11 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Now as unix seconds.
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
 #[derive(Debug, Default)]
 struct Entry {
     /// Full JID while online.

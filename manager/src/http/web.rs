@@ -28,7 +28,7 @@ use serde::Deserialize;
 
 use super::views::{self, SummaryQuery, Views, RECENT};
 use super::{bearer, db, job_id, path, stamp, Answer, App, Fail};
-use crate::fleet::now_ms;
+use crate::fleet::{now_ms, now_secs};
 use crate::queue::same_token;
 use crate::Shared;
 
@@ -60,10 +60,6 @@ pub(super) fn routes() -> Router<App> {
         .route("/ui/assets/app.js", get(script))
         .route("/ui/login", get(login_page).post(login_form))
         .route("/ui/logout", get(logout))
-}
-
-fn now_secs() -> u64 {
-    now_ms() / 1000
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
@@ -612,7 +608,7 @@ mod served {
         assert!(form.contains("name=\"next\" value=\"/ui/fleet\""), "{form}");
 
         // A login code: a cookie, and on to where the link said.
-        let now = super::now_secs();
+        let now = crate::fleet::now_secs();
         let code = mint(
             TOKEN,
             copilot_protocol::login::Purpose::Login,
