@@ -181,6 +181,8 @@ struct Current {
     token_until: Option<u64>,
     archive: Option<Stored>,
     spec: String,
+    /// The replica group (its first replica's id), for a replicated job.
+    replica_of: Option<JobId>,
 }
 
 impl Current {
@@ -307,11 +309,12 @@ fn load(tx: &Transaction<'_>, id: JobId) -> Result<Option<Current>, QueueError> 
         Option<String>,
         Option<u64>,
         String,
+        Option<JobId>,
     );
     let raw: Option<Raw> = tx
         .query_row_cached(
             "SELECT state, attempt, max_retries, agent, token, token_until, archive_sha,
-                    archive_size, spec FROM jobs WHERE id = ?1",
+                    archive_size, spec, replica_of FROM jobs WHERE id = ?1",
             [id],
             |r| {
                 Ok((
@@ -324,11 +327,13 @@ fn load(tx: &Transaction<'_>, id: JobId) -> Result<Option<Current>, QueueError> 
                     r.get(6)?,
                     r.get(7)?,
                     r.get(8)?,
+                    r.get(9)?,
                 ))
             },
         )
         .optional()?;
-    let Some((state, attempt, max_retries, agent, token, token_until, sha, size, spec)) = raw
+    let Some((state, attempt, max_retries, agent, token, token_until, sha, size, spec, replica_of)) =
+        raw
     else {
         return Ok(None);
     };
@@ -349,6 +354,7 @@ fn load(tx: &Transaction<'_>, id: JobId) -> Result<Option<Current>, QueueError> 
         token_until,
         archive,
         spec,
+        replica_of,
     }))
 }
 
@@ -403,36 +409,29 @@ fn lose(tx: &Transaction<'_>, cur: &Current, why: &str, now: u64) -> Result<JobS
     Ok(state)
 }
 
-/// The replicas of `job`'s group (if it has one) against its quorum: a replica whose outputs
+/// The replicas of `group` (its first replica's id) against its quorum: a replica whose outputs
 /// (paths and sha256s) a quorum of done replicas share is `valid`, a done one with other outputs
 /// `outvoted`; once every replica is final without a quorum, all are `no-quorum`; otherwise
 /// they stay `pending`. Called whenever a replica ends.
-fn validate_group(tx: &Transaction<'_>, job: JobId) -> Result<(), QueueError> {
-    let group: Option<JobId> =
-        tx.query_row_cached("SELECT replica_of FROM jobs WHERE id = ?1", [job], |r| {
-            r.get(0)
-        })?;
-    let Some(group) = group else {
-        return Ok(());
-    };
-    let mut stmt = tx.prepare_cached(
-        "SELECT id, state, files, spec FROM jobs WHERE replica_of = ?1 ORDER BY id",
-    )?;
+fn validate_group(tx: &Transaction<'_>, group: JobId) -> Result<(), QueueError> {
+    // Every replica carries the same spec: the group's first says the quorum.
+    let spec: String =
+        tx.query_row_cached("SELECT spec FROM jobs WHERE id = ?1", [group], |r| r.get(0))?;
+    let spec: JobSpec = from_json(&spec)?;
+    let quorum = spec.replication.map_or(1, |r| r.quorum);
+    let mut stmt =
+        tx.prepare_cached("SELECT id, state, files FROM jobs WHERE replica_of = ?1 ORDER BY id")?;
     let rows = stmt
         .query_map([group], |r| {
             Ok((
                 r.get::<_, JobId>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, Option<String>>(2)?,
-                r.get::<_, String>(3)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut replicas = Vec::with_capacity(rows.len());
-    let mut quorum = u32::MAX;
-    for (id, state, files, spec) in rows {
-        let spec: JobSpec = from_json(&spec)?;
-        quorum = spec.replication.map_or(1, |r| r.quorum);
+    for (id, state, files) in rows {
         let state = parse_state(&state)?;
         let outputs = match (state, files) {
             (JobState::Done, Some(files)) => {
@@ -804,8 +803,8 @@ impl Queue {
             if let (JobState::Done, Some(v)) = (state, &report.volunteer) {
                 credit(tx, v, report.timings.cpu_ms.unwrap_or(0), now)?;
             }
-            if state.is_final() {
-                validate_group(tx, job)?;
+            if let (true, Some(group)) = (state.is_final(), cur.replica_of) {
+                validate_group(tx, group)?;
             }
             tracing::info!(job, attempt, agent, %state, "{}", outcome.describe());
             Ok(Completion::Recorded(state))
