@@ -405,6 +405,10 @@ fn lose(tx: &Transaction<'_>, cur: &Current, why: &str, now: u64) -> Result<JobS
          WHERE id = ?2",
         params![note, cur.id],
     )?;
+    // A replica out of retries ends its part in the group's vote.
+    if let (JobState::Failed, Some(group)) = (state, cur.replica_of) {
+        validate_group(tx, group)?;
+    }
     tracing::info!(job = cur.id, attempt = cur.attempt, %state, "{note}");
     Ok(state)
 }
@@ -740,6 +744,8 @@ impl Queue {
                 };
             }
             let outcome = checked_outcome(&cur, report)?;
+            // A retryable failure goes through lose(), which settles a replica's group itself.
+            let lost = !outcome.succeeded() && outcome.is_retryable();
             let state = if outcome.succeeded() {
                 set_state(
                     tx,
@@ -803,7 +809,7 @@ impl Queue {
             if let (JobState::Done, Some(v)) = (state, &report.volunteer) {
                 credit(tx, v, report.timings.cpu_ms.unwrap_or(0), now)?;
             }
-            if let (true, Some(group)) = (state.is_final(), cur.replica_of) {
+            if let (false, true, Some(group)) = (lost, state.is_final(), cur.replica_of) {
                 validate_group(tx, group)?;
             }
             tracing::info!(job, attempt, agent, %state, "{}", outcome.describe());
@@ -2140,6 +2146,18 @@ mod tests {
         done("a1", &c1, b"1");
         assert_eq!(replica(ids[0]).validation, Validation::Pending);
         done("a2", &c2, b"2");
+        for id in ids {
+            assert_eq!(replica(id).validation, Validation::NoQuorum);
+        }
+        // A replica whose agent vanished with no retries left ends its group's vote too.
+        let ids = f.q.submit(&[replicated(2, 2)], 0).unwrap();
+        let short = Duration::from_secs(1);
+        let (c1, _c2) = (claim(&f, "a1", short), claim(&f, "a2", short));
+        done("a1", &c1, b"1");
+        assert_eq!(replica(ids[0]).validation, Validation::Pending);
+        f.advance(2_000);
+        f.q.expire_leases().unwrap();
+        assert_eq!(f.state(ids[1]), JobState::Failed);
         for id in ids {
             assert_eq!(replica(id).validation, Validation::NoQuorum);
         }
