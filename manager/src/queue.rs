@@ -1440,31 +1440,25 @@ fn checked_outcome(cur: &Current, report: &DoneReport) -> Result<Outcome, QueueE
     })
 }
 
+/// The schema's steps: step `n` takes a database of version `n` to version `n + 1`.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, CREDIT_SCHEMA, REPLICA_SCHEMA];
+
 fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    match version {
-        0 => {
-            tx.execute_batch(SCHEMA)?;
-            tx.execute_batch(CREDIT_SCHEMA)?;
-            tx.execute_batch(REPLICA_SCHEMA)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    let steps = usize::try_from(version)
+        .ok()
+        .and_then(|v| MIGRATIONS.get(v..))
+        .ok_or_else(|| {
+            corrupt(format!(
+                "database schema version {version} is not {SCHEMA_VERSION}; use a matching manager"
+            ))
+        })?;
+    if !steps.is_empty() {
+        for step in steps {
+            tx.execute_batch(step)?;
         }
-        1 => {
-            tx.execute_batch(CREDIT_SCHEMA)?;
-            tx.execute_batch(REPLICA_SCHEMA)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        }
-        2 => {
-            tx.execute_batch(REPLICA_SCHEMA)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        }
-        SCHEMA_VERSION => {}
-        v => {
-            return Err(corrupt(format!(
-                "database schema version {v} is not {SCHEMA_VERSION}; use a matching manager"
-            )))
-        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;
     Ok(())
