@@ -188,6 +188,7 @@ impl Link {
                 version: env!("CARGO_PKG_VERSION").into(),
                 wait_secs: HOLD_SECS,
                 token: self.token.clone(),
+                boinc_user: self.volunteer.as_ref().map(|v| v.user_id),
             });
             let wait = Duration::from_secs(HOLD_SECS.into()) + ANSWER_SLACK;
             match self.ask(IqKind::Get, req, wait).await {

@@ -307,10 +307,16 @@ impl Dispatcher {
         key.seal(a, agent, jid, now_secs() + cfg.jobs.assignment_ttl.0);
     }
 
-    /// Claim a job for `agent` at the address `from`, or say when to come back. With a Chirp
+    /// Claim a job for `agent` (computing for BOINC user `boinc_user`, when known) at the
+    /// address `from`, or say when to come back. With a Chirp
     /// output store, a job is handed out only with an upload slot (the pool wakes held
     /// requests when one is ready).
-    fn next_for(&self, agent: &str, from: &str) -> Result<Next, QueueError> {
+    fn next_for(
+        &self,
+        agent: &str,
+        boinc_user: Option<u64>,
+        from: &str,
+    ) -> Result<Next, QueueError> {
         let cfg = &self.shared.config.jobs;
         let no_work = NoWork {
             retry_after_secs: cfg.retry_after.0.max(1) as u32,
@@ -327,6 +333,7 @@ impl Dispatcher {
         };
         let claimed = self.shared.queue.claim(
             agent,
+            boinc_user,
             cfg.lease.as_duration(),
             cfg.upload_token_ttl.as_duration(),
         );
@@ -429,7 +436,7 @@ impl Dispatcher {
             if !self.shared.fleet.is_current(&req.agent, &from) {
                 return self.reply(&from, id, Payload::NoWork(no_work_now));
             }
-            match self.next_for(&req.agent, &from) {
+            match self.next_for(&req.agent, req.boinc_user, &from) {
                 Ok(Next::Assign(a)) => return self.reply(&from, id, Payload::Assign(a)),
                 // Not allowed to hold: say when to come back.
                 Ok(Next::NoWork(n)) if hold.is_zero() => {
@@ -542,7 +549,7 @@ impl Dispatcher {
             }
         };
         let next = if report.want_more {
-            match self.next_for(&agent, &from) {
+            match self.next_for(&agent, report.volunteer.as_ref().map(|v| v.user_id), &from) {
                 Ok(n) => Some(n),
                 Err(e) => {
                     warn!("queue error: {e}");
@@ -699,7 +706,7 @@ mod tests {
     fn assign(d: &Dispatcher, agent: &str) -> (JobId, u32, String) {
         let from = format!("{agent}@localhost/r");
         d.register(agent, &from, Some("0.1.0")).unwrap();
-        match d.next_for(agent, &from).unwrap() {
+        match d.next_for(agent, None, &from).unwrap() {
             Next::Assign(a) => (a.job, a.attempt, a.upload_token),
             Next::NoWork(_) => panic!("no job for {agent}"),
         }
@@ -841,7 +848,7 @@ mod tests {
         d.on_presence("vm-2@localhost/r", false);
         s.shared
             .queue
-            .claim("vm-3", Duration::ZERO, HOUR)
+            .claim("vm-3", None, Duration::ZERO, HOUR)
             .unwrap()
             .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -916,6 +923,7 @@ mod tests {
                 agent: "vm-4".into(),
                 version: "0.1.0".into(),
                 wait_secs: 30,
+                boinc_user: None,
             },
         ));
         let held_now = || metrics.held_requests.load(Ordering::Relaxed);

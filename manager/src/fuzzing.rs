@@ -50,6 +50,7 @@ fn service() -> &'static Service {
             .queue
             .claim(
                 "agent",
+                None,
                 Duration::from_secs(3600),
                 Duration::from_secs(3600),
             )

@@ -817,7 +817,7 @@ pub(crate) mod tests {
             assert_eq!(self.submit(vec![s]).await.status(), StatusCode::CREATED);
             self.shared
                 .queue
-                .claim("agent", HOUR, HOUR)
+                .claim("agent", None, HOUR, HOUR)
                 .unwrap()
                 .unwrap()
         }
@@ -1041,7 +1041,7 @@ pub(crate) mod tests {
             (v.state, v.max_retries, v.spec.inputs.len()),
             (JobState::Queued, 3, 1)
         );
-        s.shared.queue.claim("a", HOUR, HOUR).unwrap();
+        s.shared.queue.claim("a", None, HOUR, HOUR).unwrap();
         let r = s.get("/api/jobs?state=queued").await;
         let list: JobList = r.json().await.unwrap();
         assert_eq!(
@@ -1119,7 +1119,7 @@ pub(crate) mod tests {
         let c = s
             .shared
             .queue
-            .claim("agent", HOUR, Duration::ZERO)
+            .claim("agent", None, HOUR, Duration::ZERO)
             .unwrap()
             .unwrap();
         let r = s
@@ -1168,7 +1168,12 @@ pub(crate) mod tests {
             },
         }];
         assert_eq!(s.submit(vec![sp]).await.status(), StatusCode::CREATED);
-        let c = s.shared.queue.claim("agent", HOUR, HOUR).unwrap().unwrap();
+        let c = s
+            .shared
+            .queue
+            .claim("agent", None, HOUR, HOUR)
+            .unwrap()
+            .unwrap();
         let get = |sha: Sha256| {
             s.http
                 .get(format!("{}/inputs/{sha}", s.base))

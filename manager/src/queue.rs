@@ -31,7 +31,7 @@ use rusqlite::{
 use crate::fleet::now_ms;
 
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE jobs (
@@ -85,6 +85,12 @@ const REPLICA_SCHEMA: &str = "
 ALTER TABLE jobs ADD COLUMN replica_of INTEGER REFERENCES jobs(id);
 ALTER TABLE jobs ADD COLUMN validation TEXT;
 CREATE INDEX jobs_by_replica_group ON jobs(replica_of);
+";
+
+/// Added in schema version 4: the BOINC user an attempt's agent computes for, when it said, so
+/// that the replicas of a job go to different volunteers.
+const VOLUNTEER_SCHEMA: &str = "
+ALTER TABLE jobs ADD COLUMN boinc_user INTEGER;
 ";
 
 /// Added in schema version 2: credit per BOINC user and host.
@@ -631,24 +637,30 @@ impl Queue {
         })
     }
 
-    /// The oldest queued job → assigned to `agent`, attempt += 1, a fresh upload token,
-    /// lease deadline now + `lease`, token expiry now + `token_ttl`.
+    /// The oldest queued job → assigned to `agent`, computing for the BOINC user `boinc_user`
+    /// when known, attempt += 1, a fresh upload token, lease deadline now + `lease`, token
+    /// expiry now + `token_ttl`.
     pub fn claim(
         &self,
         agent: &str,
+        boinc_user: Option<u64>,
         lease: Duration,
         token_ttl: Duration,
     ) -> Result<Option<Claim>, QueueError> {
+        // Ids beyond SQLite's integer range cannot be real BOINC ids: such a user is unknown.
+        let boinc_user = boinc_user.and_then(|u| i64::try_from(u).ok());
         self.write(|tx, now| {
             let row: Option<(JobId, String, u32, String)> = tx
                 .query_row_cached(
-                    // A replica never goes to an agent that holds or ran another of its group.
+                    // A replica never goes to an agent, or a BOINC user, that holds or ran
+                    // another of its group.
                     "SELECT id, state, attempt, spec FROM jobs WHERE state = 'queued'
                      AND (replica_of IS NULL OR NOT EXISTS (
                          SELECT 1 FROM jobs AS sibling WHERE sibling.replica_of = jobs.replica_of
-                         AND sibling.id != jobs.id AND sibling.agent = ?1))
+                         AND sibling.id != jobs.id
+                         AND (sibling.agent = ?1 OR sibling.boinc_user = ?2)))
                      ORDER BY id LIMIT 1",
-                    [agent],
+                    params![agent, boinc_user],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()?;
@@ -671,14 +683,16 @@ impl Queue {
             tx.execute_cached(
                 "UPDATE jobs SET attempt = ?1, agent = ?2, lease_until = ?3, token = ?4,
                         token_until = ?5, archive_attempt = NULL, archive_sha = NULL,
-                        archive_size = NULL, archive_url = NULL, upload_url = NULL
-                 WHERE id = ?6",
+                        archive_size = NULL, archive_url = NULL, upload_url = NULL,
+                        boinc_user = ?6
+                 WHERE id = ?7",
                 params![
                     attempt,
                     agent,
                     deadline(now, lease),
                     upload_token,
                     deadline(now, token_ttl),
+                    boinc_user,
                     job
                 ],
             )?;
@@ -1441,7 +1455,8 @@ fn checked_outcome(cur: &Current, report: &DoneReport) -> Result<Outcome, QueueE
 }
 
 /// The schema's steps: step `n` takes a database of version `n` to version `n + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, CREDIT_SCHEMA, REPLICA_SCHEMA];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] =
+    [SCHEMA, CREDIT_SCHEMA, REPLICA_SCHEMA, VOLUNTEER_SCHEMA];
 
 fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1548,7 +1563,9 @@ mod tests {
     }
 
     fn claim(f: &Fixture, agent: &str, lease: Duration) -> Claim {
-        f.q.claim(agent, lease, TTL).unwrap().expect("a queued job")
+        f.q.claim(agent, None, lease, TTL)
+            .unwrap()
+            .expect("a queued job")
     }
 
     const OK: Outcome = Outcome::Exited { code: 0 };
@@ -1564,7 +1581,7 @@ mod tests {
         assert!(claims.iter().all(|c| c.attempt == 1));
         assert!(claims.iter().all(|c| c.upload_token.len() == 64));
         assert_ne!(claims[0].upload_token, claims[1].upload_token);
-        assert!(f.q.claim("ag", TTL, TTL).unwrap().is_none());
+        assert!(f.q.claim("ag", None, TTL, TTL).unwrap().is_none());
         assert_eq!(f.q.queued_count().unwrap(), 0);
         let v = f.q.job(ids[0]).unwrap().unwrap();
         assert_eq!(
@@ -1658,7 +1675,7 @@ mod tests {
             v.note.unwrap().contains("no retries left"),
             "note explains the failure"
         );
-        assert!(f.q.claim("x", TTL, TTL).unwrap().is_none());
+        assert!(f.q.claim("x", None, TTL, TTL).unwrap().is_none());
     }
 
     #[test]
@@ -1691,7 +1708,10 @@ mod tests {
         assert_eq!(o.kind, "limit-exceeded");
         assert_eq!(o.limit.as_deref(), Some("cpu"));
         assert_eq!((o.exit_code, o.signal), (None, None));
-        assert!(f.q.claim("x", TTL, TTL).unwrap().is_none(), "not retried");
+        assert!(
+            f.q.claim("x", None, TTL, TTL).unwrap().is_none(),
+            "not retried"
+        );
     }
 
     #[test]
@@ -1894,7 +1914,7 @@ mod tests {
         }];
         let id = f.q.submit(&[s], 3).unwrap()[0];
         assert!(!f.q.token_may_read_input("nothing", &sha).unwrap());
-        let c = f.q.claim("a", TTL, 100 * MS).unwrap().unwrap();
+        let c = f.q.claim("a", None, TTL, 100 * MS).unwrap().unwrap();
         let t = &c.upload_token;
         assert!(f.q.token_may_read_input(t, &sha).unwrap());
         assert!(!f.q.token_may_read_input(t, &Sha256::of(b"other")).unwrap());
@@ -2088,7 +2108,7 @@ mod tests {
             q.complete("a", &report(&c, OK, None)).unwrap(),
             Completion::Recorded(JobState::Done)
         );
-        let next = q.claim("a", TTL, TTL).unwrap().unwrap();
+        let next = q.claim("a", None, TTL, TTL).unwrap().unwrap();
         assert_eq!(next.job, ids[1]);
         let events: u64 = q
             .lock()
@@ -2111,7 +2131,7 @@ mod tests {
         assert_eq!(ids.len(), 3, "one job per replica");
         let c1 = claim(&f, "a1", TTL);
         assert!(
-            f.q.claim("a1", TTL, TTL).unwrap().is_none(),
+            f.q.claim("a1", None, TTL, TTL).unwrap().is_none(),
             "a1 already holds a replica of the only group"
         );
         let c2 = claim(&f, "a2", TTL);
@@ -2158,5 +2178,39 @@ mod tests {
         // Unreplicated jobs have no replica view.
         let id = f.q.submit(&[spec("single")], 3).unwrap()[0];
         assert_eq!(f.q.job(id).unwrap().unwrap().replica, None);
+    }
+
+    #[test]
+    fn replicas_go_to_distinct_boinc_users_when_known() {
+        use copilot_protocol::job::Replication;
+        let f = Fixture::new();
+        let mut s = spec("rep");
+        s.replication = Some(Replication {
+            replicas: 2,
+            quorum: 2,
+        });
+        let ids = f.q.submit(&[s], 3).unwrap();
+        let by = |agent, user| f.q.claim(agent, user, TTL, TTL).unwrap();
+        assert_eq!(by("a1", Some(7)).unwrap().job, ids[0]);
+        assert!(
+            by("a2", Some(7)).is_none(),
+            "user 7 holds a replica already"
+        );
+        assert!(
+            by("a3", Some(u64::MAX)).is_some(),
+            "an impossible id is an unknown user, which any replica may go to"
+        );
+        // Once the replica of user 7 is lost and requeued, another user may take it.
+        let ids = f.q.submit(&[spec("single")], 3).unwrap();
+        assert_eq!(
+            by("a2", Some(7)).unwrap().job,
+            ids[0],
+            "unreplicated: anyone"
+        );
+        f.q.release_agent("a1", "gone").unwrap();
+        assert!(
+            by("a4", Some(7)).is_some(),
+            "a1's replica is free again, user 7 included"
+        );
     }
 }

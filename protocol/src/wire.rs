@@ -180,6 +180,9 @@ pub struct WorkRequest {
     /// An agent identity token ([`crate::identity`]): how an agent that logged in anonymously
     /// proves its name.
     pub token: Option<String>,
+    /// The BOINC user the agent computes for, when it runs under BOINC: the manager gives the
+    /// replicas of one job to different users.
+    pub boinc_user: Option<u64>,
 }
 
 /// One input of an assignment.
@@ -658,6 +661,7 @@ impl Payload {
                     .attr("version", &r.version)
                     .attr("wait", r.wait_secs)
                     .opt_attr("token", r.token.as_ref())
+                    .opt_attr("boinc-user", r.boinc_user)
                     .0
             }
             Payload::Assign(a) => assign_element(a),
@@ -1233,7 +1237,11 @@ impl Payload {
         check_version(e)?;
         Ok(match e.name() {
             "request" => {
-                let a = Attrs::new(e, "request", &["v", "agent", "version", "wait", "token"])?;
+                let a = Attrs::new(
+                    e,
+                    "request",
+                    &["v", "agent", "version", "wait", "token", "boinc-user"],
+                )?;
                 no_children(e, "request")?;
                 Payload::Request(WorkRequest {
                     agent: a.agent_name("agent")?,
@@ -1243,6 +1251,7 @@ impl Payload {
                         .opt_str("token")
                         .map(|_| a.bounded("token", crate::identity::MAX_TOKEN_BYTES))
                         .transpose()?,
+                    boinc_user: a.opt_parse("boinc-user")?,
                 })
             }
             "assign" => Payload::Assign(Box::new(decode_assign(e)?)),
@@ -1345,12 +1354,14 @@ mod tests {
             version: "0.1.0".into(),
             wait_secs: 20,
             token: None,
+            boinc_user: None,
         }));
         round_trip(Payload::Request(WorkRequest {
             agent: "vm-7".into(),
             version: "0.1.0".into(),
             wait_secs: 0,
             token: Some("v1.dm0tNw==.1767222000.AAAA".into()),
+            boinc_user: Some(42),
         }));
         round_trip(Payload::Assign(Box::new(assignment())));
         let networked = Assignment {

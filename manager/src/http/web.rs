@@ -523,7 +523,7 @@ mod served {
         let c = s
             .shared
             .queue
-            .claim("agent-1", HOUR, HOUR)
+            .claim("agent-1", None, HOUR, HOUR)
             .unwrap()
             .unwrap();
         let mut all: Vec<(&str, &[u8])> = files.iter().map(|(p, d)| (*p, d.as_bytes())).collect();

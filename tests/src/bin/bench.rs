@@ -409,6 +409,7 @@ async fn sim_agent(
                     agent: name.clone(),
                     version: env!("CARGO_PKG_VERSION").into(),
                     wait_secs: HOLD_SECS,
+                    boinc_user: None,
                 });
                 c.sent.fetch_add(1, Ordering::Relaxed);
                 let answer = out
