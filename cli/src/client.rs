@@ -168,7 +168,7 @@ impl Client {
         let expected: usize = req
             .jobs
             .iter()
-            .map(|j| j.replication.map_or(1, |r| r.replicas as usize))
+            .map(|j| j.replication.as_ref().map_or(1, |r| r.replicas as usize))
             .sum();
         if resp.ids.len() != expected {
             return Err(ClientError::BadAnswer {

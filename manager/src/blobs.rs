@@ -167,6 +167,16 @@ impl Blobs {
         open(&self.output_path(job, attempt)).await
     }
 
+    /// A fresh dir in the temp dir, removed when dropped (or, after a crash, at the next
+    /// start). For unpacking archives to compare them.
+    pub fn scratch_dir(&self) -> Result<tempfile::TempDir, BlobError> {
+        let tmp = self.tmp_dir();
+        tempfile::Builder::new()
+            .prefix("scratch-")
+            .tempdir_in(&tmp)
+            .map_err(io_err(&tmp))
+    }
+
     /// An empty file in the temp dir that is already unlinked: gone once the handle is
     /// dropped, whatever happens. For spooling archives kept elsewhere (Chirp) to read them.
     pub async fn scratch_file(&self) -> Result<tokio::fs::File, BlobError> {

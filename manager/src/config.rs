@@ -3,6 +3,7 @@
 //! Everything is checked when loaded, so the rest of the manager can trust the values; the
 //! signing key (`[trust] signing_key`) is read then too, and refused if others may read it.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -221,6 +222,29 @@ pub struct ManagerConfig {
     /// assignments go out unsigned, and only agents configured for unsigned work take them.
     pub signing_key: Option<Arc<SigningKey>>,
     pub agents: AgentsConfig,
+    /// The commands jobs may name to compare their replicas (`[validators.NAME]`).
+    pub validators: BTreeMap<String, ValidatorConfig>,
+}
+
+/// `[validators.NAME]`: a command that says whether two replicas of a job agree, for jobs that
+/// name it (`validator = "NAME"`). It runs as the manager's user, in a scratch dir, with an
+/// empty environment but `PATH`, and the two replicas' unpacked output dirs as its last two
+/// arguments: exit status 0 means they agree, 1 that they differ, anything else (or running
+/// past `timeout`) is a failure of the validator itself, logged and retried later. The
+/// outputs come from volunteers' hosts: the command must treat them as untrusted input.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidatorConfig {
+    /// The program (a path relative to the config file if it has a `/`, else looked up in
+    /// `PATH`) and its first arguments.
+    pub command: Vec<String>,
+    /// How long one comparison may run.
+    #[serde(default = "default_validator_timeout")]
+    pub timeout: Seconds,
+}
+
+fn default_validator_timeout() -> Seconds {
+    Seconds(60)
 }
 
 /// `[agents]`: who may ask for work, and how misbehaviour is answered.
@@ -362,6 +386,8 @@ struct RawConfig {
     trust: RawTrust,
     #[serde(default)]
     agents: AgentsConfig,
+    #[serde(default)]
+    validators: BTreeMap<String, ValidatorConfig>,
 }
 
 /// Where output archives go (`[outputs]`).
@@ -534,7 +560,14 @@ impl ManagerConfig {
             .signing_key
             .map(|file| load_signing_key(&base.join(file)).map(Arc::new))
             .transpose()?;
+        let mut validators = raw.validators;
+        for v in validators.values_mut() {
+            if let Some(program) = v.command.first_mut().filter(|p| p.contains('/')) {
+                *program = base.join(&*program).to_string_lossy().into_owned();
+            }
+        }
         let config = ManagerConfig {
+            validators,
             signing_key,
             data_dir: raw.data_dir,
             api_token,
@@ -631,6 +664,26 @@ impl ManagerConfig {
                 .map_err(|e| invalid("outputs.chirp", e.to_string()))?;
         }
         self.outputs.auths()?;
+        for (name, v) in &self.validators {
+            if !copilot_protocol::job::valid_validator_name(name) {
+                return Err(invalid(
+                    "validators",
+                    format!("{name:?}: a name is 1 to 64 letters, digits, '-' or '_'"),
+                ));
+            }
+            if v.command.first().is_none_or(String::is_empty) {
+                return Err(invalid(
+                    "validators",
+                    format!("{name}: command must name a program"),
+                ));
+            }
+            if v.timeout.0 == 0 {
+                return Err(invalid(
+                    "validators",
+                    format!("{name}: timeout must be at least 1s"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -660,6 +713,7 @@ impl ManagerConfig {
                 domains: vec!["localhost".into()],
                 ..AgentsConfig::default()
             },
+            validators: BTreeMap::new(),
         }
     }
 
@@ -682,6 +736,40 @@ mod tests {
 
     fn parse(text: &str) -> Result<ManagerConfig, ConfigError> {
         ManagerConfig::resolve(text, Path::new("."), no_env)
+    }
+
+    #[test]
+    fn validators_are_named_programs_with_a_timeout() {
+        let text = format!(
+            "{MINIMAL}[validators.close]\ncommand = [\"bin/compare\", \"--tolerance\", \"0.01\"]\n\
+             [validators.same-text]\ncommand = [\"diff\", \"-r\"]\ntimeout = \"5s\"\n"
+        );
+        let c = ManagerConfig::resolve(&text, Path::new("/etc/copilot"), no_env).unwrap();
+        let close = &c.validators["close"];
+        assert_eq!(
+            close.command[0], "/etc/copilot/bin/compare",
+            "relative to the config"
+        );
+        assert_eq!(close.timeout, Seconds(60));
+        assert_eq!(
+            c.validators["same-text"].command,
+            ["diff", "-r"],
+            "from PATH"
+        );
+        assert_eq!(c.validators["same-text"].timeout, Seconds(5));
+        for bad in [
+            "[validators.\"a b\"]\ncommand = [\"x\"]\n",
+            "[validators.empty]\ncommand = []\n",
+            "[validators.empty]\ncommand = [\"\"]\n",
+            "[validators.quick]\ncommand = [\"x\"]\ntimeout = \"0s\"\n",
+            "[validators.typo]\ncommand = [\"x\"]\ntimeot = \"1s\"\n",
+        ] {
+            let err = parse(&format!("{MINIMAL}{bad}")).unwrap_err();
+            assert!(
+                err.to_string().contains("validators") || err.to_string().contains("timeot"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

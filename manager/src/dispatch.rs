@@ -522,8 +522,10 @@ impl Dispatcher {
                 self.shared
                     .fleet
                     .volunteer(&agent, report.volunteer.as_ref());
-                if state == JobState::Queued {
-                    self.shared.work_available.notify_waiters();
+                match state {
+                    JobState::Queued => self.shared.work_available.notify_waiters(),
+                    JobState::Done => self.shared.replica_done.notify_one(),
+                    _ => {}
                 }
                 false
             }

@@ -84,14 +84,23 @@ async fn app_until(
         shared.clone(),
         views.clone(),
         stamp_tx,
-        stop,
+        stop.clone(),
     ));
-    Ok(router(App {
+    let app = App {
         shared,
         blobs,
         views,
         stamps,
-    }))
+    };
+    // The validators read archives the way the API serves them.
+    if !app.shared.config.validators.is_empty() {
+        tokio::spawn(crate::validate::run(
+            app.shared.clone(),
+            app.clone(),
+            web::stopped(stop),
+        ));
+    }
+    Ok(router(app))
 }
 
 #[derive(Clone)]
@@ -531,6 +540,20 @@ async fn submit(State(app): State<App>, headers: HeaderMap, body: Body) -> Answe
             )
         };
         spec.validate().map_err(|e| bad(e.to_string()))?;
+        let validators = &app.shared.config.validators;
+        if let Some(v) = spec.replication.as_ref().and_then(|r| r.validator.as_ref()) {
+            if !validators.contains_key(v) {
+                let known: Vec<&str> = validators.keys().map(String::as_str).collect();
+                return Err(bad(format!(
+                    "validator {v:?} is not one of this manager's [validators] ({})",
+                    if known.is_empty() {
+                        "it has none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                )));
+            }
+        }
         app.shared
             .config
             .jobs

@@ -15,6 +15,7 @@ pub mod penalty;
 pub mod queue;
 pub mod stats;
 pub mod tls;
+pub mod validate;
 
 use fleet::Fleet;
 
@@ -26,6 +27,9 @@ pub struct Shared {
     pub fleet: Fleet,
     /// Woken whenever jobs are queued (submitted or requeued), so held work requests are answered.
     pub work_available: tokio::sync::Notify,
+    /// Woken whenever a done report is recorded, so replicas wait no longer than needed for
+    /// their validator.
+    pub replica_done: tokio::sync::Notify,
     /// Counters and gauges served at `GET /metrics`.
     pub metrics: metrics::Metrics,
     /// The Chirp output store, when `[outputs] chirp` is set.
@@ -43,6 +47,7 @@ impl Shared {
             config,
             fleet: Fleet::new(),
             work_available: tokio::sync::Notify::new(),
+            replica_done: tokio::sync::Notify::new(),
             metrics: metrics::Metrics::new(),
             outputs,
         })

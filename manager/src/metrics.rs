@@ -169,6 +169,11 @@ pub struct Metrics {
     pub bad_stanzas: AtomicU64,
     /// Cooldowns started for senders of too many refused requests.
     pub agents_cooled_down: AtomicU64,
+    /// Verdicts of validator commands on pairs of replicas.
+    pub validator_verdicts: AtomicU64,
+    /// Comparisons a validator command could not make (it failed, timed out, or an archive
+    /// could not be read).
+    pub validator_failures: AtomicU64,
     /// HTTP requests by route class ([`ROUTES`]) and status class.
     http: [[AtomicU64; 5]; ROUTES.len()],
 }
@@ -236,6 +241,8 @@ impl Metrics {
             output_refusals: Family::new(REFUSAL_REASONS),
             bad_stanzas: AtomicU64::new(0),
             agents_cooled_down: AtomicU64::new(0),
+            validator_verdicts: AtomicU64::new(0),
+            validator_failures: AtomicU64::new(0),
             http: [const { [const { AtomicU64::new(0) }; 5] }; ROUTES.len()],
         }
     }
@@ -418,6 +425,16 @@ impl Metrics {
             "copilot_agent_cooldowns_total",
             "Senders told to retry later after too many refused requests.",
             get(&self.agents_cooled_down),
+        );
+        out.counter(
+            "copilot_validator_verdicts_total",
+            "Pairs of replicas a validator command compared.",
+            get(&self.validator_verdicts),
+        );
+        out.counter(
+            "copilot_validator_failures_total",
+            "Comparisons of replicas that failed (the validator failed or timed out, or an archive was unreadable).",
+            get(&self.validator_failures),
         );
         out.head(
             "copilot_http_requests_total",

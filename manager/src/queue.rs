@@ -31,7 +31,7 @@ use rusqlite::{
 use crate::fleet::now_ms;
 
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE jobs (
@@ -93,6 +93,20 @@ const VOLUNTEER_SCHEMA: &str = "
 ALTER TABLE jobs ADD COLUMN boinc_user INTEGER;
 ";
 
+/// Added in schema version 5: what a job's validator command said of two of its replicas (`a`
+/// < `b`, job ids), and an index of the replicas whose validation is pending.
+const AGREEMENT_SCHEMA: &str = "
+CREATE TABLE agreements (
+    a INTEGER NOT NULL REFERENCES jobs(id),
+    b INTEGER NOT NULL REFERENCES jobs(id),
+    same INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (a, b)
+);
+CREATE INDEX jobs_pending_validation ON jobs(replica_of) WHERE validation = 'pending';
+";
+
 /// Added in schema version 2: credit per BOINC user and host.
 const CREDIT_SCHEMA: &str = "
 CREATE TABLE credit (
@@ -141,6 +155,16 @@ impl QueueError {
                 if e.code == rusqlite::ErrorCode::DiskFull
         )
     }
+}
+
+/// Two done replicas of a job with a validator, not compared yet (`a` < `b`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Comparison {
+    pub group: JobId,
+    pub a: JobId,
+    pub b: JobId,
+    /// The validator the job names.
+    pub validator: String,
 }
 
 /// A job handed to an agent.
@@ -419,16 +443,29 @@ fn lose(tx: &Transaction<'_>, cur: &Current, why: &str, now: u64) -> Result<JobS
     Ok(state)
 }
 
-/// The replicas of `group` (its first replica's id) against its quorum: a replica whose outputs
-/// (paths and sha256s) a quorum of done replicas share is `valid`, a done one with other outputs
-/// `outvoted`; once every replica is final without a quorum, all are `no-quorum`; otherwise
-/// they stay `pending`. Called whenever a replica ends.
+/// One replica of a group, as [`validate_group`] weighs it.
+struct Replica {
+    id: JobId,
+    fin: bool,
+    /// A done replica's outputs: paths and sha256s, sorted.
+    outputs: Option<Vec<(String, Sha256)>>,
+}
+
+/// The replicas of `group` (its first replica's id) against its quorum. Two done replicas
+/// agree when their outputs (paths and sha256s) are the same or, for a job with a validator,
+/// when its command said so (the `agreements` table). The first done replica that agrees with
+/// enough others to make a quorum wins: it and every done replica that agrees with it are
+/// `valid`, other done ones `outvoted`; once every replica is final without a quorum, all are
+/// `no-quorum`; otherwise they stay `pending`. Nothing changes while the validator has not
+/// yet compared two done replicas. Called whenever a replica ends or a verdict comes in.
 fn validate_group(tx: &Transaction<'_>, group: JobId) -> Result<(), QueueError> {
     // Every replica carries the same spec: the group's first says the quorum.
     let spec: String =
         tx.query_row_cached("SELECT spec FROM jobs WHERE id = ?1", [group], |r| r.get(0))?;
     let spec: JobSpec = from_json(&spec)?;
-    let quorum = spec.replication.map_or(1, |r| r.quorum);
+    let Some(rep) = spec.replication else {
+        return Ok(());
+    };
     let mut stmt =
         tx.prepare_cached("SELECT id, state, files FROM jobs WHERE replica_of = ?1 ORDER BY id")?;
     let rows = stmt
@@ -453,22 +490,47 @@ fn validate_group(tx: &Transaction<'_>, group: JobId) -> Result<(), QueueError> 
             }
             _ => None,
         };
-        replicas.push((id, state.is_final(), outputs));
+        replicas.push(Replica {
+            id,
+            fin: state.is_final(),
+            outputs,
+        });
     }
-    let mut tally: BTreeMap<&Vec<(String, Sha256)>, u32> = BTreeMap::new();
-    for (_, _, outputs) in &replicas {
-        if let Some(o) = outputs {
-            *tally.entry(o).or_default() += 1;
+    let verdicts: BTreeMap<(JobId, JobId), bool> = if rep.validator.is_some() {
+        tx.prepare_cached(
+            "SELECT a, b, same FROM agreements
+             WHERE a IN (SELECT id FROM jobs WHERE replica_of = ?1)",
+        )?
+        .query_map([group], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))?
+        .collect::<Result<_, _>>()?
+    } else {
+        BTreeMap::new()
+    };
+    let done: Vec<&Replica> = replicas.iter().filter(|r| r.outputs.is_some()).collect();
+    // agree[i][j]: whether done[i] and done[j] agree.
+    let mut agree = vec![vec![true; done.len()]; done.len()];
+    for (i, a) in done.iter().enumerate() {
+        for (j, b) in done.iter().enumerate().skip(i + 1) {
+            let same = if a.outputs == b.outputs {
+                true
+            } else if rep.validator.is_some() {
+                match verdicts.get(&(a.id.min(b.id), a.id.max(b.id))) {
+                    Some(same) => *same,
+                    // Not compared yet: decide nothing.
+                    None => return Ok(()),
+                }
+            } else {
+                false
+            };
+            (agree[i][j], agree[j][i]) = (same, same);
         }
     }
-    let winner = tally
-        .iter()
-        .find(|(_, n)| **n >= quorum)
-        .map(|(o, _)| (*o).clone());
-    let all_final = replicas.iter().all(|(_, fin, _)| *fin);
-    for (id, _, outputs) in &replicas {
-        let v = match (&winner, outputs) {
-            (Some(w), Some(o)) if o == w => Validation::Valid,
+    let quorum = rep.quorum as usize;
+    let winner = (0..done.len()).find(|&i| agree[i].iter().filter(|s| **s).count() >= quorum);
+    let all_final = replicas.iter().all(|r| r.fin);
+    for r in &replicas {
+        let v = match (winner, done.iter().position(|d| d.id == r.id)) {
+            (Some(w), Some(i)) if agree[w][i] => Validation::Valid,
             (Some(_), Some(_)) => Validation::Outvoted,
             (Some(_), None) => Validation::Pending,
             (None, _) if all_final => Validation::NoQuorum,
@@ -476,11 +538,16 @@ fn validate_group(tx: &Transaction<'_>, group: JobId) -> Result<(), QueueError> 
         };
         tx.execute_cached(
             "UPDATE jobs SET validation = ?1 WHERE id = ?2",
-            params![v.as_str(), id],
+            params![v.as_str(), r.id],
         )?;
     }
-    if let Some(w) = &winner {
-        tracing::info!(group, quorum, files = w.len(), "replicated job validated");
+    if let Some(w) = winner {
+        tracing::info!(
+            group,
+            quorum,
+            winner = done[w].id,
+            "replicated job validated"
+        );
     }
     Ok(())
 }
@@ -613,7 +680,7 @@ impl Queue {
             )?;
             for spec in specs {
                 let retries = spec.max_retries.unwrap_or(default_max_retries);
-                let copies = spec.replication.map_or(1, |r| r.replicas);
+                let copies = spec.replication.as_ref().map_or(1, |r| r.replicas);
                 let mut group = None;
                 for _ in 0..copies {
                     insert.execute(params![spec.name, to_json(spec)?, retries, now])?;
@@ -828,6 +895,53 @@ impl Queue {
             }
             tracing::info!(job, attempt, agent, %state, "{}", outcome.describe());
             Ok(Completion::Recorded(state))
+        })
+    }
+
+    /// Up to `limit` pairs of done replicas, of jobs that name a validator, with a replica
+    /// still pending, different outputs (equal ones agree without asking) and no verdict yet;
+    /// oldest group first.
+    pub fn comparisons_due(&self, limit: u32) -> Result<Vec<Comparison>, QueueError> {
+        let conn = self.read();
+        let mut stmt = conn.prepare_cached(
+            "SELECT DISTINCT p.replica_of, MIN(p.id, o.id), MAX(p.id, o.id),
+                    json_extract(p.spec, '$.replication.validator')
+             FROM jobs AS p JOIN jobs AS o ON o.replica_of = p.replica_of AND o.id != p.id
+             WHERE p.validation = 'pending' AND p.state = 'done' AND o.state = 'done'
+               AND p.files IS NOT o.files
+               AND json_extract(p.spec, '$.replication.validator') IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM agreements AS g
+                               WHERE g.a = MIN(p.id, o.id) AND g.b = MAX(p.id, o.id))
+             ORDER BY 1, 2, 3 LIMIT ?1",
+        )?;
+        let rows = stmt
+            .query_map([limit], |r| {
+                Ok(Comparison {
+                    group: r.get(0)?,
+                    a: r.get(1)?,
+                    b: r.get(2)?,
+                    validator: r.get(3)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Record what the validator said of the two replicas of `c` (`detail`: its words, for
+    /// people), and weigh their group again.
+    pub fn record_verdict(
+        &self,
+        c: &Comparison,
+        same: bool,
+        detail: &str,
+    ) -> Result<(), QueueError> {
+        self.write(|tx, now| {
+            tx.execute_cached(
+                "INSERT OR IGNORE INTO agreements (a, b, same, detail, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![c.a, c.b, same, detail, now],
+            )?;
+            validate_group(tx, c.group)
         })
     }
 
@@ -1455,8 +1569,13 @@ fn checked_outcome(cur: &Current, report: &DoneReport) -> Result<Outcome, QueueE
 }
 
 /// The schema's steps: step `n` takes a database of version `n` to version `n + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] =
-    [SCHEMA, CREDIT_SCHEMA, REPLICA_SCHEMA, VOLUNTEER_SCHEMA];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    SCHEMA,
+    CREDIT_SCHEMA,
+    REPLICA_SCHEMA,
+    VOLUNTEER_SCHEMA,
+    AGREEMENT_SCHEMA,
+];
 
 fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -2124,7 +2243,11 @@ mod tests {
         let f = Fixture::new();
         let replicated = |replicas, quorum| {
             let mut s = spec("rep");
-            s.replication = Some(Replication { replicas, quorum });
+            s.replication = Some(Replication {
+                replicas,
+                quorum,
+                validator: None,
+            });
             s
         };
         let ids = f.q.submit(&[replicated(3, 2)], 3).unwrap();
@@ -2181,6 +2304,86 @@ mod tests {
     }
 
     #[test]
+    fn a_validators_verdicts_decide_between_replicas_with_different_outputs() {
+        use copilot_protocol::job::Replication;
+        let f = Fixture::new();
+        let mut s = spec("close");
+        s.replication = Some(Replication {
+            replicas: 3,
+            quorum: 2,
+            validator: Some("close".into()),
+        });
+        let ids = f.q.submit(&[s], 3).unwrap();
+        let claims: Vec<Claim> = ["a1", "a2", "a3"]
+            .into_iter()
+            .map(|a| claim(&f, a, TTL))
+            .collect();
+        let done = |n: usize, output: &[u8]| {
+            let mut r = report(&claims[n], OK, None);
+            r.files[0].sha256 = Sha256::of(output);
+            f.q.complete(&format!("a{}", n + 1), &r).unwrap();
+        };
+        let validation = |id| f.q.job(id).unwrap().unwrap().replica.unwrap().validation;
+        let due = || -> Vec<(JobId, JobId)> {
+            let due = f.q.comparisons_due(10).unwrap();
+            assert!(due
+                .iter()
+                .all(|c| c.group == ids[0] && c.validator == "close"));
+            due.iter().map(|c| (c.a, c.b)).collect()
+        };
+        done(0, b"0.501");
+        assert_eq!(due(), [], "one done replica: nothing to compare");
+        done(1, b"0.502");
+        assert_eq!(due(), [(ids[0], ids[1])]);
+        assert_eq!(validation(ids[0]), Validation::Pending, "no verdict yet");
+        // The same outputs as the first replica's: those two agree without asking.
+        done(2, b"0.501");
+        assert_eq!(due(), [(ids[0], ids[1]), (ids[1], ids[2])]);
+        let verdict = |a, b, same| {
+            let c = Comparison {
+                group: ids[0],
+                a,
+                b,
+                validator: "close".into(),
+            };
+            f.q.record_verdict(&c, same, "what the validator said")
+                .unwrap();
+        };
+        verdict(ids[0], ids[1], false);
+        assert_eq!(due(), [(ids[1], ids[2])]);
+        assert_eq!(
+            validation(ids[0]),
+            Validation::Pending,
+            "a pair not compared"
+        );
+        verdict(ids[1], ids[2], false);
+        assert_eq!(due(), []);
+        assert_eq!(
+            ids.iter().map(|id| validation(*id)).collect::<Vec<_>>(),
+            [Validation::Valid, Validation::Outvoted, Validation::Valid]
+        );
+
+        // Outputs the validator says agree make a quorum of their own.
+        let mut s = spec("close");
+        s.replication = Some(Replication {
+            replicas: 2,
+            quorum: 2,
+            validator: Some("close".into()),
+        });
+        let ids = f.q.submit(&[s], 3).unwrap();
+        for (n, agent) in ["b1", "b2"].into_iter().enumerate() {
+            let c = claim(&f, agent, TTL);
+            let mut r = report(&c, OK, None);
+            r.files[0].sha256 = Sha256::of(&[n as u8]);
+            f.q.complete(agent, &r).unwrap();
+        }
+        let due = f.q.comparisons_due(10).unwrap();
+        assert_eq!(due.len(), 1);
+        f.q.record_verdict(&due[0], true, "close enough").unwrap();
+        assert!(ids.iter().all(|id| validation(*id) == Validation::Valid));
+    }
+
+    #[test]
     fn replicas_go_to_distinct_boinc_users_when_known() {
         use copilot_protocol::job::Replication;
         let f = Fixture::new();
@@ -2188,6 +2391,7 @@ mod tests {
         s.replication = Some(Replication {
             replicas: 2,
             quorum: 2,
+            validator: None,
         });
         let ids = f.q.submit(&[s], 3).unwrap();
         let by = |agent, user| f.q.claim(agent, user, TTL, TTL).unwrap();

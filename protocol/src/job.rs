@@ -138,33 +138,48 @@ pub struct JobFile {
     /// How many replicas' outputs must agree for the result to count (default: all of them).
     #[serde(default)]
     pub quorum: Option<u32>,
+    /// Which of the manager's validators (`[validators.NAME]` in its config) decides whether
+    /// two replicas' outputs agree (default: the same paths with the same sha256s).
+    #[serde(default)]
+    pub validator: Option<String>,
 }
 
 /// Most replicas of one job.
 pub const MAX_REPLICAS: u32 = 10;
 
+/// Longest validator name.
+pub const MAX_VALIDATOR_NAME: usize = 64;
+
 /// A job that runs on several distinct agents; its result counts once `quorum` of them
-/// returned the same outputs (the same paths with the same sha256s).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// returned the same outputs: the same paths with the same sha256s, or outputs that the
+/// manager's `validator` command says agree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Replication {
     pub replicas: u32,
     pub quorum: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validator: Option<String>,
 }
 
 impl Replication {
-    /// From a job file's `replicas` and `quorum`: `None` for a job that runs once.
+    /// From a job file's `replicas`, `quorum` and `validator`: `None` for a job that runs once.
     pub fn from_fields(
         replicas: Option<u32>,
         quorum: Option<u32>,
+        validator: Option<&str>,
     ) -> Result<Option<Replication>, JobError> {
-        match (replicas, quorum) {
-            (None | Some(1), None) => Ok(None),
-            (None | Some(1), Some(_)) => Err(field("quorum", "needs replicas of 2 or more")),
-            (Some(replicas), quorum) => {
+        match (replicas, quorum, validator) {
+            (None | Some(1), None, None) => Ok(None),
+            (None | Some(1), Some(_), _) => Err(field("quorum", "needs replicas of 2 or more")),
+            (None | Some(1), None, Some(_)) => {
+                Err(field("validator", "needs replicas of 2 or more"))
+            }
+            (Some(replicas), quorum, validator) => {
                 let r = Replication {
                     replicas,
                     quorum: quorum.unwrap_or(replicas),
+                    validator: validator.map(str::to_owned),
                 };
                 r.validate()?;
                 Ok(Some(r))
@@ -182,8 +197,28 @@ impl Replication {
         if !(1..=self.replicas).contains(&self.quorum) {
             return Err(field("quorum", "must be between 1 and replicas"));
         }
+        if let Some(v) = &self.validator {
+            if !valid_validator_name(v) {
+                return Err(field(
+                    "validator",
+                    format!(
+                        "must be 1 to {MAX_VALIDATOR_NAME} letters, digits, '-' or '_' \
+                         (a name from the manager's [validators])"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// Whether `name` can name a validator: 1 to [`MAX_VALIDATOR_NAME`] ASCII letters, digits,
+/// `-` or `_` (the manager's config uses the same rule).
+pub fn valid_validator_name(name: &str) -> bool {
+    (1..=MAX_VALIDATOR_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn yes() -> bool {
@@ -271,7 +306,7 @@ impl JobFile {
         validate_env(&self.env)?;
         validate_outputs(&self.outputs)?;
         validate_retries(self.max_retries)?;
-        Replication::from_fields(self.replicas, self.quorum)?;
+        Replication::from_fields(self.replicas, self.quorum, self.validator.as_deref())?;
         if let Some(c) = self.count {
             if c == 0 || c > 100_000 {
                 return Err(field("count", "must be between 1 and 100000"));
@@ -363,7 +398,8 @@ impl JobFile {
             .clone()
             .unwrap_or_else(|| default_name(&self.command));
         let count = self.count.unwrap_or(1);
-        let replication = Replication::from_fields(self.replicas, self.quorum)?;
+        let replication =
+            Replication::from_fields(self.replicas, self.quorum, self.validator.as_deref())?;
         let specs = (0..count)
             .map(|i| {
                 let mut env = self.env.clone();
@@ -383,7 +419,7 @@ impl JobFile {
                     limits: self.limits.clone(),
                     max_retries: self.max_retries,
                     network: self.network,
-                    replication,
+                    replication: replication.clone(),
                 }
             })
             .collect();
@@ -801,14 +837,22 @@ output = "1MiB"
                 spec.replication,
                 Some(Replication {
                     replicas: 3,
-                    quorum: 2
+                    quorum: 2,
+                    validator: None,
                 })
             );
             spec.validate().unwrap();
         }
         // The quorum defaults to every replica; one replica is no replication.
         let all = specs("command = [\"x\"]\nreplicas = 2\n").unwrap();
-        assert_eq!(all[0].replication.map(|r| r.quorum), Some(2));
+        assert_eq!(all[0].replication.as_ref().map(|r| r.quorum), Some(2));
+        let v = specs("command = [\"x\"]\nreplicas = 2\nvalidator = \"close-enough_2\"\n").unwrap();
+        assert_eq!(
+            v[0].replication
+                .as_ref()
+                .and_then(|r| r.validator.as_deref()),
+            Some("close-enough_2")
+        );
         assert_eq!(
             specs("command = [\"x\"]\nreplicas = 1\n").unwrap()[0].replication,
             None
@@ -819,6 +863,9 @@ output = "1MiB"
             ("replicas = 2\nquorum = 3", "quorum"),
             ("replicas = 2\nquorum = 0", "quorum"),
             ("quorum = 2", "quorum"),
+            ("validator = \"close\"", "validator"),
+            ("replicas = 2\nvalidator = \"\"", "validator"),
+            ("replicas = 2\nvalidator = \"../bin/sh\"", "validator"),
         ] {
             let err = specs(&format!("command = [\"x\"]\n{text}\n")).unwrap_err();
             assert!(err.to_string().contains(field), "{text}: {err}");
@@ -828,6 +875,13 @@ output = "1MiB"
         bad.replication = Some(Replication {
             replicas: 2,
             quorum: 5,
+            validator: None,
+        });
+        assert!(bad.validate().is_err());
+        bad.replication = Some(Replication {
+            replicas: 2,
+            quorum: 2,
+            validator: Some("a b".into()),
         });
         assert!(bad.validate().is_err());
     }

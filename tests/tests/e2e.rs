@@ -324,3 +324,136 @@ fn replicated_jobs_run_on_distinct_agents_and_only_agreeing_outputs_count() {
         "{table}"
     );
 }
+
+/// A validator for answers that are numbers: they agree when they differ by less than 0.01.
+const CLOSE_VALIDATOR: &str = "awk 'NR == FNR { a = $1; next } \
+    { d = a - $1; if (d < 0) d = -d; print \"difference\", d; exit !(d < 0.01) }' \
+    \"$1/answer.txt\" \"$2/answer.txt\"";
+
+#[test]
+fn replicas_go_to_different_volunteers_and_a_validator_judges_unequal_outputs() {
+    let mut h = Harness::start(Setup {
+        agents: 0,
+        manager_toml: Some(format!(
+            "[validators.close]\ncommand = [\"sh\", \"-c\", {CLOSE_VALIDATOR:?}, \"close\"]\n"
+        )),
+        ..Setup::default()
+    });
+    // Two agents of BOINC user 7, one of user 8: every pair of replicas needs user 8's.
+    let server = h.stack.prosody().server();
+    let agents: Vec<(String, copilot_stack::Supervised)> =
+        [("vol7-a", 7), ("vol7-b", 7), ("vol8", 8)]
+            .into_iter()
+            .map(|(name, user)| {
+                let work = h.path(name);
+                std::fs::create_dir_all(&work).unwrap();
+                let config = h.stack.register_agent(name, &server, Some(&work)).unwrap();
+                let file = h.path(&format!("{name}.toml"));
+                std::fs::write(
+                    &file,
+                    format!("{config}\n[volunteer]\nuser_id = {user}\nhost_id = {user}0\n"),
+                )
+                .unwrap();
+                let mut cmd = std::process::Command::new(
+                    copilot_tests::bin_dir().join(copilot_stack::AGENT_BIN),
+                );
+                cmd.arg("--config").arg(&file);
+                let log = h.path(&format!("{name}.log"));
+                let agent = copilot_stack::Supervised::spawn(name, cmd, &log).unwrap();
+                (name.to_owned(), agent)
+            })
+            .collect();
+    for (name, _) in &agents {
+        h.wait_agent(name, true, Duration::from_secs(30));
+    }
+    let user = |agent: &str| if agent == "vol8" { 8 } else { 7 };
+
+    // Answers that differ in their last digits, and answers far apart.
+    let close = h.write_job(
+        "close",
+        "name = \"close\"\ncount = 2\nreplicas = 2\nvalidator = \"close\"\noutputs = [\"answer.txt\"]\n\
+         command = [\"sh\", \"-c\", \"printf '0.50%s\\\\n' $(od -An -N4 -tu4 /dev/urandom | tr -d ' ') > answer.txt\"]\n",
+        &[],
+    );
+    let far = h.write_job(
+        "far",
+        "name = \"far\"\nreplicas = 2\nvalidator = \"close\"\noutputs = [\"answer.txt\"]\n\
+         command = [\"sh\", \"-c\", \"od -An -N8 -tu8 /dev/urandom | tr -d ' ' > answer.txt\"]\n",
+        &[],
+    );
+    let close_ids = h.submit(&close);
+    let far_ids = h.submit(&far);
+    assert_eq!(
+        (close_ids.len(), far_ids.len()),
+        (4, 2),
+        "a job per replica"
+    );
+    let all: Vec<u64> = close_ids.iter().chain(&far_ids).copied().collect();
+    h.wait_final(&all, Duration::from_secs(120));
+    use copilot_protocol::api::Validation;
+    // The validator runs once both replicas are done: wait for its verdicts.
+    let list = h.wait_for("the validator's verdicts", Duration::from_secs(60), |l| {
+        l.jobs.iter().filter(|j| all.contains(&j.id)).all(|j| {
+            j.replica
+                .as_ref()
+                .is_some_and(|r| r.validation != Validation::Pending)
+        })
+    });
+    let jobs: Vec<&JobView> = list.jobs.iter().filter(|j| all.contains(&j.id)).collect();
+    let mut groups: std::collections::BTreeMap<u64, Vec<&JobView>> = Default::default();
+    for j in &jobs {
+        assert_eq!(j.state, JobState::Done, "{j:?}");
+        groups
+            .entry(j.replica.as_ref().unwrap().group)
+            .or_default()
+            .push(j);
+    }
+    assert_eq!(groups.len(), 3);
+    for (group, replicas) in &groups {
+        let users: Vec<u64> = replicas
+            .iter()
+            .map(|j| user(j.agent.as_deref().unwrap()))
+            .collect();
+        assert_eq!(users.len(), 2);
+        assert_ne!(
+            users[0], users[1],
+            "group {group}: both replicas on one volunteer's agents"
+        );
+        let expected = if far_ids.contains(group) {
+            Validation::NoQuorum
+        } else {
+            Validation::Valid
+        };
+        for j in replicas {
+            assert_eq!(j.replica.as_ref().unwrap().validation, expected, "{j:?}");
+        }
+    }
+    let metrics = h.metrics_text();
+    let verdicts: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("copilot_validator_verdicts_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("the verdict counter");
+    assert!(
+        verdicts >= 1.0,
+        "the far replicas differ: the validator was asked\n{metrics}"
+    );
+    assert!(
+        metrics.contains("copilot_validator_failures_total 0"),
+        "{metrics}"
+    );
+
+    // A job may only name a validator the manager has.
+    let unknown = h.write_job(
+        "unknown",
+        "command = [\"true\"]\nreplicas = 2\nvalidator = \"nearly\"\n",
+        &[],
+    );
+    let out = h.cli(&["submit", unknown.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("validator \"nearly\" is not one of this manager's [validators] (close)"),
+        "{text}"
+    );
+}

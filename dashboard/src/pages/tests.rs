@@ -222,6 +222,7 @@ fn the_job_page_says_whether_a_replica_counts() {
     j.spec.replication = Some(copilot_protocol::job::Replication {
         replicas: 3,
         quorum: 2,
+        validator: None,
     });
     j.replica = Some(copilot_protocol::api::ReplicaView {
         group: 7,

@@ -551,6 +551,19 @@ pub(super) async fn contributions(State(app): State<App>, headers: HeaderMap) ->
     Ok(Json(app.contributions().await?).into_response())
 }
 
+impl crate::validate::Archives for App {
+    async fn open(&self, job: JobId) -> Result<std::fs::File, String> {
+        self.open_archive(job)
+            .await
+            .map(|(f, _, _)| f)
+            .map_err(|f| f.1)
+    }
+
+    fn scratch(&self) -> Result<tempfile::TempDir, String> {
+        self.blobs.scratch_dir().map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
