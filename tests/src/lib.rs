@@ -139,6 +139,22 @@ impl Harness {
         self.tmp.path().join(name)
     }
 
+    /// Start an agent of the test's own: `config` goes to `NAME.toml` in the temp dir, its
+    /// log to `NAME.log`, `args` after `--config`. Stopped when the handle is dropped.
+    pub fn spawn_agent(
+        &self,
+        name: &str,
+        config: &str,
+        args: &[&str],
+    ) -> copilot_stack::Supervised {
+        let file = self.path(&format!("{name}.toml"));
+        std::fs::write(&file, config).expect("writing the agent config");
+        let mut cmd = Command::new(bin_dir().join(copilot_stack::AGENT_BIN));
+        cmd.arg("--config").arg(&file).args(args);
+        copilot_stack::Supervised::spawn(name, cmd, &self.path(&format!("{name}.log")))
+            .expect("starting the agent")
+    }
+
     /// Run `copilot --stack DIR ARGS…` and return its output.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin_dir().join(copilot_stack::CLI_BIN))

@@ -1,11 +1,9 @@
 //! An agent's session ends on its own: with `idle_timeout` set, an agent that gets no job for
 //! that long goes offline and exits with status 0 (the VM image powers off on that status).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use copilot_stack::Supervised;
-use copilot_tests::{bin_dir, Harness, Setup};
+use copilot_tests::{Harness, Setup};
 
 #[test]
 fn an_idle_agent_goes_offline_and_exits_with_status_0() {
@@ -21,12 +19,8 @@ fn an_idle_agent_goes_offline_and_exits_with_status_0() {
         .stack
         .register_agent("idle-1", &server, Some(&work))
         .unwrap();
-    let config_file = h.path("idle-1.toml");
-    std::fs::write(&config_file, config).unwrap();
-    let mut cmd = Command::new(bin_dir().join(copilot_stack::AGENT_BIN));
-    cmd.arg("--config").arg(&config_file);
+    let mut agent = h.spawn_agent("idle-1", &config, &[]);
     let log = h.path("idle-1.log");
-    let mut agent = Supervised::spawn("idle-1", cmd, &log).unwrap();
 
     h.wait_agent("idle-1", true, Duration::from_secs(30));
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -348,19 +348,9 @@ fn replicas_go_to_different_volunteers_and_a_validator_judges_unequal_outputs() 
                 let work = h.path(name);
                 std::fs::create_dir_all(&work).unwrap();
                 let config = h.stack.register_agent(name, &server, Some(&work)).unwrap();
-                let file = h.path(&format!("{name}.toml"));
-                std::fs::write(
-                    &file,
-                    format!("{config}\n[volunteer]\nuser_id = {user}\nhost_id = {user}0\n"),
-                )
-                .unwrap();
-                let mut cmd = std::process::Command::new(
-                    copilot_tests::bin_dir().join(copilot_stack::AGENT_BIN),
-                );
-                cmd.arg("--config").arg(&file);
-                let log = h.path(&format!("{name}.log"));
-                let agent = copilot_stack::Supervised::spawn(name, cmd, &log).unwrap();
-                (name.to_owned(), agent)
+                let config =
+                    format!("{config}\n[volunteer]\nuser_id = {user}\nhost_id = {user}0\n");
+                (name.to_owned(), h.spawn_agent(name, &config, &[]))
             })
             .collect();
     for (name, _) in &agents {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use copilot_protocol::wire::{manager_address, ErrorCode};
 use copilot_protocol::JobState;
-use copilot_stack::{Supervised, AGENTS_DOMAIN, XMPP_DOMAIN};
+use copilot_stack::{AGENTS_DOMAIN, XMPP_DOMAIN};
 use copilot_tests::squares::{check_square, squares, SQUARE_SH};
 use copilot_tests::{bin_dir, Harness, Setup};
 use copilot_xmpp::{Connection, Element, IqKind, XmppConfig, XmppError};
@@ -104,11 +104,7 @@ fn anonymous_agents_prove_their_names_with_tokens() {
         token(&key, "anon-1"),
         h.stack.ca_pem(),
     );
-    let file = h.path("anon-1.toml");
-    std::fs::write(&file, config).unwrap();
-    let mut cmd = Command::new(bin_dir().join(copilot_stack::AGENT_BIN));
-    cmd.arg("--config").arg(&file);
-    let _agent = Supervised::spawn("anon-1", cmd, &h.path("anon-1.log")).unwrap();
+    let _agent = h.spawn_agent("anon-1", &config, &[]);
     let job = h.write_job("anon", &squares(2, "0"), &[("square.sh", SQUARE_SH)]);
     let ids = h.submit(&job);
     for j in h.wait_final(&ids, Duration::from_secs(120)) {

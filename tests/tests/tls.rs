@@ -3,22 +3,14 @@
 //! of every other test does); one that pins another CA, one that tries plaintext, and one
 //! told to send plaintext to a non-loopback address never log in, and say why.
 
-use std::process::Command;
 use std::time::Duration;
 
-use copilot_stack::{ProjectCa, Supervised};
-use copilot_tests::{bin_dir, Harness, Setup};
+use copilot_stack::ProjectCa;
+use copilot_tests::{Harness, Setup};
 
 /// Run the agent with `config` and a short login timeout; returns its exit code and log.
 fn run_agent(h: &Harness, name: &str, config: &toml::Table) -> (Option<i32>, String) {
-    let file = h.path(&format!("{name}.toml"));
-    std::fs::write(&file, config.to_string()).unwrap();
-    let mut cmd = Command::new(bin_dir().join(copilot_stack::AGENT_BIN));
-    cmd.arg("--config")
-        .arg(&file)
-        .args(["--login-timeout", "5s"]);
-    let log = h.path(&format!("{name}.log"));
-    let mut agent = Supervised::spawn(name, cmd, &log).unwrap();
+    let mut agent = h.spawn_agent(name, &config.to_string(), &["--login-timeout", "5s"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(st) = agent.exited().unwrap() {
@@ -27,6 +19,7 @@ fn run_agent(h: &Harness, name: &str, config: &toml::Table) -> (Option<i32>, Str
         assert!(std::time::Instant::now() < deadline, "{name} still runs");
         std::thread::sleep(Duration::from_millis(100));
     };
+    let log = h.path(&format!("{name}.log"));
     (status.code(), std::fs::read_to_string(&log).unwrap())
 }
 
