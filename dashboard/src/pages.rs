@@ -519,6 +519,23 @@ pub fn job(d: &JobDetail) -> Page {
                 rep.quorum
             ),
         );
+        if let (false, Some(name)) = (r.verdicts.is_empty(), &rep.validator) {
+            let mut said = String::new();
+            for v in &r.verdicts {
+                let _ = write!(
+                    said,
+                    "<div class=\"verdict\">{} job {}: <code>{}</code></div>",
+                    if v.same {
+                        "agrees with"
+                    } else {
+                        "differs from"
+                    },
+                    job_link(v.other),
+                    esc(&v.detail)
+                );
+            }
+            definition(&mut b, &format!("validator {}", esc(name)), &said);
+        }
     }
     if let Some(s) = &j.sandbox {
         definition(&mut b, "sandbox", &sandbox_cell(Some(s)));

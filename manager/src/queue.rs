@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use copilot_protocol::api::{
-    FileView, JobList, JobView, OutcomeView, ReplicaView, Stored, Validation, VolunteerCredit,
-    VolunteerList,
+    FileView, JobList, JobView, OutcomeView, ReplicaView, Stored, Validation, VerdictView,
+    VolunteerCredit, VolunteerList,
 };
 use copilot_protocol::job::InputSource;
 use copilot_protocol::state::BadTransition;
@@ -104,6 +104,7 @@ CREATE TABLE agreements (
     at INTEGER NOT NULL,
     PRIMARY KEY (a, b)
 );
+CREATE INDEX agreements_by_b ON agreements(b);
 CREATE INDEX jobs_pending_validation ON jobs(replica_of) WHERE validation = 'pending';
 ";
 
@@ -606,6 +607,7 @@ fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobView, QueueError>> 
                     group,
                     validation: Validation::parse(v)
                         .ok_or_else(|| corrupt(format!("job {id}: validation {v:?}")))?,
+                    verdicts: Vec::new(),
                 }),
                 _ => None,
             },
@@ -995,9 +997,31 @@ impl Queue {
             return Ok(None);
         }
         let conn = self.lock();
-        conn.query_row_cached("SELECT * FROM jobs WHERE id = ?1", [id], view)
+        let Some(mut job) = conn
+            .query_row_cached("SELECT * FROM jobs WHERE id = ?1", [id], view)
             .optional()?
-            .transpose()
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        if let Some(r) = &mut job.replica {
+            r.verdicts = conn
+                .prepare_cached(
+                    "SELECT a, b, same, detail FROM agreements WHERE a = ?1
+                     UNION ALL SELECT a, b, same, detail FROM agreements WHERE b = ?1
+                     ORDER BY 1, 2",
+                )?
+                .query_map([id], |row| {
+                    let (a, b): (JobId, JobId) = (row.get(0)?, row.get(1)?);
+                    Ok(VerdictView {
+                        other: if a == id { b } else { a },
+                        same: row.get(2)?,
+                        detail: row.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(Some(job))
     }
 
     /// All jobs (or those in `state`), oldest first, and the count in every state.

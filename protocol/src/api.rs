@@ -140,6 +140,21 @@ pub struct ReplicaView {
     /// The id of the group's first replica (the group's id).
     pub group: JobId,
     pub validation: Validation,
+    /// What the job's validator command said of this replica and each other one it was
+    /// compared with (only in the view of one job, `GET /api/jobs/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdicts: Vec<VerdictView>,
+}
+
+/// A validator's verdict on a replica and another of its group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictView {
+    /// The other replica.
+    pub other: JobId,
+    /// Whether the validator said they agree.
+    pub same: bool,
+    /// The end of what the validator printed.
+    pub detail: String,
 }
 
 /// Where a replica's result stands against its group's quorum.

@@ -418,6 +418,12 @@ fn replicas_go_to_different_volunteers_and_a_validator_judges_unequal_outputs() 
             assert_eq!(j.replica.as_ref().unwrap().validation, expected, "{j:?}");
         }
     }
+    // A far replica's view says what the validator said.
+    let far = h.job(far_ids[0]);
+    let said = &far.replica.as_ref().unwrap().verdicts;
+    assert_eq!(said.len(), 1, "{far:?}");
+    assert_eq!((said[0].other, said[0].same), (far_ids[1], false));
+    assert!(said[0].detail.starts_with("difference "), "{said:?}");
     let metrics = h.metrics_text();
     let verdicts: f64 = metrics
         .lines()

@@ -222,11 +222,16 @@ fn the_job_page_says_whether_a_replica_counts() {
     j.spec.replication = Some(copilot_protocol::job::Replication {
         replicas: 3,
         quorum: 2,
-        validator: None,
+        validator: Some("close".into()),
     });
     j.replica = Some(copilot_protocol::api::ReplicaView {
         group: 7,
         validation: copilot_protocol::api::Validation::Outvoted,
+        verdicts: vec![copilot_protocol::api::VerdictView {
+            other: 7,
+            same: false,
+            detail: "difference 0.2 > 0.01".into(),
+        }],
     });
     let d = JobDetail {
         job: j,
@@ -243,6 +248,10 @@ fn the_job_page_says_whether_a_replica_counts() {
     let b = job(&d).body;
     assert!(
         b.contains("<span id=\"validation\" class=\"outcome bad\">outvoted</span> · one of 3 replicas (group <a href=\"/ui/jobs/7\">7</a>), quorum 2"),
+        "{b}"
+    );
+    assert!(
+        b.contains("<dt>validator close</dt><dd><div class=\"verdict\">differs from job <a href=\"/ui/jobs/7\">7</a>: <code>difference 0.2 &gt; 0.01</code></div></dd>"),
         "{b}"
     );
     // A job that is not replicated says nothing about it.
