@@ -448,6 +448,8 @@ fn lose(tx: &Transaction<'_>, cur: &Current, why: &str, now: u64) -> Result<JobS
 struct Replica {
     id: JobId,
     fin: bool,
+    /// Whether it won the vote before (a decided vote stays decided).
+    was_valid: bool,
     /// A done replica's outputs: paths and sha256s, sorted.
     outputs: Option<Vec<(String, Sha256)>>,
 }
@@ -455,10 +457,12 @@ struct Replica {
 /// The replicas of `group` (its first replica's id) against its quorum. Two done replicas
 /// agree when their outputs (paths and sha256s) are the same or, for a job with a validator,
 /// when its command said so (the `agreements` table). The first done replica that agrees with
-/// enough others to make a quorum wins: it and every done replica that agrees with it are
-/// `valid`, other done ones `outvoted`; once every replica is final without a quorum, all are
-/// `no-quorum`; otherwise they stay `pending`. Nothing changes while the validator has not
-/// yet compared two done replicas. Called whenever a replica ends or a verdict comes in.
+/// enough others to make a quorum wins (one that won before comes first, so that a late
+/// replica cannot overturn a decided vote when `quorum` lets two sets of results win): it and
+/// every done replica that agrees with it are `valid`, other done ones `outvoted`; once every
+/// replica is final without a quorum, all are `no-quorum`; otherwise they stay `pending`.
+/// Nothing changes while the validator has not yet compared two done replicas. Called
+/// whenever a replica ends or a verdict comes in.
 fn validate_group(tx: &Transaction<'_>, group: JobId) -> Result<(), QueueError> {
     // Every replica carries the same spec: the group's first says the quorum.
     let spec: String =
@@ -467,19 +471,21 @@ fn validate_group(tx: &Transaction<'_>, group: JobId) -> Result<(), QueueError> 
     let Some(rep) = spec.replication else {
         return Ok(());
     };
-    let mut stmt =
-        tx.prepare_cached("SELECT id, state, files FROM jobs WHERE replica_of = ?1 ORDER BY id")?;
+    let mut stmt = tx.prepare_cached(
+        "SELECT id, state, files, validation FROM jobs WHERE replica_of = ?1 ORDER BY id",
+    )?;
     let rows = stmt
         .query_map([group], |r| {
             Ok((
                 r.get::<_, JobId>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut replicas = Vec::with_capacity(rows.len());
-    for (id, state, files) in rows {
+    for (id, state, files, validation) in rows {
         let state = parse_state(&state)?;
         let outputs = match (state, files) {
             (JobState::Done, Some(files)) => {
@@ -494,6 +500,7 @@ fn validate_group(tx: &Transaction<'_>, group: JobId) -> Result<(), QueueError> 
         replicas.push(Replica {
             id,
             fin: state.is_final(),
+            was_valid: validation.as_deref() == Some(Validation::Valid.as_str()),
             outputs,
         });
     }
@@ -527,7 +534,11 @@ fn validate_group(tx: &Transaction<'_>, group: JobId) -> Result<(), QueueError> 
         }
     }
     let quorum = rep.quorum as usize;
-    let winner = (0..done.len()).find(|&i| agree[i].iter().filter(|s| **s).count() >= quorum);
+    let has_quorum = |i: &usize| agree[*i].iter().filter(|s| **s).count() >= quorum;
+    let winner = (0..done.len())
+        .filter(|i| done[*i].was_valid)
+        .find(has_quorum)
+        .or_else(|| (0..done.len()).find(has_quorum));
     let all_final = replicas.iter().all(|r| r.fin);
     for r in &replicas {
         let v = match (winner, done.iter().position(|d| d.id == r.id)) {
@@ -2300,6 +2311,30 @@ mod tests {
         assert_eq!(replica(c1.job).validation, Validation::Valid);
         assert_eq!(replica(c2.job).validation, Validation::Valid);
         assert_eq!(replica(c3.job).validation, Validation::Outvoted);
+
+        // Quorum 2 of 4 lets two sets of results win: the one that won first stays the winner
+        // when a late replica gives the other set a quorum too.
+        let ids = f.q.submit(&[replicated(4, 2)], 3).unwrap();
+        let c: Vec<Claim> = ["a1", "a2", "a3", "a4"]
+            .into_iter()
+            .map(|a| claim(&f, a, TTL))
+            .collect();
+        done("a2", &c[1], b"B");
+        done("a3", &c[2], b"B");
+        done("a4", &c[3], b"A");
+        assert_eq!(replica(ids[1]).validation, Validation::Valid);
+        done("a1", &c[0], b"A");
+        assert_eq!(
+            ids.iter()
+                .map(|id| replica(*id).validation)
+                .collect::<Vec<_>>(),
+            [
+                Validation::Outvoted,
+                Validation::Valid,
+                Validation::Valid,
+                Validation::Outvoted
+            ]
+        );
 
         // Two replicas that disagree, quorum 2: no result once both ended.
         let ids = f.q.submit(&[replicated(2, 2)], 3).unwrap();
