@@ -912,9 +912,13 @@ impl Queue {
     }
 
     /// Up to `limit` pairs of done replicas, of jobs that name a validator, with a replica
-    /// still pending, different outputs (equal ones agree without asking) and no verdict yet;
-    /// oldest group first.
-    pub fn comparisons_due(&self, limit: u32) -> Result<Vec<Comparison>, QueueError> {
+    /// still pending, different outputs (equal ones agree without asking) and no verdict yet,
+    /// in the order of (`a`, `b`) and after the pair `after` (`(0, 0)`: from the first).
+    pub fn comparisons_due(
+        &self,
+        after: (JobId, JobId),
+        limit: u32,
+    ) -> Result<Vec<Comparison>, QueueError> {
         let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT DISTINCT p.replica_of, MIN(p.id, o.id), MAX(p.id, o.id),
@@ -925,10 +929,11 @@ impl Queue {
                AND json_extract(p.spec, '$.replication.validator') IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM agreements AS g
                                WHERE g.a = MIN(p.id, o.id) AND g.b = MAX(p.id, o.id))
-             ORDER BY 1, 2, 3 LIMIT ?1",
+               AND (MIN(p.id, o.id), MAX(p.id, o.id)) > (?1, ?2)
+             ORDER BY 2, 3 LIMIT ?3",
         )?;
         let rows = stmt
-            .query_map([limit], |r| {
+            .query_map(params![after.0, after.1, limit], |r| {
                 Ok(Comparison {
                     group: r.get(0)?,
                     a: r.get(1)?,
@@ -2384,7 +2389,7 @@ mod tests {
         };
         let validation = |id| f.q.job(id).unwrap().unwrap().replica.unwrap().validation;
         let due = || -> Vec<(JobId, JobId)> {
-            let due = f.q.comparisons_due(10).unwrap();
+            let due = f.q.comparisons_due((0, 0), 10).unwrap();
             assert!(due
                 .iter()
                 .all(|c| c.group == ids[0] && c.validator == "close"));
@@ -2398,6 +2403,9 @@ mod tests {
         // The same outputs as the first replica's: those two agree without asking.
         done(2, b"0.501");
         assert_eq!(due(), [(ids[0], ids[1]), (ids[1], ids[2])]);
+        let page = f.q.comparisons_due((ids[0], ids[1]), 10).unwrap();
+        assert_eq!(page.len(), 1, "the pairs after the first");
+        assert_eq!((page[0].a, page[0].b), (ids[1], ids[2]));
         let verdict = |a, b, same| {
             let c = Comparison {
                 group: ids[0],
@@ -2436,7 +2444,7 @@ mod tests {
             r.files[0].sha256 = Sha256::of(&[n as u8]);
             f.q.complete(agent, &r).unwrap();
         }
-        let due = f.q.comparisons_due(10).unwrap();
+        let due = f.q.comparisons_due((0, 0), 10).unwrap();
         assert_eq!(due.len(), 1);
         f.q.record_verdict(&due[0], true, "close enough").unwrap();
         assert!(ids.iter().all(|id| validation(*id) == Validation::Valid));

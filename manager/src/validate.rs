@@ -192,33 +192,45 @@ pub async fn run(shared: Arc<Shared>, archives: impl Archives, stop: impl Future
     let mut resting: HashMap<(JobId, JobId), Instant> = HashMap::new();
     loop {
         resting.retain(|_, until| *until > Instant::now());
-        let q = shared.clone();
-        let due = match tokio::task::spawn_blocking(move || q.queue.comparisons_due(BATCH)).await {
-            Ok(Ok(due)) => due,
-            Ok(Err(e)) => {
-                tracing::warn!("validators: cannot read the queue: {e}");
-                Vec::new()
+        // One sweep: every pair due, a page at a time.
+        let mut after = (0, 0);
+        loop {
+            let q = shared.clone();
+            let due =
+                match tokio::task::spawn_blocking(move || q.queue.comparisons_due(after, BATCH))
+                    .await
+                {
+                    Ok(Ok(due)) => due,
+                    Ok(Err(e)) => {
+                        tracing::warn!("validators: cannot read the queue: {e}");
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        tracing::warn!("validators: the queue task failed: {e}");
+                        Vec::new()
+                    }
+                };
+            let last_page = due.len() < BATCH as usize;
+            for c in due {
+                after = (c.a, c.b);
+                if resting.contains_key(&after) {
+                    continue;
+                }
+                if let Err(e) = settle(&shared, &archives, &c).await {
+                    tracing::warn!(
+                        group = c.group,
+                        a = c.a,
+                        b = c.b,
+                        validator = %c.validator,
+                        "cannot compare two replicas (asked again in {}s): {e}",
+                        RETRY_AFTER.as_secs()
+                    );
+                    Metrics::add(&shared.metrics.validator_failures, 1);
+                    resting.insert(after, Instant::now() + RETRY_AFTER);
+                }
             }
-            Err(e) => {
-                tracing::warn!("validators: the queue task failed: {e}");
-                Vec::new()
-            }
-        };
-        for c in due {
-            if resting.contains_key(&(c.a, c.b)) {
-                continue;
-            }
-            if let Err(e) = settle(&shared, &archives, &c).await {
-                tracing::warn!(
-                    group = c.group,
-                    a = c.a,
-                    b = c.b,
-                    validator = %c.validator,
-                    "cannot compare two replicas (asked again in {}s): {e}",
-                    RETRY_AFTER.as_secs()
-                );
-                Metrics::add(&shared.metrics.validator_failures, 1);
-                resting.insert((c.a, c.b), Instant::now() + RETRY_AFTER);
+            if last_page {
+                break;
             }
         }
         tokio::select! {
