@@ -31,12 +31,17 @@ pub(crate) fn scan() -> io::Result<Vec<ProcInfo>> {
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        let Ok(status) = std::fs::read(format!("/proc/{pid}/status")) else {
             continue;
         };
+        // Command names are any bytes (a process may write its own): never skip one for that.
+        let (stat, status) = (
+            String::from_utf8_lossy(&stat),
+            String::from_utf8_lossy(&status),
+        );
         if let (Some(info), Some(uid)) = (parse_stat(pid, &stat), parse_uid(&status)) {
             out.push(ProcInfo { uid, ..info });
         }

@@ -188,6 +188,22 @@ async fn a_double_forked_daemon_is_gone_afterwards() {
 }
 
 #[tokio::test]
+async fn a_daemon_that_renames_itself_to_bytes_that_are_not_utf8_is_gone_afterwards() {
+    let d = dirs();
+    let r = runner(62220);
+    // A looping shell that leaves group and session and gives itself the name 0xff 0xfe
+    // (a process may write its own comm); its sleeps come and go.
+    let script = "( setsid sh -c 'printf \"\\377\\376\" > /proc/self/comm; \
+                  while :; do sleep 1; done' </dev/null >/dev/null 2>&1 & echo $! > daemon.pid ); \
+                  sleep 1; exit 0";
+    let res = r.run(&request(&d, script)).await;
+    assert_eq!(res.verdict, Verdict::Exited(0), "{res:?}");
+    let daemon = read_pid(&d.job, "daemon.pid");
+    assert!(!alive(daemon).await, "daemon {daemon} survived the job");
+    still_serves(&r, &d).await;
+}
+
+#[tokio::test]
 async fn output_flood_is_capped_and_drained() {
     let d = dirs();
     let r = runner(62060);
