@@ -22,6 +22,7 @@ pub(crate) struct ProcInfo {
 /// are skipped).
 pub(crate) fn scan() -> io::Result<Vec<ProcInfo>> {
     let mut out = Vec::new();
+    let (mut stat, mut status) = (Vec::with_capacity(1024), Vec::with_capacity(4096));
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
         let Some(pid) = entry
@@ -31,12 +32,11 @@ pub(crate) fn scan() -> io::Result<Vec<ProcInfo>> {
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else {
+        if read_proc_file(&format!("/proc/{pid}/stat"), &mut stat).is_err()
+            || read_proc_file(&format!("/proc/{pid}/status"), &mut status).is_err()
+        {
             continue;
-        };
-        let Ok(status) = std::fs::read(format!("/proc/{pid}/status")) else {
-            continue;
-        };
+        }
         // Command names are any bytes (a process may write its own): never skip one for that.
         let (stat, status) = (
             String::from_utf8_lossy(&stat),
@@ -47,6 +47,22 @@ pub(crate) fn scan() -> io::Result<Vec<ProcInfo>> {
         }
     }
     Ok(out)
+}
+
+/// The whole of a small `/proc` file into `buf` (cleared first). `/proc` files have no size,
+/// so this reads in page-sized chunks until the end: one read for a stat or status file,
+/// where `read_to_end` asks for the size, probes, and grows its buffer in several reads.
+fn read_proc_file(path: &str, buf: &mut Vec<u8>) -> io::Result<()> {
+    use std::io::Read;
+    buf.clear();
+    let mut file = std::fs::File::open(path)?;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match file.read(&mut chunk)? {
+            0 => return Ok(()),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
 
 /// Parses `/proc/<pid>/stat`; the command name (in parentheses) may hold any byte, so the
