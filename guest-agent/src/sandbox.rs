@@ -535,18 +535,26 @@ struct Captured {
 /// Kills the job's processes when dropped — also when the run is cancelled (its future
 /// dropped) halfway — and unregisters the leader.
 #[derive(Debug)]
-struct JobGuard(procs::Membership);
+struct JobGuard {
+    m: procs::Membership,
+    /// A clean-up pass found nothing of the job left: dropping it needs no pass of its own.
+    clean: bool,
+}
 
 impl JobGuard {
+    fn new(m: procs::Membership) -> JobGuard {
+        JobGuard { m, clean: false }
+    }
+
     fn signal_group(&self, sig: Signal) {
-        if self.0.leader <= 1 {
+        if self.m.leader <= 1 {
             // No group (the sweep of a uid's leftovers); killpg(0) would hit the agent's own.
             return;
         }
-        match killpg(Pid::from_raw(self.0.leader), sig) {
+        match killpg(Pid::from_raw(self.m.leader), sig) {
             Ok(()) | Err(Errno::ESRCH) => {}
             Err(e) => tracing::warn!(
-                pgid = self.0.leader,
+                pgid = self.m.leader,
                 ?sig,
                 "cannot signal process group: {e}"
             ),
@@ -559,7 +567,7 @@ impl JobGuard {
         let registered = leaders();
         let all = procs::scan().map_err(|e| SandboxError::ScanProcesses(e.to_string()))?;
         let others: HashSet<i32> = registered.iter().copied().collect();
-        let found = procs::members(&all, self.0, &others);
+        let found = procs::members(&all, self.m, &others);
         for p in &found {
             if !p.zombie {
                 match kill(Pid::from_raw(p.pid), Signal::SIGKILL) {
@@ -569,7 +577,7 @@ impl JobGuard {
             }
         }
         for p in &found {
-            if p.ppid == self.0.me && !registered.contains(&p.pid) {
+            if p.ppid == self.m.me && !registered.contains(&p.pid) {
                 // Reaps it if it already died; WNOHANG never blocks.
                 let _ = waitpid(Pid::from_raw(p.pid), Some(WaitPidFlag::WNOHANG));
             }
@@ -578,20 +586,23 @@ impl JobGuard {
     }
 
     /// Kills and reaps until no process of the job is left (or gives up, logged).
-    async fn clean_up(&self) {
+    async fn clean_up(&mut self) {
         self.signal_group(Signal::SIGKILL);
         for _ in 0..CLEANUP_ROUNDS {
             match self.kill_pass() {
-                Ok(0) => return,
+                Ok(0) => {
+                    self.clean = true;
+                    return;
+                }
                 Ok(_) => tokio::time::sleep(CLEANUP_PAUSE).await,
                 Err(e) => {
-                    tracing::warn!(leader = self.0.leader, "{e}");
+                    tracing::warn!(leader = self.m.leader, "{e}");
                     return;
                 }
             }
         }
         tracing::warn!(
-            leader = self.0.leader,
+            leader = self.m.leader,
             "payload processes are still left after cleanup"
         );
     }
@@ -599,11 +610,14 @@ impl JobGuard {
 
 impl Drop for JobGuard {
     fn drop(&mut self) {
-        self.signal_group(Signal::SIGKILL);
-        if let Err(e) = self.kill_pass() {
-            tracing::warn!(leader = self.0.leader, "{e}");
+        // Nothing of a clean job is left to fork: one more pass over /proc would find nothing.
+        if !self.clean {
+            self.signal_group(Signal::SIGKILL);
+            if let Err(e) = self.kill_pass() {
+                tracing::warn!(leader = self.m.leader, "{e}");
+            }
         }
-        leaders().remove(&self.0.leader);
+        leaders().remove(&self.m.leader);
     }
 }
 
@@ -652,7 +666,7 @@ impl PayloadRunner for SandboxRunner {
                 return failed(e);
             }
             // A crashed earlier agent may have left processes of this uid behind.
-            let stale = JobGuard(procs::Membership {
+            let mut stale = JobGuard::new(procs::Membership {
                 leader: 0,
                 uid: Some(id.uid.as_raw()),
                 me: plan.parent,
@@ -684,7 +698,7 @@ impl PayloadRunner for SandboxRunner {
             (child, pid)
         };
         // The child called setsid(): pid == pgid == sid.
-        let job = JobGuard(procs::Membership {
+        let mut job = JobGuard::new(procs::Membership {
             leader: pid,
             uid: plan.identity.map(|id| id.uid.as_raw()),
             me: plan.parent,
@@ -836,7 +850,7 @@ async fn supervise(
         Ok(status) => return exit_verdict(status, req),
         Err(_) => {
             tracing::info!(
-                pgid = job.0.leader,
+                pgid = job.m.leader,
                 ?wall_time,
                 "payload ran out of time; terminating"
             );
@@ -844,7 +858,7 @@ async fn supervise(
             match tokio::time::timeout(grace, child.wait()).await {
                 Ok(status) => status,
                 Err(_) => {
-                    tracing::info!(pgid = job.0.leader, "payload ignored SIGTERM; killing");
+                    tracing::info!(pgid = job.m.leader, "payload ignored SIGTERM; killing");
                     job.signal_group(Signal::SIGKILL);
                     child.wait().await
                 }
