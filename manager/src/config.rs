@@ -241,10 +241,18 @@ pub struct ValidatorConfig {
     /// How long one comparison may run.
     #[serde(default = "default_validator_timeout")]
     pub timeout: Seconds,
+    /// Most bytes unpacked from each replica's archive (archives are compressed: this bounds
+    /// what a decompression bomb can write to the manager's disk).
+    #[serde(default = "default_validator_max_size")]
+    pub max_size: Bytes,
 }
 
 fn default_validator_timeout() -> Seconds {
     Seconds(60)
+}
+
+fn default_validator_max_size() -> Bytes {
+    Bytes(4 << 30)
 }
 
 /// `[agents]`: who may ask for work, and how misbehaviour is answered.
@@ -742,7 +750,7 @@ mod tests {
     fn validators_are_named_programs_with_a_timeout() {
         let text = format!(
             "{MINIMAL}[validators.close]\ncommand = [\"bin/compare\", \"--tolerance\", \"0.01\"]\n\
-             [validators.same-text]\ncommand = [\"diff\", \"-r\"]\ntimeout = \"5s\"\n"
+             [validators.same-text]\ncommand = [\"diff\", \"-r\"]\ntimeout = \"5s\"\nmax_size = \"1MiB\"\n"
         );
         let c = ManagerConfig::resolve(&text, Path::new("/etc/copilot"), no_env).unwrap();
         let close = &c.validators["close"];
@@ -751,12 +759,14 @@ mod tests {
             "relative to the config"
         );
         assert_eq!(close.timeout, Seconds(60));
+        assert_eq!(close.max_size, Bytes(4 << 30));
         assert_eq!(
             c.validators["same-text"].command,
             ["diff", "-r"],
             "from PATH"
         );
         assert_eq!(c.validators["same-text"].timeout, Seconds(5));
+        assert_eq!(c.validators["same-text"].max_size, Bytes(1 << 20));
         for bad in [
             "[validators.\"a b\"]\ncommand = [\"x\"]\n",
             "[validators.empty]\ncommand = []\n",

@@ -83,14 +83,14 @@ pub enum ValidatorError {
     Record(String),
 }
 
-/// Compare the replicas `a` and `b` with `validator`, unpacking at most `max_bytes` of each.
+/// Compare the replicas `a` and `b` with `validator`, unpacking at most its `max_size` of each.
 pub async fn compare(
     validator: &ValidatorConfig,
     archives: &impl Archives,
     a: JobId,
     b: JobId,
-    max_bytes: u64,
 ) -> Result<Verdict, ValidatorError> {
+    let max_bytes = validator.max_size.0;
     let scratch = archives
         .scratch()
         .map_err(|reason| ValidatorError::Archive {
@@ -252,8 +252,7 @@ async fn settle(
         .validators
         .get(&c.validator)
         .ok_or_else(|| ValidatorError::Unknown(c.validator.clone()))?;
-    let max = shared.config.jobs.max_output_size.0;
-    let v = compare(validator, archives, c.a, c.b, max).await?;
+    let v = compare(validator, archives, c.a, c.b).await?;
     tracing::info!(
         group = c.group,
         a = c.a,
@@ -274,7 +273,7 @@ async fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use copilot_protocol::units::Seconds;
+    use copilot_protocol::units::{Bytes, Seconds};
 
     /// Archives from memory: job id → tar.gz bytes.
     struct Mem(HashMap<JobId, Vec<u8>>, tempfile::TempDir);
@@ -308,6 +307,7 @@ mod tests {
         ValidatorConfig {
             command: ["sh", "-c", script, "validator"].map(String::from).to_vec(),
             timeout: Seconds(timeout),
+            max_size: Bytes(1 << 20),
         }
     }
 
@@ -319,10 +319,10 @@ mod tests {
     #[tokio::test]
     async fn exit_0_agrees_exit_1_differs_and_the_output_is_the_detail() {
         let a = archives(&[(1, b"0.501\n"), (2, b"0.509\n"), (3, b"0.7\n")]);
-        let v = compare(&sh(CLOSE, 10), &a, 1, 2, 1 << 20).await.unwrap();
+        let v = compare(&sh(CLOSE, 10), &a, 1, 2).await.unwrap();
         assert!(v.same);
         assert!(v.detail.starts_with("difference 0.008"), "{}", v.detail);
-        let v = compare(&sh(CLOSE, 10), &a, 1, 3, 1 << 20).await.unwrap();
+        let v = compare(&sh(CLOSE, 10), &a, 1, 3).await.unwrap();
         assert!(!v.same);
         assert!(v.detail.contains("difference 0.199"), "{}", v.detail);
         // The scratch dirs are gone.
@@ -332,7 +332,7 @@ mod tests {
     #[tokio::test]
     async fn failures_of_the_validator_are_not_verdicts() {
         let a = archives(&[(1, b"1"), (2, b"2")]);
-        let err = compare(&sh("echo broken >&2; exit 2", 10), &a, 1, 2, 1 << 20)
+        let err = compare(&sh("echo broken >&2; exit 2", 10), &a, 1, 2)
             .await
             .unwrap_err();
         assert!(
@@ -340,20 +340,16 @@ mod tests {
             "{err}"
         );
         let started = Instant::now();
-        let err = compare(&sh("sleep 30", 1), &a, 1, 2, 1 << 20)
-            .await
-            .unwrap_err();
+        let err = compare(&sh("sleep 30", 1), &a, 1, 2).await.unwrap_err();
         assert!(matches!(err, ValidatorError::TimedOut(_)), "{err}");
         assert!(started.elapsed() < Duration::from_secs(25), "not killed");
         let missing = ValidatorConfig {
             command: vec!["/nonexistent/validator".into()],
-            timeout: Seconds(1),
+            ..sh("", 1)
         };
-        let err = compare(&missing, &a, 1, 2, 1 << 20).await.unwrap_err();
+        let err = compare(&missing, &a, 1, 2).await.unwrap_err();
         assert!(matches!(err, ValidatorError::Spawn { .. }), "{err}");
-        let err = compare(&sh("exit 0", 1), &a, 1, 9, 1 << 20)
-            .await
-            .unwrap_err();
+        let err = compare(&sh("exit 0", 1), &a, 1, 9).await.unwrap_err();
         assert!(
             matches!(err, ValidatorError::Archive { job: 9, .. }),
             "{err}"
@@ -365,9 +361,11 @@ mod tests {
     #[tokio::test]
     async fn archives_too_large_are_refused_before_the_validator_runs() {
         let a = archives(&[(1, b"1"), (2, &[b'x'; 4096])]);
-        let err = compare(&sh("exit 0", 10), &a, 1, 2, 1024)
-            .await
-            .unwrap_err();
+        let small = ValidatorConfig {
+            max_size: Bytes(1024),
+            ..sh("exit 0", 10)
+        };
+        let err = compare(&small, &a, 1, 2).await.unwrap_err();
         assert!(
             matches!(err, ValidatorError::Unpack { job: 2, .. }),
             "{err}"
@@ -377,9 +375,7 @@ mod tests {
     #[tokio::test]
     async fn the_validator_runs_with_an_empty_environment_but_path_and_home() {
         let a = archives(&[(1, b"1"), (2, b"2")]);
-        let v = compare(&sh("env; exit 1", 10), &a, 1, 2, 1 << 20)
-            .await
-            .unwrap();
+        let v = compare(&sh("env; exit 1", 10), &a, 1, 2).await.unwrap();
         // The shell adds PWD, SHLVL and _ of its own; nothing of the manager's (this test
         // process has CARGO_* and more) comes through.
         let names: Vec<&str> = v
