@@ -308,9 +308,8 @@ impl Dispatcher {
     }
 
     /// Claim a job for `agent` (computing for BOINC user `boinc_user`, when known) at the
-    /// address `from`, or say when to come back. With a Chirp
-    /// output store, a job is handed out only with an upload slot (the pool wakes held
-    /// requests when one is ready).
+    /// address `from`, or say when to come back. With a Chirp output store, a job is handed
+    /// out only with an upload slot (the pool wakes held requests when one is ready).
     fn next_for(
         &self,
         agent: &str,
