@@ -79,6 +79,16 @@ pub struct Setup {
     pub signed: bool,
 }
 
+/// An XMPP client of a stack's server that is not an agent (a rogue account, an impostor, a
+/// probe), with a runtime of its own to drive its requests.
+#[derive(Debug)]
+pub struct XmppClient {
+    pub rt: tokio::runtime::Runtime,
+    pub conn: copilot_xmpp::Connection,
+    /// The full JID it is online with.
+    pub jid: String,
+}
+
 impl Default for Setup {
     fn default() -> Self {
         Setup {
@@ -132,6 +142,26 @@ impl Harness {
         let trust = copilot_xmpp::TlsTrust::from_pem(self.stack.ca_pem().as_bytes())
             .expect("the stack's CA is a PEM certificate");
         copilot_xmpp::Security::Tls(trust)
+    }
+
+    /// Log in to the stack's XMPP server as `jid` (a bare domain JID with an empty `password`:
+    /// SASL ANONYMOUS), STARTTLS with the stack's CA pinned, and wait until online (30 s).
+    pub fn xmpp_client(&mut self, jid: &str, password: &str) -> XmppClient {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let mut conn = copilot_xmpp::Connection::start(copilot_xmpp::XmppConfig {
+            jid: jid.into(),
+            password: password.into(),
+            server: self.stack.prosody().server(),
+            security: self.xmpp_security(),
+        })
+        .expect("an XMPP client");
+        let jid = rt
+            .block_on(conn.wait_online(Duration::from_secs(30)))
+            .unwrap_or_else(|e| panic!("{jid} does not log in: {e}"));
+        XmppClient { rt, conn, jid }
     }
 
     /// A scratch path inside the harness's temp dir.

@@ -17,8 +17,8 @@ use copilot_protocol::api::{AgentList, JobView};
 use copilot_protocol::wire::{manager_address, Assignment, ErrorCode, Payload, MAX_PAYLOAD_BYTES};
 use copilot_protocol::{JobId, JobState, Sha256};
 use copilot_stack::LocalStack;
-use copilot_tests::{Harness, Setup};
-use copilot_xmpp::{Connection, Element, IqKind, XmppConfig, XmppError};
+use copilot_tests::{Harness, Setup, XmppClient};
+use copilot_xmpp::{Connection, Element, IqKind, XmppError};
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::{ClientConnection, StreamOwned};
 
@@ -48,21 +48,9 @@ struct Rogue {
 
 impl Rogue {
     fn connect(h: &mut Harness) -> Rogue {
-        let server = register_rogue(h);
-        let security = h.xmpp_security();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut conn = Connection::start(XmppConfig {
-            jid: format!("{ROGUE}@localhost"),
-            password: ROGUE_PASSWORD.into(),
-            server,
-            security,
-        })
-        .unwrap();
-        rt.block_on(conn.wait_online(ANSWER))
-            .expect("rogue logs in");
+        register_rogue(h);
+        let XmppClient { rt, conn, .. } =
+            h.xmpp_client(&format!("{ROGUE}@localhost"), ROGUE_PASSWORD);
         Rogue {
             rt,
             conn,

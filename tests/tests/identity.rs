@@ -10,8 +10,8 @@ use copilot_protocol::wire::{manager_address, ErrorCode};
 use copilot_protocol::JobState;
 use copilot_stack::{AGENTS_DOMAIN, XMPP_DOMAIN};
 use copilot_tests::squares::{check_square, squares, SQUARE_SH};
-use copilot_tests::{bin_dir, Harness, Setup};
-use copilot_xmpp::{Connection, Element, IqKind, XmppConfig, XmppError};
+use copilot_tests::{bin_dir, Harness, Setup, XmppClient};
+use copilot_xmpp::{Element, IqKind, XmppError};
 
 /// `copilot agent-token` for `name`, signed with `key`.
 fn token(key: &std::path::Path, name: &str) -> String {
@@ -28,25 +28,11 @@ fn token(key: &std::path::Path, name: &str) -> String {
 
 /// An anonymous XMPP client on the agents' host asks the manager for work with `token`.
 fn anonymous_request(
-    h: &Harness,
-    server: &str,
+    h: &mut Harness,
     name: &str,
     token: Option<&str>,
 ) -> Result<Option<Element>, XmppError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut conn = Connection::start(XmppConfig {
-        jid: format!("nobody@{AGENTS_DOMAIN}"),
-        password: String::new(),
-        server: server.to_owned(),
-        security: h.xmpp_security(),
-    })
-    .unwrap();
-    let jid = rt
-        .block_on(conn.wait_online(Duration::from_secs(30)))
-        .expect("anonymous login");
+    let XmppClient { rt, conn, jid } = h.xmpp_client(&format!("nobody@{AGENTS_DOMAIN}"), "");
     assert!(jid.contains(&format!("@{AGENTS_DOMAIN}/")), "{jid}");
     let token_attr = token.map(|t| format!(" token='{t}'")).unwrap_or_default();
     let el: Element = format!(
@@ -128,12 +114,12 @@ fn anonymous_agents_prove_their_names_with_tokens() {
     // Without a token, with a token for another name, with one signed by another key: refused.
     refused(
         "no token",
-        anonymous_request(&h, &server, "anon-2", None),
+        anonymous_request(&mut h, "anon-2", None),
         "must send its token",
     );
     refused(
         "another name's token",
-        anonymous_request(&h, &server, "anon-2", Some(&token(&key, "anon-1"))),
+        anonymous_request(&mut h, "anon-2", Some(&token(&key, "anon-1"))),
         "not \"anon-2\"",
     );
     let other = h.path("other-key");
@@ -146,8 +132,7 @@ fn anonymous_agents_prove_their_names_with_tokens() {
     refused(
         "a forged token",
         anonymous_request(
-            &h,
-            &server,
+            &mut h,
             "anon-2",
             Some(&token(&other.join("manager.key"), "anon-2")),
         ),
@@ -156,7 +141,7 @@ fn anonymous_agents_prove_their_names_with_tokens() {
     // Nor can an anonymous client take over the name of the agent with the token.
     refused(
         "a stolen name",
-        anonymous_request(&h, &server, "anon-1", None),
+        anonymous_request(&mut h, "anon-1", None),
         "must send its token",
     );
 }

@@ -25,8 +25,8 @@ use copilot_protocol::wire::{
     Ack, Assignment, DoneReport, ErrorCode, NoWork, Outcome, Payload, Refusal,
 };
 use copilot_protocol::JobId;
-use copilot_tests::{Harness, Setup};
-use copilot_xmpp::{Connection, Incoming, IqKind, XmppConfig, XmppError};
+use copilot_tests::{Harness, Setup, XmppClient};
+use copilot_xmpp::{Incoming, IqKind, XmppError};
 
 const ANSWER: Duration = Duration::from_secs(30);
 const AGENT: &str = "agent-1";
@@ -87,33 +87,6 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// An XMPP client of the stack's server, logged in as `jid`.
-struct Client {
-    rt: tokio::runtime::Runtime,
-    conn: Connection,
-}
-
-impl Client {
-    fn connect(h: &mut Harness, jid: &str, password: &str) -> Client {
-        let server = h.stack.prosody().server();
-        let security = h.xmpp_security();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut conn = Connection::start(XmppConfig {
-            jid: jid.into(),
-            password: password.into(),
-            server,
-            security,
-        })
-        .unwrap();
-        rt.block_on(conn.wait_online(ANSWER))
-            .unwrap_or_else(|e| panic!("{jid} does not log in: {e}"));
-        Client { rt, conn }
-    }
-}
-
 /// The full JID agent 1 is online with (from the manager's API).
 fn agent_address(h: &Harness) -> String {
     let agents: AgentList = h.api("/api/agents");
@@ -138,7 +111,7 @@ fn a_rogue_account_cannot_make_an_agent_run_code() {
         .prosody()
         .register("rogue", "rogue-password-1")
         .expect("registering the rogue account");
-    let rogue = Client::connect(&mut h, "rogue@localhost", "rogue-password-1");
+    let rogue = h.xmpp_client("rogue@localhost", "rogue-password-1");
     let agent = agent_address(&h);
     // Well-formed, and even signed (with the rogue's own key) for this very agent.
     let (rogue_key, _) = SigningKey::generate().unwrap();
@@ -267,7 +240,7 @@ fn cases(key: &SigningKey, markers: &Markers) -> Vec<Case> {
 
 /// Plays the manager on its own account: hands out `cases` one per work request and collects
 /// the agent's reports, acknowledging each; returns them in order.
-fn impostor(client: &mut Client, cases: &[Case]) -> Vec<DoneReport> {
+fn impostor(client: &mut XmppClient, cases: &[Case]) -> Vec<DoneReport> {
     let sender = client.conn.sender();
     let mut handed_out = 0;
     let mut reports = Vec::new();
@@ -328,7 +301,7 @@ fn an_agent_runs_only_assignments_signed_for_it() {
     // Someone else now holds the manager's account (its password, or the server itself).
     let password = h.stack.manager_password().unwrap();
     h.stack.stop_manager().unwrap();
-    let mut impostor_client = Client::connect(&mut h, "manager@localhost/manager", &password);
+    let mut impostor_client = h.xmpp_client("manager@localhost/manager", &password);
     let reports = impostor(&mut impostor_client, &cases);
 
     for (case, report) in cases.iter().zip(&reports) {
