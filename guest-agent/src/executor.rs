@@ -444,19 +444,13 @@ mod tests {
 
     fn assignment(server: &TestServer, script: &str, outputs: &[&str]) -> Assignment {
         Assignment {
-            job: 17,
             attempt: 2,
-            lease_secs: 60,
-            name: "test".into(),
             command: vec!["sh".into(), "-c".into(), script.into()],
             env: [("GREETING".to_string(), "hi".to_string())].into(),
-            inputs: Vec::new(),
             outputs: outputs.iter().map(|s| s.to_string()).collect(),
-            limits: Limits::default(),
-            network: true,
             upload_url: format!("{}/outputs/17/2", server.base),
             upload_token: "tok".into(),
-            seal: None,
+            ..crate::testutil::assignment(17, "test")
         }
     }
 

@@ -284,24 +284,7 @@ mod tests {
     use copilot_protocol::wire::{Outcome, Timings};
 
     use super::*;
-
-    fn assignment(job: u64, name: &str) -> Assignment {
-        Assignment {
-            job,
-            attempt: 1,
-            lease_secs: 60,
-            name: name.into(),
-            command: vec!["true".into()],
-            env: Default::default(),
-            inputs: vec![],
-            outputs: vec![],
-            limits: Default::default(),
-            network: true,
-            upload_url: "http://127.0.0.1:1/outputs/1/1".into(),
-            upload_token: "secret".into(),
-            seal: None,
-        }
-    }
+    use crate::testutil::assignment;
 
     fn report(job: u64, outcome: Outcome) -> DoneReport {
         DoneReport {

@@ -105,19 +105,8 @@ mod tests {
 
     fn job(key: &SigningKey, job: JobId, attempt: u32, expires: u64) -> Assignment {
         let mut a = Assignment {
-            job,
             attempt,
-            lease_secs: 60,
-            name: "j".into(),
-            command: vec!["true".into()],
-            env: Default::default(),
-            inputs: vec![],
-            outputs: vec![],
-            limits: Default::default(),
-            network: true,
-            upload_url: "http://127.0.0.1:9/outputs".into(),
-            upload_token: "t".into(),
-            seal: None,
+            ..crate::testutil::assignment(job, "j")
         };
         key.seal(&mut a, ME.agent, ME.jid, expires);
         a
