@@ -234,12 +234,8 @@ pub struct XmppSettings {
 impl XmppSettings {
     /// The pinned project CA (PEM), if any: the agent trusts it for the project's HTTPS
     /// servers too, beside the public CAs.
-    pub fn project_ca_pem(&self) -> Result<Option<Vec<u8>>, (PathBuf, std::io::Error)> {
-        match (&self.ca, &self.ca_pem) {
-            (Some(path), _) => std::fs::read(path).map(Some).map_err(|e| (path.clone(), e)),
-            (None, Some(pem)) => Ok(Some(pem.as_bytes().to_vec())),
-            (None, None) => Ok(None),
-        }
+    pub fn project_ca_pem(&self) -> Result<Option<Vec<u8>>, TrustError> {
+        copilot_xmpp::project_ca(self.ca.as_deref(), self.ca_pem.as_deref())
     }
 
     /// How to protect the connection, as these settings ask (reads the CA file).

@@ -30,11 +30,8 @@ pub enum ExecError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read the project CA {}: {source}", path.display())]
-    ProjectCa {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    ProjectCa(copilot_xmpp::TrustError),
     #[error("cannot set up transfers: {0}")]
     Transfers(#[from] copilot_storage::StorageError),
 }
@@ -122,9 +119,7 @@ impl<R: PayloadRunner> Executor<R> {
             max_input_size: cfg.transfer.max_input_size.0,
             transfers: crate::transfer::transfers(
                 &cfg.transfer,
-                cfg.xmpp
-                    .project_ca_pem()
-                    .map_err(|(path, source)| ExecError::ProjectCa { path, source })?,
+                cfg.xmpp.project_ca_pem().map_err(ExecError::ProjectCa)?,
             )?,
             cache,
             runner,

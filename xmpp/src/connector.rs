@@ -114,6 +114,27 @@ impl TlsTrust {
     }
 }
 
+/// The project CA a config pins, as PEM: the file `ca`, or `ca_pem` itself; both set is an
+/// error, neither is `None`.
+pub fn project_ca(
+    ca: Option<&std::path::Path>,
+    ca_pem: Option<&str>,
+) -> Result<Option<Vec<u8>>, TrustError> {
+    match (ca, ca_pem) {
+        (Some(_), Some(_)) => Err(TrustError::Config(
+            "xmpp.ca and xmpp.ca_pem are both set: give the project CA once",
+        )),
+        (Some(path), None) => std::fs::read(path)
+            .map(Some)
+            .map_err(|source| TrustError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        (None, Some(pem)) => Ok(Some(pem.as_bytes().to_vec())),
+        (None, None) => Ok(None),
+    }
+}
+
 impl Security {
     /// The security a config asks for: a pinned CA (`ca`, a PEM file, or `ca_pem`, the PEM
     /// itself) for STARTTLS, or, only when it says `insecure_loopback`, plaintext to loopback
@@ -124,20 +145,7 @@ impl Security {
         insecure_loopback: bool,
         plaintext_host: Option<IpAddr>,
     ) -> Result<Security, TrustError> {
-        let pem = match (ca, ca_pem) {
-            (Some(_), Some(_)) => {
-                return Err(TrustError::Config(
-                    "xmpp.ca and xmpp.ca_pem are both set: give the project CA once",
-                ))
-            }
-            (Some(path), None) => Some(std::fs::read(path).map_err(|source| TrustError::Read {
-                path: path.to_owned(),
-                source,
-            })?),
-            (None, Some(pem)) => Some(pem.as_bytes().to_vec()),
-            (None, None) => None,
-        };
-        match (pem, insecure_loopback) {
+        match (project_ca(ca, ca_pem)?, insecure_loopback) {
             (Some(_), true) => Err(TrustError::Config(
                 "xmpp.insecure_loopback is set beside a pinned CA: choose TLS (the CA) or plaintext",
             )),

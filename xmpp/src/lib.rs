@@ -15,7 +15,7 @@ pub mod depth;
 mod ratelimit;
 
 pub use connection::{Connection, Incoming, IqKind, Sender, XmppConfig, XmppError};
-pub use connector::{Security, TlsTrust, TrustError};
+pub use connector::{project_ca, Security, TlsTrust, TrustError};
 pub use ratelimit::LogLimiter;
 
 /// Re-exported so users of this crate build elements with the same minidom.
